@@ -1,0 +1,251 @@
+#include "io/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace zimage {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+static Error format_error(const std::string& path, const std::string& what) {
+  return Error(ErrorKind::Format, path + ": " + what);
+}
+
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int e = errno;
+    throw Error(e == ENOENT ? ErrorKind::NotFound : ErrorKind::Io,
+                path + ": cannot open: " + std::strerror(e));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorKind::Io, path + ": not a regular file");
+  }
+  size_t size = size_t(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    throw format_error(path, "file is " + std::to_string(size) + " bytes, too short for a safetensors header");
+  }
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) throw Error(ErrorKind::Io, path + ": mmap failed: " + std::strerror(errno));
+
+  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = path;
+  f->map_ = map;
+  f->map_bytes_ = size;
+  f->self_ = f;
+
+  const auto* bytes = static_cast<const unsigned char*>(map);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
+  if (header_len > kMaxHeaderBytes)
+    throw format_error(path, "header length " + std::to_string(header_len) + " exceeds the limit of " +
+                                 std::to_string(kMaxHeaderBytes) + " bytes");
+  if (header_len > size - 8)
+    throw format_error(path, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
+                                 std::to_string(size) + " bytes)");
+  const char* hdr = reinterpret_cast<const char*>(bytes + 8);
+  json j = json::parse(hdr, hdr + header_len, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) throw format_error(path, "header is not valid JSON");
+  if (!j.is_object()) throw format_error(path, "header is not a JSON object");
+
+  f->data_ = hdr + header_len;
+  size_t data_size = size - 8 - size_t(header_len);
+
+  std::vector<std::pair<std::pair<size_t, size_t>, std::string>> ranges;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    const json& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) throw format_error(path, "__metadata__ is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) throw format_error(path, "__metadata__ value '" + m.key() + "' is not a string");
+        f->metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    auto bad = [&](const std::string& what) { return format_error(path, "tensor '" + name + "': " + what); };
+    if (!v.is_object()) throw bad("entry is not an object");
+    if (!v.contains("dtype") || !v["dtype"].is_string()) throw bad("missing or non-string dtype");
+    auto dt = dtype_from_safetensors(v["dtype"].get<std::string>());
+    if (!dt) throw bad("unknown dtype '" + v["dtype"].get<std::string>() + "'");
+    if (!v.contains("shape") || !v["shape"].is_array()) throw bad("missing or non-array shape");
+    if (!v.contains("data_offsets") || !v["data_offsets"].is_array() || v["data_offsets"].size() != 2)
+      throw bad("data_offsets must be an array of two integers");
+    SafetensorsEntry e;
+    e.dtype = *dt;
+    // numel * element size, with overflow checks: a hostile header may claim absurd shapes.
+    unsigned __int128 bytes_needed = dtype_size(*dt);
+    for (const json& d : v["shape"]) {
+      if (!d.is_number_unsigned()) throw bad("shape has a negative or non-integer dimension");
+      uint64_t dim = d.get<uint64_t>();
+      if (dim > uint64_t(std::numeric_limits<int64_t>::max())) throw bad("shape dimension too large");
+      e.shape.push_back(int64_t(dim));
+      bytes_needed *= dim;
+      if (bytes_needed > (unsigned __int128)(size)) bytes_needed = (unsigned __int128)(size) + 1;  // saturate
+    }
+    for (const json& o : v["data_offsets"])
+      if (!o.is_number_unsigned()) throw bad("data_offsets must be non-negative integers");
+    uint64_t b = v["data_offsets"][0].get<uint64_t>(), en = v["data_offsets"][1].get<uint64_t>();
+    if (b > en) throw bad("data_offsets begin " + std::to_string(b) + " is after end " + std::to_string(en));
+    if (en > data_size)
+      throw bad("data_offsets end " + std::to_string(en) + " is outside the data section (" +
+                std::to_string(data_size) + " bytes)");
+    if (bytes_needed != (unsigned __int128)(en - b))
+      throw bad("shape " + shape_str(e.shape) + " x " + dtype_name(*dt) + " does not match the byte range of " +
+                std::to_string(en - b) + " bytes");
+    e.begin = size_t(b);
+    e.end = size_t(en);
+    ranges.push_back({{e.begin, e.end}, name});
+    f->entries_.emplace(name, std::move(e));
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    const auto& prev = ranges[i - 1];
+    const auto& cur = ranges[i];
+    bool empty = cur.first.first == cur.first.second || prev.first.first == prev.first.second;
+    if (!empty && cur.first.first < prev.first.second)
+      throw format_error(path, "tensors '" + prev.second + "' and '" + cur.second + "' have overlapping byte ranges");
+  }
+  return f;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_) ::munmap(map_, map_bytes_);
+}
+
+Tensor SafetensorsFile::get(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw Error(ErrorKind::NotFound, path_ + ": no tensor named '" + name + "'");
+  const SafetensorsEntry& e = it->second;
+  auto self = self_.lock();
+  ZI_ASSERT(self);
+  return Tensor::wrap(const_cast<char*>(data_ + e.begin), e.shape, e.dtype, Device::Host,
+                      std::shared_ptr<void>(self, nullptr));
+}
+
+Checkpoint Checkpoint::open_file(const std::string& path) {
+  Checkpoint c;
+  c.description_ = path;
+  c.files_.push_back(SafetensorsFile::open(path));
+  for (const auto& kv : c.files_[0]->entries()) c.where_[kv.first] = 0;
+  return c;
+}
+
+Checkpoint Checkpoint::open_index(const std::string& index_path) {
+  std::ifstream in(index_path);
+  if (!in) throw Error(ErrorKind::NotFound, index_path + ": cannot open the checkpoint index");
+  json j = json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw format_error(index_path, "not a valid JSON object");
+  if (!j.contains("weight_map") || !j["weight_map"].is_object())
+    throw format_error(index_path, "missing the 'weight_map' object");
+  Checkpoint c;
+  c.description_ = index_path;
+  fs::path dir = fs::path(index_path).parent_path();
+  std::map<std::string, size_t> shard_index;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) throw format_error(index_path, "weight_map entry '" + it.key() + "' is not a string");
+    std::string shard = it.value().get<std::string>();
+    if (shard.empty() || shard.find('/') != std::string::npos || shard.find("..") != std::string::npos)
+      throw format_error(index_path, "weight_map entry '" + it.key() + "' names an invalid shard '" + shard + "'");
+    auto s = shard_index.find(shard);
+    if (s == shard_index.end()) {
+      fs::path p = dir / shard;
+      if (!fs::exists(p))
+        throw Error(ErrorKind::NotFound, index_path + ": shard '" + shard + "' (holding '" + it.key() + "') is missing");
+      c.files_.push_back(SafetensorsFile::open(p.string()));
+      s = shard_index.emplace(shard, c.files_.size() - 1).first;
+    }
+    if (!c.files_[s->second]->has(it.key()))
+      throw format_error(index_path, "tensor '" + it.key() + "' is listed in the index but not in shard '" + shard + "'");
+    c.where_[it.key()] = s->second;
+  }
+  return c;
+}
+
+Checkpoint Checkpoint::open_dir(const std::string& dir) {
+  if (!fs::is_directory(dir)) throw Error(ErrorKind::NotFound, dir + ": not a folder");
+  std::vector<fs::path> indexes, files;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::string n = e.path().filename().string();
+    if (n.size() > 16 && n.ends_with(".safetensors.index.json")) indexes.push_back(e.path());
+    else if (n.ends_with(".safetensors")) files.push_back(e.path());
+  }
+  if (indexes.size() > 1) throw Error(ErrorKind::Format, dir + ": more than one *.safetensors.index.json");
+  if (indexes.size() == 1) return open_index(indexes[0].string());
+  if (files.empty()) throw Error(ErrorKind::NotFound, dir + ": no .safetensors files");
+  std::sort(files.begin(), files.end());
+  Checkpoint c;
+  c.description_ = dir;
+  for (const auto& p : files) {
+    c.files_.push_back(SafetensorsFile::open(p.string()));
+    for (const auto& kv : c.files_.back()->entries()) {
+      if (c.where_.count(kv.first))
+        throw Error(ErrorKind::Format, dir + ": tensor '" + kv.first + "' appears in more than one file");
+      c.where_[kv.first] = c.files_.size() - 1;
+    }
+  }
+  return c;
+}
+
+Tensor Checkpoint::get(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error(ErrorKind::NotFound, description_ + ": no tensor named '" + name + "'");
+  return files_[it->second]->get(name);
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> v;
+  for (const auto& kv : where_) v.push_back(kv.first);
+  return v;
+}
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  size_t offset = 0;
+  std::vector<std::pair<std::string, Tensor>> sorted = tensors;
+  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [name, t] : sorted) {
+    ZI_CHECK(t.device() == Device::Host && t.is_contiguous(), ErrorKind::Internal,
+             "write_safetensors: tensor '" + name + "' is not a contiguous host tensor");
+    h[name] = {{"dtype", dtype_to_safetensors(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
+  }
+  std::string header = h.dump();
+  while ((header.size() + 8) % 8) header.push_back(' ');  // keep the data section 8-byte aligned
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error(ErrorKind::Io, path + ": cannot open for writing");
+    uint64_t n = header.size();
+    unsigned char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = (unsigned char)(n >> (8 * i));
+    out.write(reinterpret_cast<const char*>(len), 8);
+    out.write(header.data(), std::streamsize(header.size()));
+    for (const auto& kv : sorted) out.write(static_cast<const char*>(kv.second.data()), std::streamsize(kv.second.nbytes()));
+    if (!out) throw Error(ErrorKind::Io, path + ": write failed");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw Error(ErrorKind::Io, path + ": cannot rename the written file: " + ec.message());
+}
+
+}  // namespace zimage

@@ -1,0 +1,165 @@
+#include "io/safetensors.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+#include "test_util.h"
+
+using namespace zimage;
+using zimage::testing::golden_path;
+using zimage::testing::temp_path;
+
+namespace {
+
+// Writes a raw safetensors file: header JSON (length prefix computed unless overridden) + data bytes.
+std::string write_raw(const std::string& name, const std::string& header, size_t data_bytes,
+                      int64_t header_len_override = -1) {
+  std::string path = temp_path(name);
+  std::ofstream out(path, std::ios::binary);
+  uint64_t n = header_len_override >= 0 ? uint64_t(header_len_override) : header.size();
+  for (int i = 0; i < 8; ++i) out.put(char((n >> (8 * i)) & 0xff));
+  out << header;
+  out << std::string(data_bytes, '\0');
+  return path;
+}
+
+// Expects open() to throw an Error of `kind` whose message contains every fragment.
+void expect_error(const std::string& path, ErrorKind kind, std::initializer_list<std::string> fragments) {
+  try {
+    SafetensorsFile::open(path);
+    FAIL() << "expected an error for " << path;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(Safetensors, ReadsGoldenModel) {
+  auto f = SafetensorsFile::open(golden_path("tiny-zimage/transformer/diffusion_pytorch_model.safetensors"));
+  ASSERT_TRUE(f->has("x_pad_token"));
+  Tensor t = f->get("layers.0.attention.to_q.weight");
+  EXPECT_EQ(t.dtype(), DType::BF16);
+  EXPECT_EQ(t.shape(), (Shape{64, 64}));
+  EXPECT_THROW(f->get("no.such.tensor"), Error);
+}
+
+TEST(Safetensors, WriteThenReadRoundTrip) {
+  Tensor a = Tensor::from_f32({2, 3}, {1, -2, 3.5f, 4, 5, 6});
+  Tensor b = Tensor::from_f32({4}, {7, 8, 9, 10}).to_dtype(DType::BF16);
+  Tensor c = Tensor::zeros({0, 3}, DType::F32);
+  std::string path = temp_path("roundtrip.safetensors");
+  write_safetensors(path, {{"a", a}, {"b", b}, {"empty", c}}, {{"format", "pt"}});
+  auto f = SafetensorsFile::open(path);
+  EXPECT_EQ(f->get("a").to_vector(), a.to_vector());
+  EXPECT_EQ(f->get("b").dtype(), DType::BF16);
+  EXPECT_EQ(f->get("b").to_vector(), (std::vector<float>{7, 8, 9, 10}));
+  EXPECT_EQ(f->get("empty").numel(), 0);
+  EXPECT_EQ(f->metadata().at("format"), "pt");
+}
+
+TEST(Safetensors, TruncatedFile) {
+  std::string path = temp_path("short.safetensors");
+  std::ofstream(path, std::ios::binary) << "abc";
+  expect_error(path, ErrorKind::Format, {"short.safetensors", "too short"});
+}
+
+TEST(Safetensors, HeaderLengthPastEndOfFile) {
+  auto p = write_raw("past_end.safetensors", "{}", 0, 1000);
+  expect_error(p, ErrorKind::Format, {"past_end.safetensors", "runs past the end"});
+}
+
+TEST(Safetensors, OversizeHeaderLength) {
+  auto p = write_raw("huge_header.safetensors", "{}", 0, int64_t(1) << 40);
+  expect_error(p, ErrorKind::Format, {"exceeds the limit"});
+}
+
+TEST(Safetensors, MalformedJson) {
+  auto p = write_raw("bad_json.safetensors", "{\"a\": [", 0);
+  expect_error(p, ErrorKind::Format, {"not valid JSON"});
+}
+
+TEST(Safetensors, UnknownDtype) {
+  auto p = write_raw("dtype.safetensors", R"({"w":{"dtype":"Q4_K","shape":[2],"data_offsets":[0,2]}})", 2);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "unknown dtype 'Q4_K'"});
+}
+
+TEST(Safetensors, ShapeDoesNotMatchRange) {
+  auto p = write_raw("shape.safetensors", R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", 24);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "does not match the byte range"});
+}
+
+TEST(Safetensors, HugeShapeDoesNotOverflow) {
+  auto p = write_raw("overflow.safetensors",
+                     R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "does not match"});
+}
+
+TEST(Safetensors, OffsetsOutOfBounds) {
+  auto p = write_raw("oob.safetensors", R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})", 16);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "outside the data section"});
+}
+
+TEST(Safetensors, OffsetsReversed) {
+  auto p = write_raw("rev.safetensors", R"({"w":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}})", 16);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "is after end"});
+}
+
+TEST(Safetensors, OverlappingRanges) {
+  auto p = write_raw("overlap.safetensors",
+                     R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                     R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                     16);
+  expect_error(p, ErrorKind::Format, {"'a'", "'b'", "overlapping"});
+}
+
+TEST(Safetensors, NegativeDimension) {
+  auto p = write_raw("neg.safetensors", R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4);
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "negative"});
+}
+
+TEST(Safetensors, MissingFile) { expect_error(temp_path("nope.safetensors"), ErrorKind::NotFound, {"nope"}); }
+
+TEST(Checkpoint, ShardedIndex) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("sharded");
+  fs::create_directories(dir);
+  write_safetensors(dir + "/m-00001-of-00002.safetensors", {{"a", Tensor::from_f32({2}, {1, 2})}});
+  write_safetensors(dir + "/m-00002-of-00002.safetensors", {{"b", Tensor::from_f32({1}, {3})}});
+  std::ofstream(dir + "/m.safetensors.index.json")
+      << R"({"metadata":{},"weight_map":{"a":"m-00001-of-00002.safetensors","b":"m-00002-of-00002.safetensors"}})";
+  Checkpoint c = Checkpoint::open_dir(dir);
+  EXPECT_EQ(c.get("a").to_vector(), (std::vector<float>{1, 2}));
+  EXPECT_EQ(c.get("b").to_vector(), (std::vector<float>{3}));
+  EXPECT_EQ(c.names().size(), 2u);
+}
+
+TEST(Checkpoint, MissingShard) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("missing_shard");
+  fs::create_directories(dir);
+  write_safetensors(dir + "/m-00001-of-00002.safetensors", {{"a", Tensor::from_f32({2}, {1, 2})}});
+  std::ofstream(dir + "/m.safetensors.index.json")
+      << R"({"weight_map":{"a":"m-00001-of-00002.safetensors","b":"m-00002-of-00002.safetensors"}})";
+  try {
+    Checkpoint::open_dir(dir);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::NotFound);
+    EXPECT_NE(std::string(e.what()).find("m-00002-of-00002.safetensors"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'b'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Checkpoint, IndexNamesTensorAbsentFromShard) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("absent");
+  fs::create_directories(dir);
+  write_safetensors(dir + "/s.safetensors", {{"a", Tensor::from_f32({2}, {1, 2})}});
+  std::ofstream(dir + "/m.safetensors.index.json") << R"({"weight_map":{"a":"s.safetensors","zz":"s.safetensors"}})";
+  EXPECT_THROW(Checkpoint::open_dir(dir), Error);
+}

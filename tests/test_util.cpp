@@ -1,0 +1,52 @@
+#include "test_util.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/error.h"
+
+namespace zimage::testing {
+
+std::string golden_path(const std::string& rel) { return std::string(ZIMAGE_GOLDEN_DIR) + "/" + rel; }
+std::string assets_path(const std::string& rel) { return std::string(ZIMAGE_ASSETS_DIR) + "/" + rel; }
+
+std::string temp_path(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("zimage_test_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return (dir / name).string();
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  ZI_ASSERT(a.numel() == b.numel());
+  auto va = a.to_vector(), vb = b.to_vector();
+  double m = 0;
+  for (size_t i = 0; i < va.size(); ++i) {
+    double d = std::fabs(double(va[i]) - double(vb[i]));
+    if (std::isnan(d)) return INFINITY;
+    m = std::max(m, d);
+  }
+  return m;
+}
+
+double rel_l2_error(const Tensor& out, const Tensor& ref) {
+  ZI_ASSERT(out.numel() == ref.numel());
+  auto vo = out.to_vector(), vr = ref.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < vo.size(); ++i) {
+    double d = double(vo[i]) - double(vr[i]);
+    num += d * d;
+    den += double(vr[i]) * double(vr[i]);
+  }
+  if (std::isnan(num)) return INFINITY;
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+bool all_finite(const Tensor& t) {
+  for (float v : t.to_vector())
+    if (!std::isfinite(v)) return false;
+  return true;
+}
+
+}  // namespace zimage::testing
