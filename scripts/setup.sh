@@ -8,7 +8,7 @@ PACKAGES=(
   build-essential cmake pkg-config
   nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
   libpng-dev libjpeg62-turbo-dev libwebp-dev
-  libpcre2-dev libopenblas-dev libgtest-dev
+  libpcre2-dev libutf8proc-dev libopenblas-dev libgtest-dev
 )
 
 missing=()

@@ -1,0 +1,122 @@
+// The op interface that the model code (Qwen3 text encoder, Z-Image DiT, VAE) is written against.
+// Each backend implements every op: `cpu/` in float32 as the reference, `cuda/` in bf16 as the fast path.
+// The ops are chosen so that the fused kernels of the fast path are single calls here (packed QKV with
+// in-place QK-norm + RoPE, gated residual + RMSNorm, SwiGLU on a packed w1|w3 output, CFG + Euler step),
+// and the CPU versions of those ops are their references.
+//
+// Conventions: activations are contiguous row-major tensors owned by the backend (device memory for
+// CUDA). "Rows" are the leading dims flattened: a [B, S, D] tensor has B*S rows of D. Images are NHWC.
+// Ops ending in '_' modify their first argument in place.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace zimage {
+
+enum class RopeStyle {
+  HalfSplit,    // GPT-NeoX / Qwen: rotate x[i] with x[i + D/2]
+  Interleaved,  // Z-Image DiT: rotate pairs (x[2m], x[2m+1]) as complex numbers
+};
+
+struct Conv2dParams {
+  int stride = 1;
+  int pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+  static Conv2dParams same(int k) { return {1, k / 2, k / 2, k / 2, k / 2}; }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;        // "cpu (float32, 8 threads)", "cuda:0 NVIDIA H200 (bf16)"
+  virtual DType activation_dtype() const = 0;  // dtype of activations and weights on this backend
+
+  // ---- memory ----
+  virtual Tensor empty(const Shape& shape, DType dtype) = 0;
+  // Copy a host tensor (any float dtype) to the backend, converting to `dtype`.
+  virtual Tensor upload(const Tensor& host, DType dtype) = 0;
+  Tensor upload(const Tensor& host) { return upload(host, activation_dtype()); }
+  // Copy a backend tensor to a host float32 tensor (waits for pending work).
+  virtual Tensor to_host_f32(const Tensor& t) = 0;
+  // Copy a backend uint8 tensor to the host.
+  virtual Tensor to_host_u8(const Tensor& t) = 0;
+  virtual Tensor cast(const Tensor& x, DType dtype) = 0;
+  virtual void synchronize() {}
+
+  // ---- linear algebra ----
+  // y[rows, N] = x[rows, K] · w[N, K]^T (+ bias[N]). x may have any leading dims; y keeps them.
+  virtual Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias = nullptr) = 0;
+
+  // ---- row gathers ----
+  // out[i] = src[idx[i]] (rows of src, any leading dims flattened); idx[i] = -1 gives a zero row.
+  // Builds padded sequences, concatenations and embedding lookups in one pass.
+  virtual Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) = 0;
+  // Rows of a and then rows of b (same row width).
+  virtual Tensor concat_rows(const Tensor& a, const Tensor& b) = 0;
+  // Columns [start, start+len) of a [rows, N] tensor, as a new contiguous tensor.
+  virtual Tensor slice_cols(const Tensor& x, int64_t start, int64_t len) = 0;
+
+  // ---- normalization ----
+  // RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * w (w optional).
+  virtual Tensor rms_norm(const Tensor& x, const Tensor* w, float eps) = 0;
+  // x [B, S, D] -> rms_norm(x, w) * (1 + scale[b]) with scale [B, D] (no scale: plain rms_norm).
+  virtual Tensor modulated_rms_norm(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) = 0;
+  // x [B, S, D] += tanh(gate[b]) * rms_norm(y, w) with gate [B, D] (no gate: x += rms_norm(y, w)).
+  virtual void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
+                                        float eps) = 0;
+  // x [B, S, D] -> layer_norm(x) (no affine) * (1 + scale[b]) with scale [B, D].
+  virtual Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) = 0;
+  // GroupNorm over an NHWC image [N, H, W, C] with affine w, b [C]; optionally followed by SiLU.
+  virtual Tensor group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, float eps,
+                            bool silu) = 0;
+
+  // ---- attention ----
+  // In place on a packed projection qkv [rows, (Hq + 2*Hkv) * D] (q heads, then k heads, then v heads):
+  // RMSNorm over each q and k head (weights q_w, k_w [D]), then RoPE with per-row tables cos, sin
+  // [rows, D/2] (float32). v is untouched.
+  virtual void qk_norm_rope_(Tensor& qkv, int hq, int hkv, int d, const Tensor& q_w, const Tensor& k_w, float eps,
+                             const Tensor& cos, const Tensor& sin, RopeStyle style) = 0;
+  // Softmax attention over a packed qkv [B, S, (Hq + 2*Hkv) * D]; returns [B, S, Hq * D].
+  // Item b attends to keys [0, key_len[b]) only (key padding); `causal` adds the causal mask.
+  // Query heads share kv heads in groups of Hq/Hkv (GQA).
+  virtual Tensor attention(const Tensor& qkv, int hq, int hkv, int d, float scale, bool causal,
+                           const std::vector<int>& key_len) = 0;
+
+  // ---- elementwise ----
+  virtual void add_(Tensor& x, const Tensor& y) = 0;  // x += y (same shape)
+  virtual Tensor silu(const Tensor& x) = 0;
+  // x [rows, 2F] (w1 x | w3 x) -> silu(x[:, :F]) * x[:, F:]  [rows, F]
+  virtual Tensor swiglu(const Tensor& x) = 0;
+  virtual Tensor scale_shift(const Tensor& x, float scale, float shift) = 0;  // x * scale + shift
+
+  // ---- images (NHWC) ----
+  // w [O, kh, kw, C] (NHWC filter order), bias [O]. x [N, H, W, C] -> [N, Ho, Wo, O].
+  virtual Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, const Conv2dParams& p) = 0;
+  virtual Tensor upsample_nearest2x(const Tensor& x) = 0;  // [N, H, W, C] -> [N, 2H, 2W, C]
+  virtual Tensor nchw_to_nhwc(const Tensor& x) = 0;
+  virtual Tensor nhwc_to_nchw(const Tensor& x) = 0;
+  // [N, H, W, 3] in [-1, 1] -> uint8 round(clamp(x/2 + 0.5, 0, 1) * 255), ties to even (numpy's round).
+  virtual Tensor image_to_u8(const Tensor& x) = 0;
+
+  // ---- DiT token layout ----
+  // latent [C, H, W] -> tokens [(H/p)*(W/p), p*p*C], tokens row-major over (H/p, W/p), features (ph, pw, c).
+  virtual Tensor patchify(const Tensor& latent, int p) = 0;
+  // tokens [>= (H/p)*(W/p), p*p*C] (extra rows ignored) -> latent [C, H, W].
+  virtual Tensor unpatchify(const Tensor& tokens, int c, int h, int w, int p) = 0;
+
+  // ---- sampler ----
+  // One flow-match Euler step with classifier-free guidance, in float32:
+  //   pred = pos + g * (pos - neg) (g > 0; else pred = pos), optionally renormalized so that
+  //   ‖pred‖ <= cfg_norm * ‖pos‖ per sample (cfg_norm > 0), then latents += dt * (-pred).
+  // latents [B, ...] f32; model_out [B or 2B, ...] with the positives first.
+  virtual void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm,
+                               float dt) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace zimage

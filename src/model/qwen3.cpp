@@ -1,0 +1,108 @@
+#include "model/qwen3.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/rope.h"
+#include "model/weight_loading.h"
+
+namespace zimage {
+
+Qwen3Config Qwen3Config::from(const Config& c) {
+  Qwen3Config q;
+  q.hidden = c.integer("hidden_size");
+  q.intermediate = c.integer("intermediate_size");
+  q.layers = c.integer("num_hidden_layers");
+  q.heads = c.integer("num_attention_heads");
+  q.kv_heads = c.integer_or("num_key_value_heads", q.heads);
+  q.head_dim = c.integer_or("head_dim", q.hidden / q.heads);
+  q.vocab = c.integer("vocab_size");
+  q.rms_eps = c.number_or("rms_norm_eps", 1e-6);
+  // transformers 5 nests rope_theta under rope_parameters; older configs keep it at the top level.
+  if (c.has("rope_parameters")) q.rope_theta = c.child("rope_parameters").number("rope_theta");
+  else q.rope_theta = c.number("rope_theta");
+  ZI_CHECK(q.heads % q.kv_heads == 0, ErrorKind::Format,
+           c.where() + ": num_attention_heads must be a multiple of num_key_value_heads");
+  ZI_CHECK(q.layers >= 2, ErrorKind::Format, c.where() + ": Z-Image needs at least 2 text encoder layers");
+  return q;
+}
+
+Qwen3TextEncoder::Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws)
+    : be_(be), cfg_(Qwen3Config::from(cfg)) {
+  const auto& c = cfg_;
+  int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  embed_ = load_weight(be, ws, "embed_tokens.weight", {c.vocab, c.hidden});
+  final_norm_ = load_weight(be, ws, "norm.weight", {c.hidden});
+  for (int64_t i = 0; i < c.layers; ++i) {
+    std::string p = "layers." + std::to_string(i) + ".";
+    Layer l;
+    l.input_norm = load_weight(be, ws, p + "input_layernorm.weight", {c.hidden});
+    l.qkv = load_packed_rows(be, ws, {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"},
+                             {{qd, c.hidden}, {kvd, c.hidden}, {kvd, c.hidden}});
+    l.q_norm = load_weight(be, ws, p + "self_attn.q_norm.weight", {c.head_dim});
+    l.k_norm = load_weight(be, ws, p + "self_attn.k_norm.weight", {c.head_dim});
+    l.o_proj = load_weight(be, ws, p + "self_attn.o_proj.weight", {c.hidden, qd});
+    l.post_norm = load_weight(be, ws, p + "post_attention_layernorm.weight", {c.hidden});
+    l.gate_up = load_packed_rows(be, ws, {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
+                                 {{c.intermediate, c.hidden}, {c.intermediate, c.hidden}});
+    l.down = load_weight(be, ws, p + "mlp.down_proj.weight", {c.hidden, c.intermediate});
+    layers_.push_back(std::move(l));
+  }
+}
+
+Tensor Qwen3TextEncoder::forward(const Tensor& input_ids, const std::vector<int64_t>& lengths, int64_t num_layers) {
+  const auto& c = cfg_;
+  ZI_ASSERT(input_ids.ndim() == 2 && input_ids.dtype() == DType::I64);
+  ZI_ASSERT(num_layers >= 0 && num_layers <= c.layers);
+  int64_t b = input_ids.dim(0), l = input_ids.dim(1);
+  ZI_ASSERT(int64_t(lengths.size()) == b);
+
+  std::vector<int32_t> ids(size_t(b * l));
+  std::vector<int64_t> positions(size_t(b * l));
+  for (int64_t i = 0; i < b * l; ++i) {
+    int64_t id = input_ids.data_as<int64_t>()[i];
+    ZI_CHECK(id >= 0 && id < c.vocab, ErrorKind::InvalidArgument,
+             "token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(c.vocab));
+    ids[size_t(i)] = int32_t(id);
+    positions[size_t(i)] = i % l;
+  }
+  std::vector<int> key_len(static_cast<size_t>(b));
+  for (int64_t i = 0; i < b; ++i) {
+    ZI_CHECK(lengths[size_t(i)] >= 1 && lengths[size_t(i)] <= l, ErrorKind::InvalidArgument,
+             "prompt " + std::to_string(i) + " has no tokens");
+    key_len[size_t(i)] = int(lengths[size_t(i)]);
+  }
+  RopeTables rope = rope_tables_1d(positions, int(c.head_dim), c.rope_theta);
+  Tensor cos = be_.upload(rope.cos, DType::F32), sin = be_.upload(rope.sin, DType::F32);
+
+  Tensor x = be_.gather_rows(embed_, ids).reshape({b, l, c.hidden});
+  float scale = float(1.0 / std::sqrt(double(c.head_dim)));
+  int hq = int(c.heads), hkv = int(c.kv_heads), d = int(c.head_dim);
+  float eps = float(c.rms_eps);
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const Layer& ly = layers_[size_t(i)];
+    Tensor h = be_.rms_norm(x, &ly.input_norm, eps);
+    Tensor qkv = be_.linear(h, ly.qkv);
+    be_.qk_norm_rope_(qkv, hq, hkv, d, ly.q_norm, ly.k_norm, eps, cos, sin, RopeStyle::HalfSplit);
+    Tensor attn = be_.attention(qkv, hq, hkv, d, scale, /*causal=*/true, key_len);
+    be_.add_(x, be_.linear(attn, ly.o_proj));
+    Tensor h2 = be_.rms_norm(x, &ly.post_norm, eps);
+    be_.add_(x, be_.linear(be_.swiglu(be_.linear(h2, ly.gate_up)), ly.down));
+  }
+  if (num_layers == c.layers) x = be_.rms_norm(x, &final_norm_, eps);
+  return x;
+}
+
+std::vector<Tensor> Qwen3TextEncoder::encode(const Tensor& input_ids, const std::vector<int64_t>& lengths) {
+  int64_t b = input_ids.dim(0), l = input_ids.dim(1);
+  Tensor hidden = forward(input_ids, lengths, cfg_.layers - 1);  // hidden_states[-2]
+  std::vector<Tensor> out;
+  for (int64_t i = 0; i < b; ++i) {
+    std::vector<int32_t> rows(size_t(lengths[size_t(i)]));
+    for (size_t r = 0; r < rows.size(); ++r) rows[r] = int32_t(i * l + int64_t(r));
+    out.push_back(be_.gather_rows(hidden, rows));
+  }
+  return out;
+}
+
+}  // namespace zimage

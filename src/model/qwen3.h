@@ -1,0 +1,44 @@
+// Qwen3 decoder as Z-Image's text encoder (transformers' Qwen3Model): token embeddings, N layers of
+// [RMSNorm -> attention with per-head q/k RMSNorm, half-split RoPE, GQA, causal + key padding mask ->
+// residual; RMSNorm -> SwiGLU MLP -> residual], final RMSNorm. Z-Image takes hidden_states[-2], the
+// output of the second-to-last layer, so the last layer never runs in `encode`.
+#pragma once
+
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/config.h"
+#include "model/weights.h"
+
+namespace zimage {
+
+struct Qwen3Config {
+  int64_t hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
+  double rms_eps = 1e-6, rope_theta = 1e6;
+  static Qwen3Config from(const Config& c);
+};
+
+class Qwen3TextEncoder {
+ public:
+  Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws);
+  const Qwen3Config& config() const { return cfg_; }
+
+  // input_ids [B, L] int64 (host); lengths[b] real tokens of row b (the rest is padding, masked).
+  // Returns the hidden states after `num_layers` layers, [B, L, hidden] on the backend; when
+  // num_layers == all layers, the final norm is applied (as transformers' last hidden state).
+  Tensor forward(const Tensor& input_ids, const std::vector<int64_t>& lengths, int64_t num_layers);
+
+  // Z-Image's prompt embeddings: hidden_states[-2] with padding removed, one [len_b, hidden] per prompt.
+  std::vector<Tensor> encode(const Tensor& input_ids, const std::vector<int64_t>& lengths);
+
+ private:
+  struct Layer {
+    Tensor input_norm, qkv, q_norm, k_norm, o_proj, post_norm, gate_up, down;
+  };
+  Backend& be_;
+  Qwen3Config cfg_;
+  Tensor embed_, final_norm_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace zimage
