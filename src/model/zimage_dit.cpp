@@ -1,0 +1,296 @@
+#include "model/zimage_dit.h"
+
+#include <array>
+#include <cmath>
+
+#include "core/error.h"
+#include "model/rope.h"
+#include "model/weight_loading.h"
+
+namespace zimage {
+
+namespace {
+constexpr float kQkNormEps = 1e-5f;     // diffusers builds the q/k RMSNorms with eps 1e-5 regardless of norm_eps
+constexpr float kFinalNormEps = 1e-6f;  // FinalLayer's LayerNorm
+constexpr int64_t kAdalnMax = 256;      // ADALN_EMBED_DIM
+constexpr int64_t kTimeMlpHidden = 1024;
+constexpr int64_t kTimeFeatures = 256;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+}  // namespace
+
+DitConfig DitConfig::from(const Config& c) {
+  DitConfig d;
+  d.dim = c.integer("dim");
+  d.heads = c.integer("n_heads");
+  ZI_CHECK(c.integer_or("n_kv_heads", d.heads) == d.heads, ErrorKind::Format,
+           c.where() + ": n_kv_heads different from n_heads is not a Z-Image configuration");
+  ZI_CHECK(d.dim % d.heads == 0, ErrorKind::Format, c.where() + ": dim is not a multiple of n_heads");
+  d.head_dim = d.dim / d.heads;
+  d.layers = c.integer("n_layers");
+  d.refiner_layers = c.integer("n_refiner_layers");
+  d.in_channels = c.integer("in_channels");
+  auto patches = c.integers("all_patch_size");
+  auto f_patches = c.integers("all_f_patch_size");
+  ZI_CHECK(patches.size() == 1 && f_patches.size() == 1 && f_patches[0] == 1, ErrorKind::Format,
+           c.where() + ": only one patch size with f_patch_size 1 is supported");
+  d.patch = patches[0];
+  d.cap_feat_dim = c.integer("cap_feat_dim");
+  d.ffn_hidden = int64_t(double(d.dim) / 3.0 * 8.0);
+  d.adaln_dim = std::min(d.dim, kAdalnMax);
+  d.axes_dims = c.integers("axes_dims");
+  ZI_CHECK(d.axes_dims.size() == 3 && d.axes_dims[0] + d.axes_dims[1] + d.axes_dims[2] == d.head_dim, ErrorKind::Format,
+           c.where() + ": axes_dims must be 3 values summing to the head dim");
+  d.rope_theta = c.number("rope_theta");
+  d.t_scale = c.number("t_scale");
+  d.norm_eps = c.number("norm_eps");
+  ZI_CHECK(c.boolean_or("qk_norm", true), ErrorKind::Format, c.where() + ": qk_norm false is not supported");
+  return d;
+}
+
+DitLayout dit_layout(int64_t items, int64_t latent_h, int64_t latent_w, int64_t patch,
+                     const std::vector<int64_t>& cap_lengths) {
+  ZI_ASSERT(int64_t(cap_lengths.size()) == items && latent_h % patch == 0 && latent_w % patch == 0);
+  DitLayout l;
+  l.items = items;
+  l.grid_h = latent_h / patch;
+  l.grid_w = latent_w / patch;
+  l.image_tokens = l.grid_h * l.grid_w;
+  l.image_padded = round_up(l.image_tokens, DitLayout::kSeqMultiple);
+  for (int64_t n : cap_lengths) {
+    ZI_CHECK(n >= 1, ErrorKind::InvalidArgument, "a caption has no tokens");
+    l.cap_len.push_back(n);
+    l.cap_padded.push_back(round_up(n, DitLayout::kSeqMultiple));
+    l.cap_max = std::max(l.cap_max, l.cap_padded.back());
+    l.unified_max = std::max(l.unified_max, l.image_padded + l.cap_padded.back());
+  }
+  return l;
+}
+
+Tensor timestep_features(const std::vector<float>& t, int64_t dim, double max_period) {
+  int64_t half = dim / 2;
+  Tensor out = Tensor::zeros({int64_t(t.size()), dim}, DType::F32);
+  // Float32 arithmetic in torch's order: freqs = exp(-ln(P) * k / half), args = t * freqs.
+  float neg_log = float(-std::log(max_period));
+  for (size_t i = 0; i < t.size(); ++i)
+    for (int64_t k = 0; k < half; ++k) {
+      float freq = std::exp(neg_log * float(k) / float(half));
+      float arg = t[i] * freq;
+      out.f32()[int64_t(i) * dim + k] = float(std::cos(double(arg)));
+      out.f32()[int64_t(i) * dim + half + k] = float(std::sin(double(arg)));
+    }
+  return out;
+}
+
+ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string& p) {
+  const auto& c = cfg_;
+  Block b;
+  b.norm1 = load_weight(be_, ws, p + "attention_norm1.weight", {c.dim});
+  b.norm2 = load_weight(be_, ws, p + "attention_norm2.weight", {c.dim});
+  b.ffn_norm1 = load_weight(be_, ws, p + "ffn_norm1.weight", {c.dim});
+  b.ffn_norm2 = load_weight(be_, ws, p + "ffn_norm2.weight", {c.dim});
+  b.qkv = load_packed_rows(be_, ws, {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
+                           {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
+  b.norm_q = load_weight(be_, ws, p + "attention.norm_q.weight", {c.head_dim});
+  b.norm_k = load_weight(be_, ws, p + "attention.norm_k.weight", {c.head_dim});
+  b.out = load_weight(be_, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
+  b.w13 = load_packed_rows(be_, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
+                           {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
+  b.w2 = load_weight(be_, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
+  return b;
+}
+
+ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : be_(be), cfg_(DitConfig::from(cfg)) {
+  const auto& c = cfg_;
+  const int64_t a = c.adaln_dim, patch_dim = c.patch * c.patch * c.in_channels;
+  const std::string px = "all_x_embedder." + std::to_string(c.patch) + "-1.";
+  const std::string pf = "all_final_layer." + std::to_string(c.patch) + "-1.";
+  t_mlp0_w_ = load_weight(be, ws, "t_embedder.mlp.0.weight", {kTimeMlpHidden, kTimeFeatures});
+  t_mlp0_b_ = load_weight(be, ws, "t_embedder.mlp.0.bias", {kTimeMlpHidden});
+  t_mlp2_w_ = load_weight(be, ws, "t_embedder.mlp.2.weight", {a, kTimeMlpHidden});
+  t_mlp2_b_ = load_weight(be, ws, "t_embedder.mlp.2.bias", {a});
+  cap_norm_ = load_weight(be, ws, "cap_embedder.0.weight", {c.cap_feat_dim});
+  cap_w_ = load_weight(be, ws, "cap_embedder.1.weight", {c.dim, c.cap_feat_dim});
+  cap_b_ = load_weight(be, ws, "cap_embedder.1.bias", {c.dim});
+  x_w_ = load_weight(be, ws, px + "weight", {c.dim, patch_dim});
+  x_b_ = load_weight(be, ws, px + "bias", {c.dim});
+  x_pad_ = load_weight(be, ws, "x_pad_token", {1, c.dim});
+  cap_pad_ = load_weight(be, ws, "cap_pad_token", {1, c.dim});
+  final_mod_w_ = load_weight(be, ws, pf + "adaLN_modulation.1.weight", {c.dim, a});
+  final_mod_b_ = load_weight(be, ws, pf + "adaLN_modulation.1.bias", {c.dim});
+  final_w_ = load_weight(be, ws, pf + "linear.weight", {patch_dim, c.dim});
+  final_b_ = load_weight(be, ws, pf + "linear.bias", {patch_dim});
+
+  // Modulated blocks (noise_refiner, layers): their adaLN weights are stacked so the modulations of a
+  // whole forward are one [N, A] x [A, blocks*4*dim] GEMM.
+  std::vector<std::string> mod_names, mod_bias_names;
+  std::vector<Shape> mod_shapes;
+  auto add_mod = [&](Block& b, const std::string& p) {
+    b.mod_offset = int64_t(mod_names.size()) * 4 * c.dim;
+    mod_names.push_back(p + "adaLN_modulation.0.weight");
+    mod_bias_names.push_back(p + "adaLN_modulation.0.bias");
+    mod_shapes.push_back({4 * c.dim, a});
+  };
+  for (int64_t i = 0; i < c.refiner_layers; ++i) {
+    std::string p = "noise_refiner." + std::to_string(i) + ".";
+    noise_refiner_.push_back(load_block(ws, p));
+    add_mod(noise_refiner_.back(), p);
+  }
+  for (int64_t i = 0; i < c.refiner_layers; ++i)
+    context_refiner_.push_back(load_block(ws, "context_refiner." + std::to_string(i) + "."));
+  for (int64_t i = 0; i < c.layers; ++i) {
+    std::string p = "layers." + std::to_string(i) + ".";
+    layers_.push_back(load_block(ws, p));
+    add_mod(layers_.back(), p);
+  }
+  mod_w_ = load_packed_rows(be, ws, mod_names, mod_shapes);
+  // The biases stack the same way, into one [blocks * 4 * dim] vector.
+  Tensor packed_bias = Tensor::empty({int64_t(mod_bias_names.size()) * 4 * c.dim}, DType::F32);
+  for (size_t i = 0; i < mod_bias_names.size(); ++i) {
+    Tensor bias = host_f32(ws, mod_bias_names[i], {4 * c.dim});
+    std::copy(bias.f32(), bias.f32() + 4 * c.dim, packed_bias.f32() + int64_t(i) * 4 * c.dim);
+  }
+  mod_b_ = be.upload(packed_bias);
+}
+
+void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Tensor& cos, const Tensor& sin,
+                          const std::vector<int>& key_len) {
+  const auto& c = cfg_;
+  const float eps = float(c.norm_eps);
+  Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
+  if (mod) {  // chunk4 of this block's modulation: scale_msa, gate_msa, scale_mlp, gate_mlp
+    scale_msa = be_.slice_cols(*mod, b.mod_offset, c.dim);
+    gate_msa = be_.slice_cols(*mod, b.mod_offset + c.dim, c.dim);
+    scale_mlp = be_.slice_cols(*mod, b.mod_offset + 2 * c.dim, c.dim);
+    gate_mlp = be_.slice_cols(*mod, b.mod_offset + 3 * c.dim, c.dim);
+  }
+  int h = int(c.heads), d = int(c.head_dim);
+  Tensor hn = be_.modulated_rms_norm(x, b.norm1, mod ? &scale_msa : nullptr, eps);
+  Tensor qkv = be_.linear(hn, b.qkv);
+  be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, cos, sin, RopeStyle::Interleaved);
+  Tensor attn = be_.attention(qkv, h, h, d, float(1.0 / std::sqrt(double(d))), /*causal=*/false, key_len);
+  be_.gated_residual_rms_norm_(x, be_.linear(attn, b.out), b.norm2, mod ? &gate_msa : nullptr, eps);
+  Tensor fn = be_.modulated_rms_norm(x, b.ffn_norm1, mod ? &scale_mlp : nullptr, eps);
+  Tensor ff = be_.linear(be_.swiglu(be_.linear(fn, b.w13)), b.w2);
+  be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, mod ? &gate_mlp : nullptr, eps);
+}
+
+Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps) {
+  const auto& c = cfg_;
+  ZI_ASSERT(latents.ndim() == 4 && latents.dim(1) == c.in_channels);
+  const int64_t n = latents.dim(0), lh = latents.dim(2), lw = latents.dim(3);
+  ZI_ASSERT(int64_t(t.size()) == n && int64_t(caps.size()) == n);
+  std::vector<int64_t> cap_lengths;
+  for (const auto& cap : caps) {
+    ZI_ASSERT(cap.ndim() == 2 && cap.dim(1) == c.cap_feat_dim);
+    cap_lengths.push_back(cap.dim(0));
+  }
+  const DitLayout lay = dit_layout(n, lh, lw, c.patch, cap_lengths);
+  const int64_t ni = lay.image_tokens, nip = lay.image_padded;
+
+  // Time conditioning: adaln_input [N, A] and every block's modulation at once.
+  std::vector<float> scaled_t(t.size());
+  for (size_t i = 0; i < t.size(); ++i) scaled_t[i] = t[i] * float(c.t_scale);
+  Tensor tf = be_.upload(timestep_features(scaled_t, kTimeFeatures));
+  Tensor adaln = be_.linear(be_.silu(be_.linear(tf, t_mlp0_w_, &t_mlp0_b_)), t_mlp2_w_, &t_mlp2_b_);
+  Tensor mod = be_.linear(adaln, mod_w_, &mod_b_);
+
+  // Image tokens: patchify each item, embed, then lay out [N, nip, dim] with x_pad_token rows.
+  Tensor lat = be_.cast(latents, be_.activation_dtype());
+  Tensor patches;
+  for (int64_t i = 0; i < n; ++i) {
+    Tensor p = be_.patchify(lat.narrow0(i, 1).reshape({c.in_channels, lh, lw}), int(c.patch));
+    patches = i == 0 ? p : be_.concat_rows(patches, p);
+  }
+  Tensor x_src = be_.concat_rows(be_.linear(patches, x_w_, &x_b_), x_pad_);  // last row: the pad token
+  std::vector<int32_t> x_idx;
+  std::vector<std::array<int64_t, 3>> x_pos;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < nip; ++r) {
+      bool real = r < ni;
+      x_idx.push_back(real ? int32_t(i * ni + r) : int32_t(n * ni));
+      // Image position ids: (cap_padded + 1, row, col); pad rows (0, 0, 0).
+      x_pos.push_back(real ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, r / lay.grid_w, r % lay.grid_w}
+                           : std::array<int64_t, 3>{0, 0, 0});
+    }
+  Tensor x = be_.gather_rows(x_src, x_idx).reshape({n, nip, c.dim});
+
+  // Caption tokens: RMSNorm + Linear, then [N, cap_max, dim] with cap_pad_token rows up to the
+  // item's multiple of 32 and zero rows (masked) beyond it.
+  Tensor cap_all;
+  for (int64_t i = 0; i < n; ++i) {
+    Tensor ci = be_.cast(caps[size_t(i)], be_.activation_dtype());
+    cap_all = i == 0 ? ci : be_.concat_rows(cap_all, ci);
+  }
+  int64_t cap_rows = cap_all.dim(0);
+  Tensor cap_src =
+      be_.concat_rows(be_.linear(be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), cap_w_, &cap_b_), cap_pad_);
+  std::vector<int32_t> cap_idx;
+  std::vector<std::array<int64_t, 3>> cap_pos;
+  int64_t cap_base = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t r = 0; r < lay.cap_max; ++r) {
+      int64_t len = lay.cap_len[size_t(i)], padded = lay.cap_padded[size_t(i)];
+      cap_idx.push_back(r < len ? int32_t(cap_base + r) : r < padded ? int32_t(cap_rows) : -1);
+      cap_pos.push_back(r < padded ? std::array<int64_t, 3>{1 + r, 0, 0} : std::array<int64_t, 3>{0, 0, 0});
+    }
+    cap_base += lay.cap_len[size_t(i)];
+  }
+  Tensor cap = be_.gather_rows(cap_src, cap_idx).reshape({n, lay.cap_max, c.dim});
+
+  RopeTables x_rope = rope_tables_3d(x_pos, c.axes_dims, c.rope_theta);
+  RopeTables cap_rope = rope_tables_3d(cap_pos, c.axes_dims, c.rope_theta);
+  {
+    Tensor cos = be_.upload(x_rope.cos, DType::F32), sin = be_.upload(x_rope.sin, DType::F32);
+    std::vector<int> key_len(static_cast<size_t>(n), static_cast<int>(nip));
+    for (const auto& b : noise_refiner_) run_block(b, x, &mod, cos, sin, key_len);
+  }
+  {
+    Tensor cos = be_.upload(cap_rope.cos, DType::F32), sin = be_.upload(cap_rope.sin, DType::F32);
+    std::vector<int> key_len;
+    for (int64_t p : lay.cap_padded) key_len.push_back(int(p));
+    for (const auto& b : context_refiner_) run_block(b, cap, nullptr, cos, sin, key_len);
+  }
+
+  // Unified sequence per item: [image tokens (nip), caption tokens (cap_padded)], zero rows beyond.
+  Tensor uni_src = be_.concat_rows(x.reshape({n * nip, c.dim}), cap.reshape({n * lay.cap_max, c.dim}));
+  std::vector<int32_t> u_idx;
+  std::vector<std::array<int64_t, 3>> u_pos;
+  std::vector<int> u_len;
+  const int64_t um = lay.unified_max;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t cp = lay.cap_padded[size_t(i)];
+    for (int64_t r = 0; r < um; ++r) {
+      if (r < nip) {
+        u_idx.push_back(int32_t(i * nip + r));
+        u_pos.push_back(x_pos[size_t(i * nip + r)]);
+      } else if (r < nip + cp) {
+        u_idx.push_back(int32_t(n * nip + i * lay.cap_max + (r - nip)));
+        u_pos.push_back(cap_pos[size_t(i * lay.cap_max + (r - nip))]);
+      } else {
+        u_idx.push_back(-1);
+        u_pos.push_back({0, 0, 0});
+      }
+    }
+    u_len.push_back(int(nip + cp));
+  }
+  Tensor u = be_.gather_rows(uni_src, u_idx).reshape({n, um, c.dim});
+  RopeTables u_rope = rope_tables_3d(u_pos, c.axes_dims, c.rope_theta);
+  Tensor ucos = be_.upload(u_rope.cos, DType::F32), usin = be_.upload(u_rope.sin, DType::F32);
+  for (const auto& b : layers_) run_block(b, u, &mod, ucos, usin, u_len);
+
+  // Final layer: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch values), then each
+  // item's first image_tokens rows back to a latent.
+  Tensor fscale = be_.linear(be_.silu(adaln), final_mod_w_, &final_mod_b_);
+  Tensor out_tokens = be_.linear(be_.modulated_layer_norm(u, fscale, kFinalNormEps), final_w_, &final_b_);
+  Tensor flat = out_tokens.reshape({n * um, c.patch * c.patch * c.in_channels});
+  Tensor out;
+  for (int64_t i = 0; i < n; ++i) {
+    Tensor li = be_.unpatchify(flat.narrow0(i * um, ni), int(c.in_channels), int(lh), int(lw), int(c.patch));
+    li = li.reshape({c.in_channels * lh, lw});
+    out = i == 0 ? li : be_.concat_rows(out, li);
+  }
+  return be_.cast(out, DType::F32).reshape({n, c.in_channels, lh, lw});
+}
+
+}  // namespace zimage

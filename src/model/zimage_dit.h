@@ -1,0 +1,68 @@
+// The Z-Image diffusion transformer (diffusers' ZImageTransformer2DModel), written once against the
+// Backend interface. One call runs a batch of items that share the image size but may differ in
+// caption length: image tokens and caption tokens are padded to multiples of 32 (pad tokens),
+// refined separately (noise_refiner with adaLN modulation, context_refiner without), joined as
+// [image, caption] per item, run through the main layers, and projected back to latent patches.
+// Items are padded to a common length with key masking between them.
+#pragma once
+
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/config.h"
+#include "model/weights.h"
+
+namespace zimage {
+
+struct DitConfig {
+  int64_t dim = 0, heads = 0, head_dim = 0, layers = 0, refiner_layers = 0, in_channels = 0;
+  int64_t patch = 2, cap_feat_dim = 0, ffn_hidden = 0, adaln_dim = 0;
+  std::vector<int64_t> axes_dims;
+  double rope_theta = 256.0, t_scale = 1000.0, norm_eps = 1e-5;
+  static DitConfig from(const Config& c);
+};
+
+// Token layout of one forward call (computed on the host from the item sizes; exposed for tests and
+// for the sequence-parallel planner).
+struct DitLayout {
+  static constexpr int64_t kSeqMultiple = 32;
+  int64_t items = 0, grid_h = 0, grid_w = 0;  // latent patches per side
+  int64_t image_tokens = 0, image_padded = 0;  // per item (equal for all items)
+  std::vector<int64_t> cap_len, cap_padded;    // per item
+  int64_t cap_max = 0, unified_max = 0;        // padded batch lengths
+};
+DitLayout dit_layout(int64_t items, int64_t latent_h, int64_t latent_w, int64_t patch,
+                     const std::vector<int64_t>& cap_lengths);
+
+class ZImageDit {
+ public:
+  ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws);
+  const DitConfig& config() const { return cfg_; }
+
+  // latents [N, C, h, w] (float32 or activation dtype), t[N] the DiT time ((1000 - timestep) / 1000),
+  // caps[N] caption features [len_i, cap_feat_dim]. Returns the raw model output [N, C, h, w] float32.
+  Tensor forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps);
+
+ private:
+  struct Block {
+    Tensor norm1, norm2, ffn_norm1, ffn_norm2, qkv, norm_q, norm_k, out, w13, w2;
+    int64_t mod_offset = -1;  // column of this block's 4*dim modulation in the packed adaLN output; -1: none
+  };
+  void run_block(const Block& b, Tensor& x, const Tensor* mod, const Tensor& cos, const Tensor& sin,
+                 const std::vector<int>& key_len);
+  Block load_block(const WeightSource& ws, const std::string& prefix);
+
+  Backend& be_;
+  DitConfig cfg_;
+  Tensor t_mlp0_w_, t_mlp0_b_, t_mlp2_w_, t_mlp2_b_;
+  Tensor cap_norm_, cap_w_, cap_b_, x_w_, x_b_, x_pad_, cap_pad_;
+  Tensor final_mod_w_, final_mod_b_, final_w_, final_b_;
+  Tensor mod_w_, mod_b_;  // every modulated block's adaLN Linear(A -> 4*dim) stacked: one GEMM per call
+  std::vector<Block> noise_refiner_, context_refiner_, layers_;
+};
+
+// The sinusoidal timestep features of diffusers' TimestepEmbedder: [cos(t*f_k) | sin(t*f_k)],
+// f_k = exp(-ln(max_period) * k / half), for each t; host float32 [N, dim].
+Tensor timestep_features(const std::vector<float>& t, int64_t dim, double max_period = 10000.0);
+
+}  // namespace zimage
