@@ -52,13 +52,16 @@ TEST(Safetensors, WriteThenReadRoundTrip) {
   Tensor a = Tensor::from_f32({2, 3}, {1, -2, 3.5f, 4, 5, 6});
   Tensor b = Tensor::from_f32({4}, {7, 8, 9, 10}).to_dtype(DType::BF16);
   Tensor c = Tensor::zeros({0, 3}, DType::F32);
+  Tensor d = Tensor::from_f32({2}, {0.25f, -8}).to_dtype(DType::F64);
   std::string path = temp_path("roundtrip.safetensors");
-  write_safetensors(path, {{"a", a}, {"b", b}, {"empty", c}}, {{"format", "pt"}});
+  write_safetensors(path, {{"a", a}, {"b", b}, {"empty", c}, {"d", d}}, {{"format", "pt"}});
   auto f = SafetensorsFile::open(path);
   EXPECT_EQ(f->get("a").to_vector(), a.to_vector());
   EXPECT_EQ(f->get("b").dtype(), DType::BF16);
   EXPECT_EQ(f->get("b").to_vector(), (std::vector<float>{7, 8, 9, 10}));
   EXPECT_EQ(f->get("empty").numel(), 0);
+  EXPECT_EQ(f->get("d").dtype(), DType::F64);
+  EXPECT_EQ(f->get("d").data_as<double>()[1], -8.0);
   EXPECT_EQ(f->metadata().at("format"), "pt");
 }
 

@@ -10,6 +10,7 @@ namespace zimage {
 size_t dtype_size(DType t) {
   switch (t) {
     case DType::F32: return 4;
+    case DType::F64: return 8;
     case DType::BF16: return 2;
     case DType::F16: return 2;
     case DType::F8E4M3: return 1;
@@ -23,6 +24,7 @@ size_t dtype_size(DType t) {
 const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "f32";
+    case DType::F64: return "f64";
     case DType::BF16: return "bf16";
     case DType::F16: return "f16";
     case DType::F8E4M3: return "f8e4m3";
@@ -35,6 +37,7 @@ const char* dtype_name(DType t) {
 
 std::optional<DType> dtype_from_safetensors(std::string_view s) {
   if (s == "F32") return DType::F32;
+  if (s == "F64") return DType::F64;
   if (s == "BF16") return DType::BF16;
   if (s == "F16") return DType::F16;
   if (s == "F8_E4M3") return DType::F8E4M3;
@@ -47,6 +50,7 @@ std::optional<DType> dtype_from_safetensors(std::string_view s) {
 const char* dtype_to_safetensors(DType t) {
   switch (t) {
     case DType::F32: return "F32";
+    case DType::F64: return "F64";
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
     case DType::F8E4M3: return "F8_E4M3";
@@ -144,6 +148,11 @@ uint8_t f32_to_f8e4m3(float f) {
 void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F64: {
+      auto s = static_cast<const double*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+      return;
+    }
     case DType::BF16: {
       auto s = static_cast<const uint16_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
@@ -180,6 +189,11 @@ void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
 void convert_from_f32(DType to, const float* src, void* dst, size_t n) {
   switch (to) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F64: {
+      auto d = static_cast<double*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = src[i];
+      return;
+    }
     case DType::BF16: {
       auto d = static_cast<uint16_t*>(dst);
       for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);

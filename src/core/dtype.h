@@ -9,11 +9,11 @@
 
 namespace zimage {
 
-enum class DType : uint8_t { F32, BF16, F16, F8E4M3, I64, I32, U8 };
+enum class DType : uint8_t { F32, F64, BF16, F16, F8E4M3, I64, I32, U8 };
 
 size_t dtype_size(DType t);
 const char* dtype_name(DType t);  // "f32", "bf16", ...
-// safetensors spelling ("F32", "BF16", "F16", "F8_E4M3", "I64", "I32", "U8"); nullopt when unknown.
+// safetensors spelling ("F32", "F64", "BF16", "F16", "F8_E4M3", "I64", "I32", "U8"); nullopt when unknown.
 std::optional<DType> dtype_from_safetensors(std::string_view s);
 const char* dtype_to_safetensors(DType t);
 

@@ -1,0 +1,191 @@
+// `zimage generate`: prompts in, image files out. Flags follow SGLang's `sglang generate` where it
+// has one. Bad input exits with code 2 before anything is written.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "io/image.h"
+#include "io/safetensors.h"
+#include "pipeline/text_to_image.h"
+
+namespace zimage::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct GenerateOptions {
+  std::string model, backend = "auto", generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
+  std::vector<std::string> prompts;
+  std::string prompt_file, negative_prompt;
+  int height = 1024, width = 1024, max_sequence_length = 512, num_outputs_per_prompt = 1;
+  std::optional<int> steps;
+  std::optional<float> guidance;
+  float cfg_normalization = 0.0f, cfg_truncation = 1.0f;
+  uint64_t seed = 42;
+  bool warmup = false;
+};
+
+std::vector<std::string> read_prompt_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(ErrorKind::NotFound, "cannot read the prompt file '" + path + "'");
+  std::vector<std::string> prompts;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) prompts.push_back(line);
+  }
+  if (prompts.empty()) throw Error(ErrorKind::InvalidArgument, "the prompt file '" + path + "' has no prompts");
+  return prompts;
+}
+
+// Where image i of n goes: a folder (existing, or a path ending in '/') gets zimage_<seed>_<i>.png;
+// a file name is used as is for one image and gets _<i> before its extension for several.
+std::vector<std::string> output_paths(const std::string& target, int64_t n, uint64_t seed) {
+  std::vector<std::string> out;
+  bool folder = target.ends_with('/') || fs::is_directory(target);
+  for (int64_t i = 0; i < n; ++i) {
+    if (folder) {
+      out.push_back((fs::path(target) / ("zimage_" + std::to_string(seed) + "_" + std::to_string(i) + ".png")).string());
+    } else if (n == 1) {
+      out.push_back(target);
+    } else {
+      fs::path p(target);
+      out.push_back((p.parent_path() / (p.stem().string() + "_" + std::to_string(i) + p.extension().string())).string());
+    }
+  }
+  for (const auto& p : out) image_format_from_path(p);  // unknown extensions fail before any work
+  return out;
+}
+
+// A one-line progress bar on stderr, only when stderr is a terminal.
+void progress_bar(int step, int total) {
+  static const bool tty = ::isatty(STDERR_FILENO);
+  if (!tty) return;
+  const int width = 30;
+  int filled = total ? step * width / total : width;
+  std::fprintf(stderr, "\r  denoising [%s%s] %d/%d", std::string(size_t(filled), '#').c_str(),
+               std::string(size_t(width - filled), '.').c_str(), step, total);
+  if (step == total) std::fprintf(stderr, "\n");
+}
+
+nlohmann::json perf_json(const GenerateResult& r, const GenerateRequest& req, const std::string& device, double load_s) {
+  const auto& t = r.times;
+  nlohmann::json steps = nlohmann::json::array();
+  steps.push_back({{"name", "text_encoder"}, {"duration_ms", t.text_encoder_ms}});
+  steps.push_back({{"name", "denoise"}, {"duration_ms", t.denoise_ms}});
+  steps.push_back({{"name", "vae_decode"}, {"duration_ms", t.vae_decode_ms}});
+  steps.push_back({{"name", "to_uint8"}, {"duration_ms", t.to_u8_ms}});
+  nlohmann::json per_step = nlohmann::json::array();
+  for (size_t i = 0; i < t.step_ms.size(); ++i) per_step.push_back({{"step", i}, {"duration_ms", t.step_ms[i]}});
+  double dit = 0;
+  for (double v : t.dit_ms) dit += v;
+  return {{"device", device},
+          {"resolution", std::to_string(req.width) + "x" + std::to_string(req.height)},
+          {"steps", r.steps},
+          {"guidance_scale", r.guidance},
+          {"batch", r.images.dim(0)},
+          {"e2e_ms", t.total_ms},
+          {"text_encoder_ms", t.text_encoder_ms},
+          {"denoise_ms", t.denoise_ms},
+          {"dit_forward_ms", t.dit_ms.empty() ? 0.0 : dit / double(t.dit_ms.size())},
+          {"vae_decode_ms", t.vae_decode_ms},
+          {"load_s", load_s},
+          {"stages", steps},
+          {"denoise_steps_ms", per_step}};
+}
+
+}  // namespace
+
+Command add_generate(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Generate images from text prompts");
+  auto o = std::make_shared<GenerateOptions>();
+  // A flag given twice takes its last value (as shells and wrappers expect); --prompt collects all.
+  cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo")->required();
+  cmd->add_option("--prompt", o->prompts, "Prompt (repeat for a batch)")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--prompt-file", o->prompt_file, "File with one prompt per line");
+  cmd->add_option("--negative-prompt", o->negative_prompt, "Negative prompt for CFG (default \"\")");
+  cmd->add_option("--height", o->height, "Image height in pixels (multiple of 16)");
+  cmd->add_option("--width", o->width, "Image width in pixels (multiple of 16)");
+  cmd->add_option("--num-inference-steps", o->steps, "Denoising steps (default: the model's, 9 for Turbo)");
+  cmd->add_option("--guidance-scale", o->guidance, "CFG scale, 0 = off (default: the model's, 0 for Turbo)");
+  cmd->add_option("--cfg-normalization", o->cfg_normalization, "Cap the guided prediction's norm at this multiple of the positive one (0 = off)");
+  cmd->add_option("--cfg-truncation", o->cfg_truncation, "Skip CFG on steps whose normalized time exceeds this (1 = never)");
+  cmd->add_option("--max-sequence-length", o->max_sequence_length, "Prompt tokens after the chat template (longer prompts are truncated)");
+  cmd->add_option("--seed", o->seed, "Seed of the starting noise (torch.randn compatible)");
+  cmd->add_option("--generator-device", o->generator, "Noise stream to reproduce: torch's cpu or cuda generator")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--num-outputs-per-prompt", o->num_outputs_per_prompt, "Images per prompt");
+  cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--output-path", o->output_path, "Output file (.png, .jpg, .webp) or folder");
+  cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
+  cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
+  cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
+  return {cmd, [o] {
+            if (!o->prompt_file.empty()) {
+              auto more = read_prompt_file(o->prompt_file);
+              o->prompts.insert(o->prompts.end(), more.begin(), more.end());
+            }
+            if (o->prompts.empty()) throw Error(ErrorKind::InvalidArgument, "give a prompt with --prompt or --prompt-file");
+            GenerateRequest req;
+            req.prompts = o->prompts;
+            if (!o->negative_prompt.empty()) req.negative_prompts = {o->negative_prompt};
+            req.height = o->height;
+            req.width = o->width;
+            req.steps = o->steps;
+            req.guidance = o->guidance;
+            req.cfg_normalization = o->cfg_normalization;
+            req.cfg_truncation = o->cfg_truncation;
+            req.max_sequence_length = o->max_sequence_length;
+            req.seed = o->seed;
+            req.generator = o->generator == "cpu" ? GeneratorDevice::Cpu : GeneratorDevice::Cuda;
+            req.num_images_per_prompt = o->num_outputs_per_prompt;
+
+            auto t0 = std::chrono::steady_clock::now();
+            ModelSource model = open_model(o->model);
+            auto be = make_backend(o->backend);
+            TextToImagePipeline pipe(*be, model);
+            req = pipe.resolve(req);  // all validation before loading work is wasted or files written
+            auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
+            double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
+
+            if (o->warmup) pipe.generate(req);
+            GenerateResult res = pipe.generate(req, progress_bar);
+
+            for (size_t i = 0; i < paths.size(); ++i) {
+              const std::string& prompt = req.prompts[i / size_t(req.num_images_per_prompt)];
+              EncodeOptions enc;
+              enc.text = {{"prompt", prompt},
+                          {"negative_prompt", *req.guidance > 0 ? req.negative_prompts[i / size_t(req.num_images_per_prompt)] : ""},
+                          {"seed", std::to_string(req.seed)},
+                          {"batch_index", std::to_string(i)},
+                          {"steps", std::to_string(res.steps)},
+                          {"guidance_scale", std::to_string(res.guidance)},
+                          {"model", model.name},
+                          {"software", "zimage 0.1.0"}};
+              fs::path parent = fs::path(paths[i]).parent_path();
+              if (!parent.empty()) fs::create_directories(parent);
+              Tensor img = res.images.narrow0(int64_t(i), 1).reshape({req.height, req.width, 3});
+              write_image(paths[i], tensor_to_image(img), enc);
+              std::printf("%s\n", paths[i].c_str());
+            }
+            if (!o->save_latents.empty()) write_safetensors(o->save_latents, {{"latents", res.latents}});
+            if (!o->perf_dump.empty()) {
+              std::ofstream f(o->perf_dump);
+              f << perf_json(res, req, be->name(), load_s).dump(2) << "\n";
+              if (!f) throw Error(ErrorKind::Io, "cannot write " + o->perf_dump);
+            }
+            log_info("generated " + std::to_string(paths.size()) + " image(s) in " + std::to_string(res.times.total_ms / 1000) + " s");
+            return 0;
+          }};
+}
+
+}  // namespace zimage::cli

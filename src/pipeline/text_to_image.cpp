@@ -1,0 +1,155 @@
+#include "pipeline/text_to_image.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "pipeline/flow_match_scheduler.h"
+
+namespace zimage {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// "height 1000 is not a multiple of 16 (nearest valid: 992 or 1008)".
+std::string size_error(const char* what, int v, int multiple) {
+  int lo = v / multiple * multiple, hi = lo + multiple;
+  std::string nearest = lo >= multiple ? std::to_string(lo) + " or " + std::to_string(hi) : std::to_string(hi);
+  return std::string(what) + " " + std::to_string(v) + " is not a multiple of " + std::to_string(multiple) +
+         " (nearest valid: " + nearest + ")";
+}
+
+// [B, ...] -> [2B, ...]: the same latents for the positive and the negative branch.
+Tensor repeat_twice(Backend& be, const Tensor& x) {
+  Shape s = x.shape();
+  Tensor rows = x.reshape({s[0] * s[1] * s[2], s[3]});
+  s[0] *= 2;
+  return be.concat_rows(rows, rows).reshape(s);
+}
+
+}  // namespace
+
+TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits)
+    : be_(be),
+      model_(model),
+      limits_(limits),
+      tokenizer_(Tokenizer::load(model.tokenizer_dir)),
+      text_encoder_(be, model.text_encoder, *model.text_encoder_weights),
+      dit_(be, model.transformer, *model.transformer_weights),
+      vae_(be, model.vae, *model.vae_weights) {}
+
+GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
+  auto bad = [](const std::string& m) { return Error(ErrorKind::InvalidArgument, m); };
+  if (!r.steps) r.steps = model_.default_steps;
+  if (!r.guidance) r.guidance = model_.default_guidance;
+  if (r.prompts.empty()) throw bad("no prompt given");
+  if (r.height <= 0 || r.width <= 0)
+    throw bad("height and width must be positive (got " + std::to_string(r.width) + "x" + std::to_string(r.height) + ")");
+  const int multiple = vae_.downscale() * int(dit_.config().patch);
+  if (r.height % multiple) throw bad(size_error("height", r.height, multiple));
+  if (r.width % multiple) throw bad(size_error("width", r.width, multiple));
+  if (int64_t(r.height) * r.width > limits_.max_pixels)
+    throw bad(std::to_string(r.width) + "x" + std::to_string(r.height) + " is " + std::to_string(int64_t(r.height) * r.width) +
+              " pixels, above the maximum of " + std::to_string(limits_.max_pixels));
+  if (*r.steps < 1) throw bad("num_inference_steps must be at least 1 (got " + std::to_string(*r.steps) + ")");
+  if (*r.steps > limits_.max_steps)
+    throw bad("num_inference_steps " + std::to_string(*r.steps) + " is above the maximum of " + std::to_string(limits_.max_steps));
+  if (!std::isfinite(*r.guidance)) throw bad("guidance_scale must be a finite number");
+  if (*r.guidance < 0) throw bad("guidance_scale must be >= 0 (got " + std::to_string(*r.guidance) + ")");
+  if (r.cfg_normalization < 0 || !std::isfinite(r.cfg_normalization)) throw bad("cfg_normalization must be >= 0");
+  if (!std::isfinite(r.cfg_truncation)) throw bad("cfg_truncation must be a finite number");
+  if (r.max_sequence_length < 1 || r.max_sequence_length > limits_.max_sequence_length)
+    throw bad("max_sequence_length must be between 1 and " + std::to_string(limits_.max_sequence_length));
+  if (r.num_images_per_prompt < 1) throw bad("num_outputs_per_prompt must be at least 1");
+  int64_t batch = int64_t(r.prompts.size()) * r.num_images_per_prompt;
+  if (batch > limits_.max_batch)
+    throw bad("a batch of " + std::to_string(batch) + " images is above the maximum of " + std::to_string(limits_.max_batch));
+  if (r.negative_prompts.empty()) r.negative_prompts.assign(r.prompts.size(), "");
+  if (r.negative_prompts.size() == 1 && r.prompts.size() > 1) r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
+  if (r.negative_prompts.size() != r.prompts.size())
+    throw bad("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " + std::to_string(r.prompts.size()) + " prompts");
+  return r;
+}
+
+std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
+                                                        std::vector<bool>* truncated) {
+  TokenizedBatch tok = tokenize_prompts(tokenizer_, prompts, max_sequence_length);
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (tok.truncated[i])
+      log_warn("prompt " + std::to_string(i) + " is longer than max_sequence_length " +
+               std::to_string(max_sequence_length) + " tokens (chat template included) and was truncated");
+  if (truncated) *truncated = tok.truncated;
+  return text_encoder_.encode(tok.input_ids, tok.lengths);
+}
+
+GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, const std::function<void(int, int)>& progress) {
+  const GenerateRequest r = resolve(request);
+  GenerateResult res;
+  const int steps = *r.steps;
+  const float guidance = *r.guidance;
+  res.steps = steps;
+  res.guidance = guidance;
+  auto t_start = Clock::now();
+  const bool cfg = guidance > 0;
+
+  // 1-2. Prompts -> embeddings (positives, then negatives when CFG is on), repeated per image.
+  auto t0 = Clock::now();
+  std::vector<Tensor> pos = encode_prompts(r.prompts, r.max_sequence_length, &res.prompt_truncated);
+  std::vector<Tensor> neg;
+  if (cfg) neg = encode_prompts(r.negative_prompts, r.max_sequence_length);
+  be_.synchronize();
+  res.times.text_encoder_ms = ms_since(t0);
+  std::vector<Tensor> caps, neg_caps;
+  for (size_t i = 0; i < pos.size(); ++i)
+    for (int k = 0; k < r.num_images_per_prompt; ++k) {
+      caps.push_back(pos[i]);
+      if (cfg) neg_caps.push_back(neg[i]);
+    }
+  const int64_t b = int64_t(caps.size());
+
+  // 3. Starting noise: one torch.randn draw of [B, C, 2*(H/16), 2*(W/16)] with the seed.
+  const int64_t lh = r.height / vae_.downscale(), lw = r.width / vae_.downscale();
+  Tensor noise = torch_randn({b, latent_channels(), lh, lw}, r.seed, r.generator);
+  Tensor latents = be_.upload(noise, DType::F32);
+  FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
+
+  // 4. Denoising loop.
+  std::vector<Tensor> all_caps = caps;
+  all_caps.insert(all_caps.end(), neg_caps.begin(), neg_caps.end());
+  auto t_loop = Clock::now();
+  for (int i = 0; i < steps; ++i) {
+    auto ts = Clock::now();
+    float t = sched.dit_time(size_t(i));
+    float g = guidance;
+    if (cfg && r.cfg_truncation <= 1.0f && t > r.cfg_truncation) g = 0.0f;  // truncated: positive branch only
+    bool apply_cfg = cfg && g > 0;
+    Tensor out = apply_cfg ? dit_.forward(repeat_twice(be_, latents), std::vector<float>(size_t(2 * b), t), all_caps)
+                           : dit_.forward(latents, std::vector<float>(size_t(b), t), caps);
+    be_.synchronize();
+    res.times.dit_ms.push_back(ms_since(ts));
+    be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
+    be_.synchronize();
+    res.times.step_ms.push_back(ms_since(ts));
+    if (progress) progress(i + 1, steps);
+  }
+  res.times.denoise_ms = ms_since(t_loop);
+  res.latents = be_.to_host_f32(latents);
+
+  // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.
+  auto td = Clock::now();
+  Tensor image = vae_.decode(latents);
+  be_.synchronize();
+  res.times.vae_decode_ms = ms_since(td);
+  auto tu = Clock::now();
+  res.images = be_.to_host_u8(be_.image_to_u8(image));
+  res.times.to_u8_ms = ms_since(tu);
+  res.times.total_ms = ms_since(t_start);
+  return res;
+}
+
+}  // namespace zimage

@@ -1,0 +1,88 @@
+// Text to image, as diffusers' ZImagePipeline: chat-templated prompts -> Qwen3 hidden_states[-2] ->
+// flow-match Euler denoising with the DiT (batched CFG with normalization and truncation) -> VAE
+// decode -> uint8 RGB. Validation of a request happens here, at the edge, with messages a user
+// understands; the models below assume valid input.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/model_source.h"
+#include "model/qwen3.h"
+#include "model/vae.h"
+#include "model/zimage_dit.h"
+#include "pipeline/torch_rng.h"
+#include "text/tokenizer.h"
+
+namespace zimage {
+
+struct GenerateRequest {
+  std::vector<std::string> prompts;           // one image per prompt (times num_images_per_prompt)
+  std::vector<std::string> negative_prompts;  // empty: "" for every prompt; else one per prompt
+  int height = 1024, width = 1024;
+  std::optional<int> steps;       // default: the model's recipe
+  std::optional<float> guidance;  // default: the model's recipe; CFG runs when > 0
+  float cfg_normalization = 0.0f;  // > 0: cap ‖pred‖ at this multiple of ‖pos‖
+  float cfg_truncation = 1.0f;     // steps whose normalized time (1000 - t)/1000 exceeds it run without CFG
+  int max_sequence_length = 512;
+  uint64_t seed = 0;
+  GeneratorDevice generator = GeneratorDevice::Cuda;
+  int num_images_per_prompt = 1;
+};
+
+// Wall-clock stage durations (text_encoder includes tokenization) of one call (the backend is synchronized at each boundary).
+struct StageTimes {
+  double text_encoder_ms = 0, denoise_ms = 0, vae_decode_ms = 0, to_u8_ms = 0, total_ms = 0;
+  std::vector<double> step_ms;    // per denoising step
+  std::vector<double> dit_ms;     // per DiT forward
+};
+
+struct GenerateResult {
+  Tensor images;   // uint8 [B, H, W, 3] (host)
+  Tensor latents;  // float32 [B, 16, H/8, W/8] final latents (host)
+  int steps = 0;
+  float guidance = 0;
+  std::vector<bool> prompt_truncated;
+  StageTimes times;
+};
+
+struct PipelineLimits {
+  int64_t max_pixels = int64_t(2048) * 2048;  // per image
+  int max_batch = 16;
+  int max_steps = 1000;
+  int max_sequence_length = 4096;
+};
+
+class TextToImagePipeline {
+ public:
+  TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits = {});
+
+  // Fills defaults and checks everything; throws Error(InvalidArgument) with a clear message.
+  GenerateRequest resolve(GenerateRequest r) const;
+  // progress(step, total) after every denoising step.
+  GenerateResult generate(const GenerateRequest& request,
+                          const std::function<void(int, int)>& progress = nullptr);
+
+  // Prompt embeddings: one [len_i, hidden] backend tensor per prompt.
+  std::vector<Tensor> encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
+                                     std::vector<bool>* truncated = nullptr);
+
+  Backend& backend() { return be_; }
+  const ModelSource& model() const { return model_; }
+  int latent_channels() const { return int(dit_.config().in_channels); }
+
+ private:
+  Backend& be_;
+  ModelSource model_;
+  PipelineLimits limits_;
+  Tokenizer tokenizer_;
+  Qwen3TextEncoder text_encoder_;
+  ZImageDit dit_;
+  Vae vae_;
+};
+
+}  // namespace zimage

@@ -1,0 +1,157 @@
+// End-to-end tests of the `zimage` binary: real processes, real files.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "io/image.h"
+#include "io/safetensors.h"
+#include "test_util.h"
+
+using namespace zimage;
+using zimage::testing::golden_path;
+using zimage::testing::max_abs_diff;
+using zimage::testing::temp_path;
+
+namespace {
+
+struct ProcessResult {
+  int code;
+  std::string out;  // stdout and stderr
+};
+
+ProcessResult run(const std::string& args) {
+  std::string cmd = std::string(ZIMAGE_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+}  // namespace
+
+TEST(Cli, GenerateWritesPngWithMetadataAndPerfDump) {
+  std::string png = temp_path("fox.png"), perf = temp_path("perf.json");
+  ProcessResult r = run("generate --model synthetic:tiny --prompt 'a red fox' --height 64 --width 48 --seed 5 --output-path " + png +
+              " --perf-dump-path " + perf);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::string bytes = slurp(png);
+  auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  ImageU8 img = decode_image(data, bytes.size());
+  EXPECT_EQ(img.width, 48);
+  EXPECT_EQ(img.height, 64);
+  auto text = read_png_text(data, bytes.size());
+  EXPECT_EQ(text["prompt"], "a red fox");
+  EXPECT_EQ(text["seed"], "5");
+  EXPECT_EQ(text["steps"], "9");  // the built-in models follow the Turbo recipe
+  EXPECT_EQ(text["model"], "synthetic:tiny");
+  auto j = nlohmann::json::parse(slurp(perf));
+  EXPECT_EQ(j["steps"], 9);
+  EXPECT_EQ(j["denoise_steps_ms"].size(), 9u);
+  EXPECT_GT(j["e2e_ms"].get<double>(), 0.0);
+  EXPECT_EQ(j["resolution"], "48x64");
+}
+
+TEST(Cli, BatchToFolderAndFormatsByExtension) {
+  std::string dir = temp_path("batch") + "/";
+  ProcessResult r = run("generate --model synthetic:tiny --prompt a --prompt b --num-outputs-per-prompt 2 --height 32 --width 32 "
+              "--num-inference-steps 2 --output-path " + dir);
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(std::filesystem::exists(dir + "zimage_42_" + std::to_string(i) + ".png")) << i;
+  for (const char* ext : {"jpg", "webp"}) {
+    std::string path = temp_path(std::string("one.") + ext);
+    ASSERT_EQ(run("generate --model synthetic:tiny --prompt a --height 32 --width 32 --num-inference-steps 1 --output-path " + path).code, 0);
+    EXPECT_EQ(read_image(path).width, 32);
+  }
+}
+
+// A golden case through the CLI from its seed alone: the final latents and the image as diffusers saved it.
+TEST(Cli, GoldenCaseFromSeed) {
+  std::string png = temp_path("golden.png"), lat = temp_path("golden_latents.safetensors");
+  ProcessResult r = run("generate --model " + golden_path("tiny-zimage") +
+              " --prompt 'a cat holding a sign that says hello' --height 64 --width 64 --num-inference-steps 4"
+              " --guidance-scale 0 --max-sequence-length 64 --seed 1 --generator-device cpu --backend cpu --output-path " +
+              png + " --save-latents " + lat);
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
+  EXPECT_LE(max_abs_diff(SafetensorsFile::open(lat)->get("latents"), golden->get("output.latents")), 1e-3);
+  ImageU8 img = read_image(png);
+  Tensor ref = golden->get("output.image_u8");
+  int64_t off = 0;
+  for (size_t i = 0; i < img.rgb.size(); ++i) {
+    int d = std::abs(int(img.rgb[i]) - int(ref.data_as<uint8_t>()[i]));
+    EXPECT_LE(d, 1);
+    off += d > 0;
+  }
+  EXPECT_LE(double(off) / double(img.rgb.size()), 0.005);
+}
+
+TEST(Cli, BadInputExitsWithCode2AndWritesNothing) {
+  const std::string base = "generate --model synthetic:tiny --prompt x --num-inference-steps 1 ";
+  struct Case {
+    std::string args, message;
+  } cases[] = {
+      {"--height 1000 --width 64", "height 1000 is not a multiple of 16 (nearest valid: 992 or 1008)"},
+      {"--height 64 --width 0", "must be positive"},
+      {"--height -64 --width 64", "must be positive"},
+      {"--height 4096 --width 4096", "above the maximum"},
+      {"--height 64 --width 64 --num-inference-steps 0", "at least 1"},
+      {"--height 64 --width 64 --guidance-scale -1", "guidance_scale must be >= 0"},
+      {"--height 64 --width 64 --model /no/such/folder", "does not exist"},
+  };
+  for (const auto& c : cases) {
+    std::string out = temp_path("bad.png");
+    ProcessResult r = run(base + c.args + " --output-path " + out);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << r.out;
+    EXPECT_FALSE(std::filesystem::exists(out)) << c.args;
+  }
+  ProcessResult r = run(base + "--height 32 --width 32 --output-path " + temp_path("bad.gif"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(".gif"), std::string::npos) << r.out;
+}
+
+TEST(Cli, LongPromptIsTruncatedWithAWarning) {
+  std::string prompt(400, 'a');
+  for (size_t i = 1; i < prompt.size(); i += 2) prompt[i] = ' ';
+  ProcessResult r = run("generate --model synthetic:tiny --prompt '" + prompt +
+              "' --max-sequence-length 16 --height 32 --width 32 --num-inference-steps 1 --output-path " + temp_path("long.png"));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("truncated"), std::string::npos) << r.out;
+}
+
+TEST(Cli, TokenizeMatchesGoldenChat) {
+  auto cases = nlohmann::json::parse(slurp(golden_path("tokenizer_cases.json")));
+  const auto& c = cases["chat"][0];
+  ProcessResult r = run("tokenize --model synthetic:tiny --chat --text '" + c["prompt"].get<std::string>() + "'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out), c["ids"]);
+}
+
+TEST(Cli, EncodePromptMatchesGoldenEmbeddings) {
+  std::string out = temp_path("embeds.safetensors");
+  ProcessResult r = run("encode-prompt --model " + golden_path("tiny-zimage") +
+              " --prompt 'a cat holding a sign that says hello' --max-sequence-length 64 --out " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
+  EXPECT_LE(max_abs_diff(SafetensorsFile::open(out)->get("prompt_embeds.0"), golden->get("prompt_embeds.0")), 1e-4);
+}
+
+TEST(Cli, HelpOnEveryCommand) {
+  for (const char* c : {"generate", "tokenize", "encode-prompt"}) {
+    ProcessResult r = run(std::string(c) + " --help");
+    EXPECT_EQ(r.code, 0) << c;
+    EXPECT_NE(r.out.find("--model"), std::string::npos) << c;
+  }
+  EXPECT_EQ(run("no-such-command").code, 2);
+}

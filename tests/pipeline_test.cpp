@@ -1,0 +1,212 @@
+#include "pipeline/text_to_image.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "pipeline/flow_match_scheduler.h"
+#include "test_util.h"
+
+using namespace zimage;
+using zimage::testing::golden_path;
+using zimage::testing::max_abs_diff;
+
+namespace {
+
+struct GoldenCase {
+  std::string name;
+  nlohmann::json args;
+  std::shared_ptr<SafetensorsFile> tensors;
+};
+
+std::vector<GoldenCase> golden_cases() {
+  std::vector<GoldenCase> out;
+  for (const auto& e : std::filesystem::directory_iterator(golden_path("cases"))) {
+    GoldenCase c;
+    c.name = e.path().filename();
+    std::ifstream in(e.path() / "case.json");
+    c.args = nlohmann::json::parse(in);
+    c.tensors = SafetensorsFile::open((e.path() / "tensors.safetensors").string());
+    out.push_back(std::move(c));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
+const std::map<std::string, uint64_t> kSeeds = {{"turbo_square", 1}, {"cfg_portrait", 2}, {"cfg_norm_trunc", 3}, {"batch2", 4}};
+
+GenerateRequest request_for(const GoldenCase& c) {
+  GenerateRequest r;
+  const auto& a = c.args;
+  if (a["prompt"].is_array()) r.prompts = a["prompt"].get<std::vector<std::string>>();
+  else r.prompts = {a["prompt"].get<std::string>()};
+  if (a.contains("negative_prompt") && !a["negative_prompt"].is_null()) r.negative_prompts = {a["negative_prompt"].get<std::string>()};
+  r.height = a["height"];
+  r.width = a["width"];
+  r.steps = a["steps"].get<int>();
+  r.guidance = a["guidance_scale"].get<float>();
+  // case.json writes cfg_normalization as false or a number, as the diffusers call received it.
+  if (a.contains("cfg_normalization")) r.cfg_normalization = a["cfg_normalization"].is_boolean() ? 0.0f : a["cfg_normalization"].get<float>();
+  if (a.contains("cfg_truncation")) r.cfg_truncation = a["cfg_truncation"].get<float>();
+  r.max_sequence_length = a["max_sequence_length"];
+  r.seed = kSeeds.at(c.name);
+  r.generator = GeneratorDevice::Cpu;
+  return r;
+}
+
+TextToImagePipeline& tiny_pipeline() {
+  static auto be = make_cpu_backend();
+  static TextToImagePipeline p(*be, open_model(golden_path("tiny-zimage")));
+  return p;
+}
+
+// uint8 images: at most 1 level off on at most 0.5% of values.
+void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
+  ASSERT_EQ(out.shape(), ref.shape()) << what;
+  const auto* a = out.data_as<uint8_t>();
+  const auto* b = ref.data_as<uint8_t>();
+  int64_t off = 0, worst = 0;
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    int64_t d = std::abs(int(a[i]) - int(b[i]));
+    off += d > 0;
+    worst = std::max(worst, d);
+  }
+  EXPECT_LE(worst, 1) << what;
+  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
+  std::printf("%-16s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off, (long long)out.numel(),
+              (long long)worst);
+}
+
+}  // namespace
+
+TEST(FlowMatchScheduler, MatchesGoldenSigmasAndTimesteps) {
+  Config sched = Config::load(golden_path("tiny-zimage/scheduler/scheduler_config.json"));
+  for (const auto& c : golden_cases()) {
+    FlowMatchSchedule s = flow_match_schedule(sched, c.args["steps"].get<int>(), 16);
+    EXPECT_LE(max_abs_diff(Tensor::from_f32({int64_t(s.sigmas.size())}, s.sigmas), c.tensors->get("scheduler.sigmas")), 1e-6);
+    EXPECT_LE(max_abs_diff(Tensor::from_f32({int64_t(s.timesteps.size())}, s.timesteps), c.tensors->get("scheduler.timesteps")),
+              1e-4);
+    // The DiT time input of the first two calls.
+    EXPECT_NEAR(s.dit_time(0), c.tensors->get("dit0.t").to_vector()[0], 1e-6) << c.name;
+    EXPECT_NEAR(s.dit_time(1), c.tensors->get("dit1.t").to_vector()[0], 1e-6) << c.name;
+  }
+}
+
+TEST(FlowMatchScheduler, NineStepTurboSchedule) {
+  Config sched = Config::parse(R"({"shift": 3.0, "num_train_timesteps": 1000})", "test");
+  FlowMatchSchedule s = flow_match_schedule(sched, 9, 4096);
+  ASSERT_EQ(s.sigmas.size(), 10u);
+  EXPECT_FLOAT_EQ(s.sigmas[0], 1.0f);
+  EXPECT_FLOAT_EQ(s.sigmas[9], 0.0f);
+  // s = 1/9 shifted by 3: 3*(1/9) / (1 + 2/9) = 3/11.
+  EXPECT_NEAR(s.sigmas[8], 3.0 / 11.0, 1e-6);
+  EXPECT_NEAR(s.timesteps[8], 3000.0 / 11.0, 1e-3);
+}
+
+// Every golden case end to end from its seed alone: prompt embeddings, final latents and the uint8 image.
+TEST(TextToImage, GoldenCasesEndToEnd) {
+  auto& p = tiny_pipeline();
+  for (const auto& c : golden_cases()) {
+    GenerateRequest r = request_for(c);
+    // Prompt embeddings (and negative ones for CFG cases).
+    auto embeds = p.encode_prompts(r.prompts, r.max_sequence_length);
+    for (size_t i = 0; i < embeds.size(); ++i)
+      EXPECT_LE(max_abs_diff(p.backend().to_host_f32(embeds[i]), c.tensors->get("prompt_embeds." + std::to_string(i))), 1e-4)
+          << c.name;
+    if (*r.guidance > 0) {
+      auto neg = p.encode_prompts(r.negative_prompts.empty() ? std::vector<std::string>{""} : r.negative_prompts,
+                                  r.max_sequence_length);
+      EXPECT_LE(max_abs_diff(p.backend().to_host_f32(neg[0]), c.tensors->get("negative_prompt_embeds.0")), 1e-4) << c.name;
+    }
+    // Noise from the seed equals the recorded starting latents (the first DiT input).
+    int64_t b = int64_t(r.prompts.size());
+    Tensor noise = torch_randn({b, 16, r.height / 8, r.width / 8}, r.seed, GeneratorDevice::Cpu);
+    EXPECT_LE(max_abs_diff(noise, c.tensors->get("input.latents")), 1e-6) << c.name;
+
+    GenerateResult res = p.generate(r);
+    double lat_err = max_abs_diff(res.latents, c.tensors->get("output.latents"));
+    EXPECT_LE(lat_err, 1e-3) << c.name;
+    std::printf("%-16s final latents max abs error %.3g, %.0f ms\n", c.name.c_str(), lat_err, res.times.total_ms);
+    expect_images_match(res.images, c.tensors->get("output.image_u8"), c.name);
+  }
+}
+
+TEST(TextToImage, CfgTruncationDropsGuidanceLateInTheSchedule) {
+  // With truncation 0 every step has t_norm > 0 except none: guidance never applies, so the result
+  // equals the guidance-free run with the same seed.
+  auto& p = tiny_pipeline();
+  GenerateRequest r;
+  r.prompts = {"a lighthouse"};
+  r.height = r.width = 32;
+  r.steps = 3;
+  r.seed = 7;
+  r.generator = GeneratorDevice::Cpu;
+  r.guidance = 0.0f;
+  GenerateResult plain = p.generate(r);
+  r.guidance = 4.0f;
+  r.cfg_truncation = -0.5f;  // below every t_norm (t_norm >= 0): all steps truncated
+  GenerateResult truncated = p.generate(r);
+  EXPECT_EQ(max_abs_diff(plain.latents, truncated.latents), 0.0);
+  r.cfg_truncation = 1.0f;  // never truncated: guidance changes the result
+  GenerateResult guided = p.generate(r);
+  EXPECT_GT(max_abs_diff(plain.latents, guided.latents), 1e-3);
+}
+
+TEST(CfgEulerStep, NormalizationCapsTheGuidedNorm) {
+  auto be = make_cpu_backend();
+  // One sample of 2 values: pos = (3, 4) (norm 5), neg = (0, 0); g = 1 -> pred = (6, 8) (norm 10).
+  Tensor lat = Tensor::from_f32({1, 2}, {0, 0});
+  Tensor out = Tensor::from_f32({2, 2}, {3, 4, 0, 0});
+  be->cfg_euler_step_(lat, out, 1.0f, 0.0f, -1.0f);  // no normalization: latents = -dt * pred... = pred
+  EXPECT_EQ(lat.to_vector(), (std::vector<float>{6, 8}));
+  lat = Tensor::from_f32({1, 2}, {0, 0});
+  be->cfg_euler_step_(lat, out, 1.0f, 1.2f, -1.0f);  // cap at 1.2 * 5 = 6: pred scaled by 0.6
+  EXPECT_NEAR(lat.to_vector()[0], 3.6, 1e-6);
+  EXPECT_NEAR(lat.to_vector()[1], 4.8, 1e-6);
+  lat = Tensor::from_f32({1, 2}, {1, 1});
+  be->cfg_euler_step_(lat, out, 1.0f, 3.0f, 0.5f);  // cap 15 > 10: untouched; latents += 0.5 * -pred
+  EXPECT_EQ(lat.to_vector(), (std::vector<float>{-2, -3}));
+}
+
+TEST(TextToImage, RejectsBadRequests) {
+  auto& p = tiny_pipeline();
+  auto expect_invalid = [&](GenerateRequest r, const std::string& fragment) {
+    r.prompts = r.prompts.empty() ? std::vector<std::string>{"x"} : r.prompts;
+    try {
+      p.resolve(r);
+      FAIL() << "accepted: " << fragment;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+  };
+  GenerateRequest r;
+  r.height = 1000;
+  expect_invalid(r, "height 1000 is not a multiple of 16 (nearest valid: 992 or 1008)");
+  r = {};
+  r.width = 8;
+  expect_invalid(r, "nearest valid: 16");
+  r = {};
+  r.height = 0;
+  expect_invalid(r, "must be positive");
+  r = {};
+  r.width = -16;
+  expect_invalid(r, "must be positive");
+  r = {};
+  r.height = r.width = 4096;
+  expect_invalid(r, "above the maximum");
+  r = {};
+  r.steps = 0;
+  expect_invalid(r, "at least 1");
+  r = {};
+  r.guidance = -1.0f;
+  expect_invalid(r, "guidance_scale must be >= 0");
+  r = {};
+  r.prompts = {"a", "b"};
+  r.negative_prompts = {"x", "y", "z"};
+  expect_invalid(r, "negative prompts");
+}
