@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -24,7 +25,8 @@ struct ProcessResult {
 };
 
 ProcessResult run(const std::string& args) {
-  std::string cmd = std::string(ZIMAGE_BINARY) + " " + args + " 2>&1";
+  const char* bin = std::getenv("ZIMAGE_BINARY");  // the binary of a build carried elsewhere
+  std::string cmd = std::string(bin && *bin ? bin : ZIMAGE_BINARY) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
   char buf[4096];

@@ -3,14 +3,21 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 
 #include "core/error.h"
 
 namespace zimage::testing {
 
-std::string golden_path(const std::string& rel) { return std::string(ZIMAGE_GOLDEN_DIR) + "/" + rel; }
-std::string assets_path(const std::string& rel) { return std::string(ZIMAGE_ASSETS_DIR) + "/" + rel; }
+// The compiled-in source-tree paths, unless the environment names others (a build carried to
+// another machine runs its tests against that machine's checkout).
+static std::string env_or(const char* name, const char* fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? e : fallback;
+}
+std::string golden_path(const std::string& rel) { return env_or("ZIMAGE_GOLDEN_DIR", ZIMAGE_GOLDEN_DIR) + "/" + rel; }
+std::string assets_path(const std::string& rel) { return env_or("ZIMAGE_ASSETS", ZIMAGE_ASSETS_DIR) + "/" + rel; }
 
 std::string temp_path(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() / ("zimage_test_" + std::to_string(::getpid()));

@@ -28,6 +28,10 @@ struct Conv2dParams {
   static Conv2dParams same(int k) { return {1, k / 2, k / 2, k / 2, k / 2}; }
 };
 
+struct MemoryStats {
+  size_t in_use = 0, peak = 0, cached = 0;  // bytes of device memory held by the engine
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -46,6 +50,8 @@ class Backend {
   virtual Tensor to_host_u8(const Tensor& t) = 0;
   virtual Tensor cast(const Tensor& x, DType dtype) = 0;
   virtual void synchronize() {}
+  virtual MemoryStats memory_stats() const { return {}; }  // device backends only
+  virtual void reset_peak_memory() {}
 
   // ---- linear algebra ----
   // y[rows, N] = x[rows, K] · w[N, K]^T (+ bias[N]). x may have any leading dims; y keeps them.
@@ -118,5 +124,10 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+
+// CUDA GPUs usable by this build (0 when it has no CUDA backend, no driver or no GPU).
+int cuda_device_count();
+// Throws InvalidArgument when this build has no CUDA backend or the device does not exist.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 }  // namespace zimage

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
       zimage::cli::add_generate(app),
       zimage::cli::add_tokenize(app),
       zimage::cli::add_encode_prompt(app),
+      zimage::cli::add_bench(app),
   };
   try {
     app.parse(argc, argv);

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the CUDA-enabled engine here (no GPU needed) and packs what a GPU machine needs to run it:
+# the zimage binary, the test binaries, and the shared libraries the GPU machine lacks (OpenBLAS,
+# image codecs, PCRE2, utf8proc), into build-dev/bundle.tar.xz (git-ignored; carry build-dev).
+# On the GPU machine:
+#   mkdir -p /tmp/z && tar xJf build-dev/bundle.tar.xz -C /tmp/z
+#   NV=$(python3 -c 'import nvidia;print(nvidia.__path__[0])')
+#   export LD_LIBRARY_PATH=/tmp/z/lib:$NV/cudnn/lib:$NV/nccl/lib:/usr/local/cuda/lib64
+#   export ZIMAGE_GOLDEN_DIR=$PWD/tests/golden ZIMAGE_ASSETS=$PWD/assets ZIMAGE_BINARY=/tmp/z/bin/zimage
+#   /tmp/z/bin/cuda_backend_test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DZIMAGE_CUDA=ON >/dev/null
+cmake --build build-cuda -j"$(nproc)"
+stage=$(mktemp -d)
+mkdir -p "$stage/bin" "$stage/lib"
+cp build-cuda/zimage "$stage/bin/"
+for t in build-cuda/tests/*_test; do cp "$t" "$stage/bin/"; done
+strip "$stage"/bin/*
+# Shared libraries outside glibc/libstdc++ and outside CUDA (those come from the GPU machine).
+for lib in $(ldd build-cuda/zimage build-cuda/tests/*_test | awk '/=>/ {print $3}' | sort -u); do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libgcc_s*|libstdc++*|libpthread*|libdl*|librt*|ld-linux*|libcud*|libcublas*|libnccl*) ;;
+    *) cp -L "$lib" "$stage/lib/" ;;
+  esac
+done
+mkdir -p build-dev
+tar cJf build-dev/bundle.tar.xz -C "$stage" .
+rm -rf "$stage"
+ls -la build-dev/bundle.tar.xz

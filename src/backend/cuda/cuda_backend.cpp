@@ -1,0 +1,398 @@
+// The CUDA implementation of the Backend interface: bf16 activations and weights on one device and
+// one stream; GEMMs through cuBLASLt (gemm.cpp), attention through cuDNN SDPA with our own fallback
+// (attention.cpp), convolutions through cuDNN (conv2d.cpp), everything else our kernels (kernels.h).
+// Each op's float32 reference is the same-named op of cpu/cpu_backend.cpp.
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "backend/cuda/attention.h"
+#include "backend/cuda/conv2d.h"
+#include "backend/cuda/cuda_common.h"
+#include "backend/cuda/device_allocator.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+
+namespace zimage {
+
+namespace cuda {
+
+void throw_cuda_error(const char* what, const std::string& detail, const char* file, int line, bool oom) {
+  throw Error(oom ? ErrorKind::OutOfMemory : ErrorKind::Backend,
+              std::string("CUDA error in ") + what + ": " + detail + " (" + file + ":" + std::to_string(line) + ")");
+}
+
+Workspace::~Workspace() {
+  if (ptr_) cudaFree(ptr_);
+}
+
+void* Workspace::get(size_t bytes, cudaStream_t stream) {
+  if (bytes <= bytes_) return ptr_;
+  if (ptr_) {
+    ZI_CUDA_CHECK(cudaStreamSynchronize(stream));
+    ZI_CUDA_CHECK(cudaFree(ptr_));
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  ZI_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+  bytes_ = bytes;
+  return ptr_;
+}
+
+namespace {
+
+int64_t rows_of(const Tensor& t) { return t.numel() / t.dim(-1); }
+
+const bf16* cbf(const Tensor& t) { return static_cast<const bf16*>(t.data()); }
+bf16* mbf(const Tensor& t) { return static_cast<bf16*>(t.data()); }
+const bf16* cbf_or_null(const Tensor* t) { return t ? cbf(*t) : nullptr; }
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    ZI_CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    ZI_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    device_name_ = prop.name;
+    ZI_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    ZI_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    ZI_CUDNN_CHECK(cudnnCreate(&cudnn_));
+    ZI_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
+    alloc_ = std::make_shared<cuda::DeviceAllocator>();
+    gemm_ = std::make_unique<Gemm>(lt_, workspace_);
+    attention_ = std::make_unique<Attention>(cudnn_, workspace_);
+    conv_ = std::make_unique<Conv2d>(cudnn_, workspace_);
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    conv_.reset();
+    attention_.reset();
+    gemm_.reset();
+    alloc_.reset();
+    cudnnDestroy(cudnn_);
+    cublasLtDestroy(lt_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda:" + std::to_string(device_) + " " + device_name_ + " (bf16)"; }
+  DType activation_dtype() const override { return DType::BF16; }
+  void synchronize() override { ZI_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  MemoryStats memory_stats() const override {
+    return {alloc_->bytes_in_use(), alloc_->peak_bytes_in_use(), alloc_->bytes_cached()};
+  }
+  void reset_peak_memory() override { alloc_->reset_peak(); }
+
+  Tensor empty(const Shape& shape, DType dtype) override {
+    size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+    auto mem = alloc_->allocate(std::max<size_t>(bytes, 1));
+    // ZIMAGE_POISON=1 fills new buffers with 0xff (NaN in f32 and bf16): tests use it to prove that
+    // every op writes every output element.
+    if (poison_ && bytes) ZI_CUDA_CHECK(cudaMemsetAsync(mem.get(), 0xff, bytes, stream_));
+    return Tensor::wrap(mem.get(), shape, dtype, Device::Cuda, mem);
+  }
+
+  Tensor upload(const Tensor& host, DType dtype) override {
+    ZI_ASSERT(host.device() == Device::Host);
+    Tensor src = host.is_contiguous() ? host : host.clone();
+    if (src.dtype() != dtype) src = src.to_dtype(dtype);
+    Tensor t = empty(src.shape(), dtype);
+    if (t.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), src.data(), t.nbytes(), cudaMemcpyHostToDevice, stream_));
+    // The host buffer may be freed when this returns: wait for the copy (weights load once; the
+    // per-request uploads are small).
+    synchronize();
+    return t;
+  }
+
+  Tensor to_host_f32(const Tensor& t) override {
+    Tensor host = Tensor::empty(t.shape(), t.dtype());
+    copy_to_host(t, host);
+    return t.dtype() == DType::F32 ? host : host.to_f32();
+  }
+  Tensor to_host_u8(const Tensor& t) override {
+    ZI_ASSERT(t.dtype() == DType::U8);
+    Tensor host = Tensor::empty(t.shape(), DType::U8);
+    copy_to_host(t, host);
+    return host;
+  }
+
+  Tensor cast(const Tensor& x, DType dtype) override {
+    check(x, "cast");
+    Tensor y = empty(x.shape(), dtype);
+    if (x.dtype() == dtype) {
+      if (x.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(), x.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+    } else if (x.dtype() == DType::F32 && dtype == DType::BF16) {
+      cuda::cast_f32_to_bf16(x.data_as<float>(), mbf(y), x.numel(), stream_);
+    } else if (x.dtype() == DType::BF16 && dtype == DType::F32) {
+      cuda::cast_bf16_to_f32(cbf(x), y.data_as<float>(), x.numel(), stream_);
+    } else {
+      throw Error(ErrorKind::Internal, std::string("cuda cast from ") + dtype_name(x.dtype()) + " to " + dtype_name(dtype));
+    }
+    return y;
+  }
+
+  Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias) override {
+    check_bf16(x, "linear");
+    check_bf16(w, "linear weight");
+    int64_t k = x.dim(-1), n = w.dim(0), m = rows_of(x);
+    ZI_CHECK(w.ndim() == 2 && w.dim(1) == k, ErrorKind::Internal,
+             "linear: x " + shape_str(x.shape()) + " does not match weight " + shape_str(w.shape()));
+    if (bias) check_bf16(*bias, "linear bias");
+    Shape s = x.shape();
+    s.back() = n;
+    Tensor y = empty(s, DType::BF16);
+    gemm_->linear(cbf(x), cbf(w), cbf_or_null(bias), mbf(y), m, n, k, stream_);
+    return y;
+  }
+
+  Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) override {
+    check(src, "gather_rows");
+    int64_t d = src.dim(-1), r = rows_of(src);
+    for (int32_t i : idx) ZI_ASSERT(i >= -1 && i < r);
+    Tensor out = empty({int64_t(idx.size()), d}, src.dtype());
+    if (idx.empty()) return out;
+    Tensor dev_idx = upload_i32(idx);
+    cuda::gather_rows(src.data(), dev_idx.data_as<int32_t>(), out.data(), int64_t(idx.size()),
+                      d * int64_t(dtype_size(src.dtype())), stream_);
+    return out;
+  }
+
+  Tensor concat_rows(const Tensor& a, const Tensor& b) override {
+    check(a, "concat_rows");
+    check(b, "concat_rows");
+    ZI_ASSERT(a.dim(-1) == b.dim(-1) && a.dtype() == b.dtype());
+    Tensor out = empty({rows_of(a) + rows_of(b), a.dim(-1)}, a.dtype());
+    if (a.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(out.data(), a.data(), a.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+    if (b.nbytes())
+      ZI_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(out.data()) + a.nbytes(), b.data(), b.nbytes(),
+                                    cudaMemcpyDeviceToDevice, stream_));
+    return out;
+  }
+
+  Tensor slice_cols(const Tensor& x, int64_t start, int64_t len) override {
+    check(x, "slice_cols");
+    int64_t n = x.dim(-1), r = rows_of(x);
+    ZI_ASSERT(start >= 0 && len >= 0 && start + len <= n);
+    Shape s = x.shape();
+    s.back() = len;
+    Tensor out = empty(s, x.dtype());
+    size_t es = dtype_size(x.dtype());
+    if (r && len)
+      ZI_CUDA_CHECK(cudaMemcpy2DAsync(out.data(), size_t(len) * es, static_cast<const char*>(x.data()) + size_t(start) * es,
+                                      size_t(n) * es, size_t(len) * es, size_t(r), cudaMemcpyDeviceToDevice, stream_));
+    return out;
+  }
+
+  Tensor rms_norm(const Tensor& x, const Tensor* w, float eps) override {
+    check_bf16(x, "rms_norm");
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::rms_norm(cbf(x), cbf_or_null(w), mbf(y), rows_of(x), x.dim(-1), eps, stream_);
+    return y;
+  }
+
+  Tensor modulated_rms_norm(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) override {
+    check_bf16(x, "modulated_rms_norm");
+    ZI_ASSERT(x.ndim() == 3);
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::modulated_rms_norm(cbf(x), cbf(w), cbf_or_null(scale), mbf(y), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    return y;
+  }
+
+  void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps) override {
+    check_bf16(x, "gated_residual_rms_norm_");
+    check_bf16(y, "gated_residual_rms_norm_");
+    ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
+    cuda::gated_residual_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+  }
+
+  Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) override {
+    check_bf16(x, "modulated_layer_norm");
+    ZI_ASSERT(x.ndim() == 3);
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::modulated_layer_norm(cbf(x), cbf(scale), mbf(y), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    return y;
+  }
+
+  Tensor group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, float eps, bool silu) override {
+    check_bf16(x, "group_norm");
+    ZI_ASSERT(x.ndim() == 4 && x.dim(3) % groups == 0);
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::group_norm_nhwc(cbf(x), cbf(w), cbf(b), mbf(y), x.dim(0), x.dim(1) * x.dim(2), x.dim(3), groups, eps, silu,
+                          stream_);
+    return y;
+  }
+
+  void qk_norm_rope_(Tensor& qkv, int hq, int hkv, int d, const Tensor& q_w, const Tensor& k_w, float eps,
+                     const Tensor& cos, const Tensor& sin, RopeStyle style) override {
+    check_bf16(qkv, "qk_norm_rope_");
+    ZI_ASSERT(cos.dtype() == DType::F32 && sin.dtype() == DType::F32);
+    int64_t rows = rows_of(qkv);
+    ZI_ASSERT(qkv.dim(-1) == int64_t(hq + 2 * hkv) * d && cos.numel() == rows * d / 2);
+    cuda::qk_norm_rope(mbf(qkv), rows, hq, hkv, d, cbf(q_w), cbf(k_w), eps, cos.data_as<float>(), sin.data_as<float>(),
+                       style == RopeStyle::Interleaved, stream_);
+  }
+
+  Tensor attention(const Tensor& qkv, int hq, int hkv, int d, float scale, bool causal,
+                   const std::vector<int>& key_len) override {
+    check_bf16(qkv, "attention");
+    ZI_ASSERT(qkv.ndim() == 3 && hq % hkv == 0 && int64_t(key_len.size()) == qkv.dim(0));
+    Tensor out = empty({qkv.dim(0), qkv.dim(1), int64_t(hq) * d}, DType::BF16);
+    attention_->run(cbf(qkv), mbf(out), qkv.dim(0), qkv.dim(1), hq, hkv, d, scale, causal, key_len, stream_);
+    return out;
+  }
+
+  void add_(Tensor& x, const Tensor& y) override {
+    check_bf16(x, "add_");
+    check_bf16(y, "add_");
+    ZI_ASSERT(x.numel() == y.numel());
+    cuda::add_inplace(mbf(x), cbf(y), x.numel(), stream_);
+  }
+
+  Tensor silu(const Tensor& x) override {
+    check_bf16(x, "silu");
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::silu(cbf(x), mbf(y), x.numel(), stream_);
+    return y;
+  }
+
+  Tensor swiglu(const Tensor& x) override {
+    check_bf16(x, "swiglu");
+    Shape s = x.shape();
+    s.back() /= 2;
+    Tensor y = empty(s, DType::BF16);
+    cuda::swiglu(cbf(x), mbf(y), rows_of(x), s.back(), stream_);
+    return y;
+  }
+
+  Tensor scale_shift(const Tensor& x, float scale, float shift) override {
+    check_bf16(x, "scale_shift");
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::scale_shift(cbf(x), mbf(y), x.numel(), scale, shift, stream_);
+    return y;
+  }
+
+  Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, const Conv2dParams& p) override {
+    check_bf16(x, "conv2d");
+    check_bf16(w, "conv2d weight");
+    ZI_ASSERT(x.ndim() == 4 && w.ndim() == 4 && w.dim(3) == x.dim(3));
+    int64_t n = x.dim(0), h = x.dim(1), wd = x.dim(2), c = x.dim(3), o = w.dim(0), kh = w.dim(1), kw = w.dim(2);
+    int64_t ho = (h + p.pad_top + p.pad_bottom - kh) / p.stride + 1;
+    int64_t wo = (wd + p.pad_left + p.pad_right - kw) / p.stride + 1;
+    Tensor y = empty({n, ho, wo, o}, DType::BF16);
+    conv_->run(cbf(x), n, h, wd, c, cbf(w), o, kh, kw, cbf_or_null(bias), p, mbf(y), stream_);
+    return y;
+  }
+
+  Tensor upsample_nearest2x(const Tensor& x) override {
+    check_bf16(x, "upsample_nearest2x");
+    Tensor y = empty({x.dim(0), 2 * x.dim(1), 2 * x.dim(2), x.dim(3)}, DType::BF16);
+    cuda::upsample_nearest2x(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
+    return y;
+  }
+
+  Tensor nchw_to_nhwc(const Tensor& x) override {
+    check_bf16(x, "nchw_to_nhwc");
+    Tensor y = empty({x.dim(0), x.dim(2), x.dim(3), x.dim(1)}, DType::BF16);
+    cuda::nchw_to_nhwc(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
+    return y;
+  }
+
+  Tensor nhwc_to_nchw(const Tensor& x) override {
+    check_bf16(x, "nhwc_to_nchw");
+    Tensor y = empty({x.dim(0), x.dim(3), x.dim(1), x.dim(2)}, DType::BF16);
+    cuda::nhwc_to_nchw(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
+    return y;
+  }
+
+  Tensor image_to_u8(const Tensor& x) override {
+    check_bf16(x, "image_to_u8");
+    Tensor y = empty(x.shape(), DType::U8);
+    cuda::image_to_u8(cbf(x), y.data_as<uint8_t>(), x.numel(), stream_);
+    return y;
+  }
+
+  Tensor patchify(const Tensor& latent, int p) override {
+    check_bf16(latent, "patchify");
+    ZI_ASSERT(latent.ndim() == 3);
+    int c = int(latent.dim(0)), h = int(latent.dim(1)), w = int(latent.dim(2));
+    ZI_ASSERT(h % p == 0 && w % p == 0);
+    Tensor y = empty({int64_t(h / p) * (w / p), int64_t(p) * p * c}, DType::BF16);
+    cuda::patchify(cbf(latent), mbf(y), c, h, w, p, stream_);
+    return y;
+  }
+
+  Tensor unpatchify(const Tensor& tokens, int c, int h, int w, int p) override {
+    check_bf16(tokens, "unpatchify");
+    ZI_ASSERT(tokens.dim(-1) == int64_t(p) * p * c && rows_of(tokens) >= int64_t(h / p) * (w / p));
+    Tensor y = empty({c, h, w}, DType::BF16);
+    cuda::unpatchify(cbf(tokens), mbf(y), c, h, w, p, stream_);
+    return y;
+  }
+
+  void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm, float dt) override {
+    check(latents, "cfg_euler_step_");
+    check(model_out, "cfg_euler_step_");
+    ZI_ASSERT(latents.dtype() == DType::F32 && model_out.dtype() == DType::F32);
+    int64_t b = latents.dim(0), per = latents.numel() / b;
+    ZI_ASSERT(model_out.numel() == (guidance > 0 ? 2 : 1) * latents.numel());
+    cuda::cfg_euler_step(latents.data_as<float>(), model_out.data_as<float>(), b, per, guidance, cfg_norm, dt, stream_);
+  }
+
+ private:
+  static void check(const Tensor& t, const char* op) {
+    ZI_CHECK(t.device() == Device::Cuda && t.is_contiguous(), ErrorKind::Internal,
+             std::string(op) + ": cuda backend expects contiguous device tensors, got " + shape_str(t.shape()) +
+                 (t.device() == Device::Host ? " on the host" : ""));
+  }
+  static void check_bf16(const Tensor& t, const char* op) {
+    check(t, op);
+    ZI_CHECK(t.dtype() == DType::BF16, ErrorKind::Internal,
+             std::string(op) + ": cuda backend expects bf16, got " + dtype_name(t.dtype()));
+  }
+
+  void copy_to_host(const Tensor& t, Tensor& host) {
+    check(t, "copy to host");
+    if (t.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(host.data(), t.data(), t.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    synchronize();
+  }
+
+  Tensor upload_i32(const std::vector<int32_t>& v) {
+    Tensor t = empty({int64_t(v.size())}, DType::I32);
+    ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_));
+    synchronize();  // v is the caller's; keep the copy ordered before it goes away
+    return t;
+  }
+
+  int device_;
+  bool poison_ = std::getenv("ZIMAGE_POISON") && std::string(std::getenv("ZIMAGE_POISON")) == "1";
+  std::string device_name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  cudnnHandle_t cudnn_ = nullptr;
+  std::shared_ptr<DeviceAllocator> alloc_;
+  Workspace workspace_;
+  std::unique_ptr<Gemm> gemm_;
+  std::unique_ptr<Attention> attention_;
+  std::unique_ptr<Conv2d> conv_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  int n = cuda_device_count();
+  ZI_CHECK(n > 0, ErrorKind::InvalidArgument, "no CUDA GPU is available (use --backend cpu)");
+  ZI_CHECK(device >= 0 && device < n, ErrorKind::InvalidArgument,
+           "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) + " found)");
+  return std::make_unique<cuda::CudaBackend>(device);
+}
+
+}  // namespace zimage

@@ -1,0 +1,69 @@
+// Shared pieces of the CUDA backend: checked calls that turn CUDA/cuBLAS/cuDNN failures into engine
+// errors, and the per-backend context (device, stream, library handles, workspace).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <string>
+
+#include "core/error.h"
+
+namespace zimage::cuda {
+
+[[noreturn]] void throw_cuda_error(const char* what, const std::string& detail, const char* file, int line, bool oom);
+
+#define ZI_CUDA_CHECK(expr)                                                                              \
+  do {                                                                                                   \
+    cudaError_t _e = (expr);                                                                             \
+    if (_e != cudaSuccess)                                                                               \
+      ::zimage::cuda::throw_cuda_error(#expr, cudaGetErrorString(_e), __FILE__, __LINE__,                \
+                                       _e == cudaErrorMemoryAllocation);                                 \
+  } while (0)
+
+#define ZI_CUBLAS_CHECK(expr)                                                                            \
+  do {                                                                                                   \
+    cublasStatus_t _s = (expr);                                                                          \
+    if (_s != CUBLAS_STATUS_SUCCESS)                                                                     \
+      ::zimage::cuda::throw_cuda_error(#expr, "cublas status " + std::to_string(int(_s)), __FILE__,     \
+                                       __LINE__, _s == CUBLAS_STATUS_ALLOC_FAILED);                      \
+  } while (0)
+
+#define ZI_CUDNN_CHECK(expr)                                                                             \
+  do {                                                                                                   \
+    cudnnStatus_t _s = (expr);                                                                           \
+    if (_s != CUDNN_STATUS_SUCCESS)                                                                      \
+      ::zimage::cuda::throw_cuda_error(#expr, cudnnGetErrorString(_s), __FILE__, __LINE__,               \
+                                       _s == CUDNN_STATUS_ALLOC_FAILED);                                 \
+  } while (0)
+
+// After a kernel launch: report launch-configuration errors at the launch site.
+#define ZI_CUDA_LAUNCH_CHECK() ZI_CUDA_CHECK(cudaGetLastError())
+
+using bf16 = __nv_bfloat16;
+
+inline unsigned grid_for(int64_t n, int block) { return unsigned((n + block - 1) / block); }
+
+}  // namespace zimage::cuda
+
+namespace zimage::cuda {
+
+// A device scratch buffer for library calls (cuBLASLt, cuDNN) that only grows; growing waits for the
+// stream so that a buffer in use is never freed. Sized once per shape in practice, so the denoising
+// loop never allocates.
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace();
+  void* get(size_t bytes, cudaStream_t stream);
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace zimage::cuda

@@ -1,0 +1,234 @@
+// Elementwise kernels of the CUDA backend (bf16 storage, float32 math): dtype casts, x += y, SiLU,
+// SwiGLU on a packed w1|w3 projection, x * scale + shift, and the [-1, 1] image -> uint8 conversion.
+// CPU references: the ops of the same names in src/backend/cpu/cpu_backend.cpp.
+//
+// All of them are memory bound (a few flops per element), so the bound they chase is DRAM bandwidth,
+// ~4.2 TB/s on H200 (~3.35 TB/s on H100): time >= bytes moved / bandwidth, stated above each kernel.
+// A thread moves one 16-byte vector (8 bf16) when the pointers are 16-byte aligned; otherwise, and for
+// the last n % 8 elements, threads take single elements ("tail" threads).
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace zimage::cuda {
+
+namespace {
+
+constexpr int kBlock = 256;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Work split of n elements: `vecs` threads take 8 elements each (elements [0, 8*vecs)), then one
+// thread per remaining element. vecs = 0 when the pointers do not allow 16-byte access.
+struct Split8 {
+  int64_t vecs;
+  int64_t threads;
+};
+Split8 split8(int64_t n, bool vector_ok) {
+  const int64_t vecs = vector_ok ? n / 8 : 0;
+  return {vecs, vecs + (n - 8 * vecs)};
+}
+
+__device__ __forceinline__ int64_t thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+
+// 8 bf16 in a uint4 (element 0 in the low half of .x) <-> 8 floats. bf16 -> f32 is exact (a shift);
+// f32 -> bf16 rounds to nearest even, as the CPU backend's f32_to_bf16.
+__device__ __forceinline__ void unpack8(const uint4 u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    f[2 * k] = __uint_as_float(w[k] << 16);
+    f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+}
+
+// ---- casts ----
+
+// y[i] = bf16(x[i]) (round to nearest even). Reads 4n + writes 2n bytes; memory bound.
+__global__ void cast_f32_to_bf16_kernel(const float* __restrict__ x, bf16* __restrict__ y, int64_t n, int64_t vecs) {
+  const int64_t i = thread_index();
+  if (i < vecs) {
+    const float4 a = reinterpret_cast<const float4*>(x)[2 * i];
+    const float4 b = reinterpret_cast<const float4*>(x)[2 * i + 1];
+    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    reinterpret_cast<uint4*>(y)[i] = pack8(f);
+  } else {
+    const int64_t j = 8 * vecs + (i - vecs);
+    if (j < n) y[j] = __float2bfloat16_rn(x[j]);
+  }
+}
+
+// y[i] = float(x[i]) (exact). Reads 2n + writes 4n bytes; memory bound.
+__global__ void cast_bf16_to_f32_kernel(const bf16* __restrict__ x, float* __restrict__ y, int64_t n, int64_t vecs) {
+  const int64_t i = thread_index();
+  if (i < vecs) {
+    float f[8];
+    unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+    float4* o = reinterpret_cast<float4*>(y) + 2 * i;
+    o[0] = make_float4(f[0], f[1], f[2], f[3]);
+    o[1] = make_float4(f[4], f[5], f[6], f[7]);
+  } else {
+    const int64_t j = 8 * vecs + (i - vecs);
+    if (j < n) y[j] = __bfloat162float(x[j]);
+  }
+}
+
+// ---- x += y ----
+
+// x[i] = bf16(float(x[i]) + float(y[i])). Reads 4n + writes 2n bytes; memory bound.
+__global__ void add_inplace_kernel(bf16* __restrict__ x, const bf16* __restrict__ y, int64_t n, int64_t vecs) {
+  const int64_t i = thread_index();
+  if (i < vecs) {
+    float a[8], b[8];
+    unpack8(reinterpret_cast<const uint4*>(x)[i], a);
+    unpack8(reinterpret_cast<const uint4*>(y)[i], b);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) a[k] += b[k];
+    reinterpret_cast<uint4*>(x)[i] = pack8(a);
+  } else {
+    const int64_t j = 8 * vecs + (i - vecs);
+    if (j < n) x[j] = __float2bfloat16_rn(__bfloat162float(x[j]) + __bfloat162float(y[j]));
+  }
+}
+
+// ---- unary maps: silu, scale_shift ----
+
+struct SiluOp {
+  __device__ float operator()(float v) const { return v / (1.0f + __expf(-v)); }
+};
+struct ScaleShiftOp {
+  float scale, shift;
+  __device__ float operator()(float v) const { return fmaf(v, scale, shift); }
+};
+
+// y[i] = op(x[i]). Reads 2n + writes 2n bytes; memory bound.
+template <typename Op>
+__global__ void map_bf16_kernel(const bf16* __restrict__ x, bf16* __restrict__ y, int64_t n, int64_t vecs, Op op) {
+  const int64_t i = thread_index();
+  if (i < vecs) {
+    float f[8];
+    unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) f[k] = op(f[k]);
+    reinterpret_cast<uint4*>(y)[i] = pack8(f);
+  } else {
+    const int64_t j = 8 * vecs + (i - vecs);
+    if (j < n) y[j] = __float2bfloat16_rn(op(__bfloat162float(x[j])));
+  }
+}
+
+template <typename Op>
+void launch_map_bf16(const bf16* x, bf16* y, int64_t n, Op op, cudaStream_t stream) {
+  if (n <= 0) return;
+  const Split8 s = split8(n, aligned16(x) && aligned16(y));
+  map_bf16_kernel<<<grid_for(s.threads, kBlock), kBlock, 0, stream>>>(x, y, n, s.vecs, op);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+// ---- swiglu ----
+
+// x [rows, 2f] -> y [rows, f], y[r, j] = silu(x[r, j]) * x[r, f + j].
+// Grid: x over column units of a row (8 columns when vectorized, else 1), y over rows (strided, as rows
+// may exceed gridDim.y's 65535). Reads 4*rows*f + writes 2*rows*f bytes; memory bound.
+__global__ void swiglu_kernel(const bf16* __restrict__ x, bf16* __restrict__ y, int64_t rows, int64_t f, bool vec) {
+  const int64_t unit = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t units = vec ? f / 8 : f;
+  if (unit >= units) return;
+  const SiluOp silu_op;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const bf16* gate = x + r * 2 * f;
+    const bf16* up = gate + f;
+    bf16* out = y + r * f;
+    if (vec) {
+      float g[8], u[8];
+      unpack8(reinterpret_cast<const uint4*>(gate)[unit], g);
+      unpack8(reinterpret_cast<const uint4*>(up)[unit], u);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) g[k] = silu_op(g[k]) * u[k];
+      reinterpret_cast<uint4*>(out)[unit] = pack8(g);
+    } else {
+      out[unit] = __float2bfloat16_rn(silu_op(__bfloat162float(gate[unit])) * __bfloat162float(up[unit]));
+    }
+  }
+}
+
+// ---- image_to_u8 ----
+
+// round-half-even(clamp(v/2 + 0.5, 0, 1) * 255); v*0.5 is exact, so a fused multiply-add here rounds
+// like the CPU's v/2 + 0.5. NaN maps to 0 (fmaxf drops it).
+__device__ __forceinline__ uint32_t to_u8(float v) {
+  const float t = fminf(fmaxf(v * 0.5f + 0.5f, 0.0f), 1.0f) * 255.0f;
+  return uint32_t(__float2int_rn(t));
+}
+
+// x [n] bf16 in [-1, 1] -> y [n] uint8. Vectors: 16 bytes in, 8 bytes out (y must be 8-byte aligned).
+// Reads 2n + writes n bytes; memory bound.
+__global__ void image_to_u8_kernel(const bf16* __restrict__ x, uint8_t* __restrict__ y, int64_t n, int64_t vecs) {
+  const int64_t i = thread_index();
+  if (i < vecs) {
+    float f[8];
+    unpack8(reinterpret_cast<const uint4*>(x)[i], f);
+    const uint32_t lo = to_u8(f[0]) | (to_u8(f[1]) << 8) | (to_u8(f[2]) << 16) | (to_u8(f[3]) << 24);
+    const uint32_t hi = to_u8(f[4]) | (to_u8(f[5]) << 8) | (to_u8(f[6]) << 16) | (to_u8(f[7]) << 24);
+    reinterpret_cast<uint2*>(y)[i] = make_uint2(lo, hi);
+  } else {
+    const int64_t j = 8 * vecs + (i - vecs);
+    if (j < n) y[j] = uint8_t(to_u8(__bfloat162float(x[j])));
+  }
+}
+
+}  // namespace
+
+void cast_f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  const Split8 s = split8(n, aligned16(x) && aligned16(y));
+  cast_f32_to_bf16_kernel<<<grid_for(s.threads, kBlock), kBlock, 0, stream>>>(x, y, n, s.vecs);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void cast_bf16_to_f32(const bf16* x, float* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  const Split8 s = split8(n, aligned16(x) && aligned16(y));
+  cast_bf16_to_f32_kernel<<<grid_for(s.threads, kBlock), kBlock, 0, stream>>>(x, y, n, s.vecs);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void add_inplace(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  const Split8 s = split8(n, aligned16(x) && aligned16(y));
+  add_inplace_kernel<<<grid_for(s.threads, kBlock), kBlock, 0, stream>>>(x, y, n, s.vecs);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void silu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream) { launch_map_bf16(x, y, n, SiluOp{}, stream); }
+
+void scale_shift(const bf16* x, bf16* y, int64_t n, float scale, float shift, cudaStream_t stream) {
+  launch_map_bf16(x, y, n, ScaleShiftOp{scale, shift}, stream);
+}
+
+void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream) {
+  if (rows <= 0 || f <= 0) return;
+  // Rows start 16-byte aligned in x (stride 2f) and y (stride f), and the up half at +f, iff f % 8 == 0.
+  const bool vec = f % 8 == 0 && aligned16(x) && aligned16(y);
+  const int64_t units = vec ? f / 8 : f;
+  const dim3 grid(grid_for(units, kBlock), unsigned(rows < 65535 ? rows : 65535));
+  swiglu_kernel<<<grid, kBlock, 0, stream>>>(x, y, rows, f, vec);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void image_to_u8(const bf16* x, uint8_t* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  const bool vec = aligned16(x) && (reinterpret_cast<uintptr_t>(y) & 7) == 0;
+  const Split8 s = split8(n, vec);
+  image_to_u8_kernel<<<grid_for(s.threads, kBlock), kBlock, 0, stream>>>(x, y, n, s.vecs);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace zimage::cuda

@@ -1,0 +1,57 @@
+// Launchers of the CUDA backend's own kernels (bf16 activations, float32 math inside). Each has the
+// CPU reference of the same name in src/backend/cpu/cpu_backend.cpp; the GPU tests compare the two
+// through the Backend interface. All launchers are asynchronous on `stream`; shapes as in backend.h.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_common.h"
+
+namespace zimage::cuda {
+
+// ---- layout and elementwise (elementwise.cu) ----
+void cast_f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t stream);
+void cast_bf16_to_f32(const bf16* x, float* y, int64_t n, cudaStream_t stream);
+// out[i] = src[idx[i]] (rows of row_bytes bytes; row_bytes a multiple of 2), idx[i] = -1 -> zero row.
+// idx is a device array of `rows` int32.
+void gather_rows(const void* src, const int32_t* idx, void* out, int64_t rows, int64_t row_bytes, cudaStream_t stream);
+void add_inplace(bf16* x, const bf16* y, int64_t n, cudaStream_t stream);
+void silu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
+// x [rows, 2f] -> y [rows, f] = silu(x[:, :f]) * x[:, f:]
+void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream);
+void scale_shift(const bf16* x, bf16* y, int64_t n, float scale, float shift, cudaStream_t stream);
+// latent [c, h, w] <-> tokens [(h/p)*(w/p), p*p*c] (features ordered ph, pw, c)
+void patchify(const bf16* latent, bf16* tokens, int c, int h, int w, int p, cudaStream_t stream);
+void unpatchify(const bf16* tokens, bf16* latent, int c, int h, int w, int p, cudaStream_t stream);
+void nchw_to_nhwc(const bf16* x, bf16* y, int64_t n, int64_t c, int64_t h, int64_t w, cudaStream_t stream);
+void nhwc_to_nchw(const bf16* x, bf16* y, int64_t n, int64_t h, int64_t w, int64_t c, cudaStream_t stream);
+void upsample_nearest2x(const bf16* x, bf16* y, int64_t n, int64_t h, int64_t w, int64_t c, cudaStream_t stream);
+// uint8 round-half-even(clamp(x/2 + 0.5, 0, 1) * 255)
+void image_to_u8(const bf16* x, uint8_t* y, int64_t n, cudaStream_t stream);
+// latents [batch, per_item] f32; model_out [batch or 2*batch, per_item] f32 (positives first).
+// pred = pos + g*(pos - neg) when guidance > 0 (else pos); with guidance, if cfg_norm > 0 and ‖pred‖ > cfg_norm*‖pos‖
+// (per item) pred is scaled down to that norm; latents += dt * (-pred).
+void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64_t per_item, float guidance,
+                    float cfg_norm, float dt, cudaStream_t stream);
+
+// ---- normalization (norms.cu) ----
+// Row-wise over the last dim d. w may be null (no affine).
+void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t rows, int64_t d, float eps, cudaStream_t stream);
+// x, y [batch, seq, d]; y = rms_norm(x) * w * (1 + scale[b]) with scale [batch, d] (null: no modulation).
+void modulated_rms_norm(const bf16* x, const bf16* w, const bf16* scale, bf16* y, int64_t batch, int64_t seq, int64_t d,
+                        float eps, cudaStream_t stream);
+// x [batch, seq, d] += tanh(gate[b]) * rms_norm(y) * w (gate null: x += rms_norm(y) * w).
+void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, int64_t batch, int64_t seq,
+                             int64_t d, float eps, cudaStream_t stream);
+// y = layer_norm(x) (no affine) * (1 + scale[b])
+void modulated_layer_norm(const bf16* x, const bf16* scale, bf16* y, int64_t batch, int64_t seq, int64_t d, float eps,
+                          cudaStream_t stream);
+// NHWC [n, hw, c], affine w, b [c]; optional SiLU.
+void group_norm_nhwc(const bf16* x, const bf16* w, const bf16* b, bf16* y, int64_t n, int64_t hw, int64_t c, int groups,
+                     float eps, bool silu, cudaStream_t stream);
+// In place on qkv [rows, (hq + 2*hkv) * d]: RMSNorm of each q head (weights qw [d]) and k head (kw [d]),
+// then RoPE with cos, sin [rows, d/2] float32; interleaved pairs (2m, 2m+1) or half-split (m, m + d/2).
+void qk_norm_rope(bf16* qkv, int64_t rows, int hq, int hkv, int d, const bf16* qw, const bf16* kw, float eps,
+                  const float* cos, const float* sin, bool interleaved, cudaStream_t stream);
+
+}  // namespace zimage::cuda

@@ -1,0 +1,179 @@
+// `zimage bench`: the benchmark protocol of docs/PERFORMANCE.md. Per resolution: one warm-up
+// generation, then >= 5 timed runs; medians of the end-to-end time (prompt in -> uint8 image, host
+// clock, synchronized) and of every stage (the backend synchronized at stage boundaries); PNG encoding
+// timed separately. Writes bench/results/<device>-<date>-<label>.json.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "io/image.h"
+#include "pipeline/text_to_image.h"
+
+namespace zimage::cli {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+const Clock::time_point kProcessStart = Clock::now();  // static init: as close to process start as we get
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::pair<int, int> parse_resolution(const std::string& s) {
+  int w = 0, h = 0;
+  char x = 0;
+  if (std::sscanf(s.c_str(), "%d%c%d", &w, &x, &h) != 3 || (x != 'x' && x != 'X'))
+    throw Error(ErrorKind::InvalidArgument, "resolution '" + s + "' is not WIDTHxHEIGHT");
+  return {w, h};
+}
+
+std::string slug(std::string s) {
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '-';
+  std::string out;
+  for (char c : s)
+    if (!(c == '-' && (out.empty() || out.back() == '-'))) out.push_back(char(std::tolower(c)));
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  return out;
+}
+
+struct BenchOptions {
+  std::string model = "synthetic:turbo", backend = "auto", label = "bench", out_dir = "bench/results";
+  std::string prompt = "A futuristic cyberpunk city at night, neon lights reflecting on wet streets";
+  std::string negative_prompt;
+  std::vector<std::string> resolutions = {"512x512", "1024x1024", "2048x2048"};
+  std::optional<int> steps;
+  std::optional<float> guidance;
+  int runs = 5, batch = 1;
+};
+
+}  // namespace
+
+Command add_bench(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "Benchmark text-to-image (warm-up, median of runs, per stage) and write JSON");
+  auto o = std::make_shared<BenchOptions>();
+  cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  cmd->add_option("--model,--model-path", o->model, "Model folder or synthetic:tiny|turbo (default synthetic:turbo)");
+  cmd->add_option("--resolutions", o->resolutions, "WIDTHxHEIGHT list (default 512x512 1024x1024 2048x2048)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->delimiter(',');
+  cmd->add_option("--prompt", o->prompt, "Prompt");
+  cmd->add_option("--negative-prompt", o->negative_prompt, "Negative prompt (CFG)");
+  cmd->add_option("--num-inference-steps", o->steps, "Steps (default: the model's)");
+  cmd->add_option("--guidance-scale", o->guidance, "CFG scale (default: the model's)");
+  cmd->add_option("--runs", o->runs, "Timed runs per resolution (at least 5 for reported numbers)")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", o->batch, "Images per prompt")->check(CLI::PositiveNumber);
+  cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--label", o->label, "Label in the result file name");
+  cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
+  return {cmd, [o] {
+            auto t_load = Clock::now();
+            ModelSource model = open_model(o->model);
+            auto be = make_backend(o->backend);
+            PipelineLimits limits;
+            limits.max_pixels = int64_t(4096) * 4096;
+            TextToImagePipeline pipe(*be, model, limits);
+            double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+            log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
+
+            nlohmann::json results = nlohmann::json::array();
+            bool first = true;
+            for (const auto& res_str : o->resolutions) {
+              auto [w, h] = parse_resolution(res_str);
+              GenerateRequest req;
+              req.prompts = {o->prompt};
+              if (!o->negative_prompt.empty()) req.negative_prompts = {o->negative_prompt};
+              req.width = w;
+              req.height = h;
+              req.steps = o->steps;
+              req.guidance = o->guidance;
+              req.num_images_per_prompt = o->batch;
+              req.seed = 42;
+              req = pipe.resolve(req);
+
+              GenerateResult warm = pipe.generate(req);  // warm-up: plans, algorithms, allocator cache
+              double first_image_s = std::chrono::duration<double>(Clock::now() - kProcessStart).count();
+              be->reset_peak_memory();
+              std::vector<double> e2e, te, den, dit, vae, u8, png;
+              std::vector<std::vector<double>> steps;
+              for (int r = 0; r < o->runs; ++r) {
+                auto t0 = Clock::now();
+                GenerateResult g = pipe.generate(req);
+                e2e.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+                te.push_back(g.times.text_encoder_ms);
+                den.push_back(g.times.denoise_ms);
+                dit.push_back(median(g.times.dit_ms));
+                vae.push_back(g.times.vae_decode_ms);
+                u8.push_back(g.times.to_u8_ms);
+                steps.push_back(g.times.step_ms);
+                auto tp = Clock::now();
+                encode_image(tensor_to_image(g.images.narrow0(0, 1).reshape({h, w, 3})), ImageFormat::Png);
+                png.push_back(std::chrono::duration<double, std::milli>(Clock::now() - tp).count());
+              }
+              nlohmann::json steps_ms = nlohmann::json::array();
+              for (size_t i = 0; i < steps[0].size(); ++i) {
+                std::vector<double> v;
+                for (const auto& s : steps) v.push_back(s[i]);
+                steps_ms.push_back({{"step", i}, {"duration_ms", median(v)}});
+              }
+              MemoryStats mem = be->memory_stats();
+              nlohmann::json r = {
+                  {"device", be->name()},
+                  {"commit", ZIMAGE_GIT_COMMIT},
+                  {"model", model.name},
+                  {"resolution", std::to_string(w) + "x" + std::to_string(h)},
+                  {"steps", warm.steps},
+                  {"guidance_scale", warm.guidance},
+                  {"batch", o->batch},
+                  {"runs", o->runs},
+                  {"e2e_ms", median(e2e)},
+                  {"text_encoder_ms", median(te)},
+                  {"denoise_ms", median(den)},
+                  {"dit_forward_ms", median(dit)},
+                  {"vae_decode_ms", median(vae)},
+                  {"to_uint8_ms", median(u8)},
+                  {"png_encode_ms", median(png)},
+                  {"peak_gpu_mib", double(mem.peak) / (1 << 20)},
+                  {"load_s", load_s},
+                  {"first_image_s", first ? nlohmann::json(first_image_s) : nlohmann::json(nullptr)},
+                  {"stages",
+                   {{"steps",
+                     {{{"name", "text_encoder"}, {"duration_ms", median(te)}},
+                      {{"name", "denoise"}, {"duration_ms", median(den)}},
+                      {{"name", "vae_decode"}, {"duration_ms", median(vae)}},
+                      {{"name", "to_uint8"}, {"duration_ms", median(u8)}}}},
+                    {"denoise_steps_ms", steps_ms}}},
+              };
+              first = false;
+              std::printf("%s %s: e2e %.1f ms, text encoder %.2f ms, DiT %.2f ms/forward, VAE decode %.2f ms, peak %.0f MiB\n",
+                          be->name().c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te),
+                          median(dit), median(vae), double(mem.peak) / (1 << 20));
+              results.push_back(r);
+            }
+            std::time_t now = std::time(nullptr);
+            char date[16];
+            std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+            fs::create_directories(o->out_dir);
+            std::string path = (fs::path(o->out_dir) / (slug(be->name()) + "-" + date + "-" + slug(o->label) + ".json")).string();
+            std::ofstream f(path);
+            f << nlohmann::json{{"results", results}}.dump(2) << "\n";
+            if (!f) throw Error(ErrorKind::Io, "cannot write " + path);
+            std::printf("wrote %s\n", path.c_str());
+            return 0;
+          }};
+}
+
+}  // namespace zimage::cli

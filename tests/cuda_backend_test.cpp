@@ -1,0 +1,245 @@
+// Every CUDA op against the CPU reference op on fresh random inputs at the real model sizes
+// (subsampled where the CPU is slow): relative error ‖out − ref‖/‖ref‖ ≤ 1e-2, no NaN, and every
+// output element written (new device buffers are poisoned with NaN through ZIMAGE_POISON=1).
+// Skipped, with a message, where no GPU is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <random>
+
+#include "backend/backend.h"
+#include "test_util.h"
+
+using namespace zimage;
+using zimage::testing::all_finite;
+using zimage::testing::rel_l2_error;
+
+namespace {
+
+class CudaOps : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (cuda_device_count() == 0) return;
+    setenv("ZIMAGE_POISON", "1", 1);
+    gpu_ = make_cuda_backend(0).release();
+    cpu_ = make_cpu_backend().release();
+    std::printf("GPU: %s\n", gpu_->name().c_str());
+  }
+  void SetUp() override {
+    if (!gpu_) GTEST_SKIP() << "no CUDA GPU on this machine: the CUDA op tests run on the device";
+  }
+
+  // Random values rounded to bf16, so both backends see exactly the same inputs.
+  static Tensor rnd(const Shape& s, float scale = 1.0f, float offset = 0.0f) {
+    static std::mt19937 gen(1234);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    Tensor t = Tensor::empty(s, DType::F32);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = nd(gen) * scale + offset;
+    return t.to_dtype(DType::BF16).to_f32();
+  }
+  static Tensor g(const Tensor& host) { return gpu_->upload(host); }
+  static Tensor g32(const Tensor& host) { return gpu_->upload(host, DType::F32); }
+
+  static void expect_close(const Tensor& gpu_out, const Tensor& cpu_out, const std::string& what, double tol = 1e-2) {
+    Tensor out = gpu_->to_host_f32(gpu_out);
+    ASSERT_EQ(out.shape(), cpu_out.shape()) << what;
+    EXPECT_TRUE(all_finite(out)) << what << ": NaN/Inf or unwritten elements";
+    double err = rel_l2_error(out, cpu_out);
+    EXPECT_LE(err, tol) << what;
+    std::printf("  %-58s rel err %.2e\n", what.c_str(), err);
+  }
+
+  static Backend* gpu_;
+  static Backend* cpu_;
+};
+
+Backend* CudaOps::gpu_ = nullptr;
+Backend* CudaOps::cpu_ = nullptr;
+
+}  // namespace
+
+TEST_F(CudaOps, Linear) {
+  struct Case {
+    int64_t m, k, n;
+    bool bias;
+  } cases[] = {{300, 3840, 11520, false},  // DiT packed QKV (rows subsampled)
+               {300, 10240, 3840, false},  // DiT w2
+               {77, 2560, 19456, false},   // Qwen3 gate|up
+               {2, 256, 3840 * 4 * 8, true},  // adaLN modulations of 8 blocks
+               {33, 64, 170, true}};          // tiny, odd N
+  for (const auto& c : cases) {
+    Tensor x = rnd({c.m, c.k}), w = rnd({c.n, c.k}, 1.0f / std::sqrt(float(c.k))), b = rnd({c.n}, 0.1f);
+    Tensor ref = cpu_->linear(x, w, c.bias ? &b : nullptr);
+    Tensor gb = g(b);
+    expect_close(gpu_->linear(g(x), g(w), c.bias ? &gb : nullptr), ref,
+                 "linear " + std::to_string(c.m) + "x" + std::to_string(c.k) + "x" + std::to_string(c.n));
+  }
+}
+
+TEST_F(CudaOps, Norms) {
+  for (int64_t d : {3840, 2560, 64}) {
+    Tensor x = rnd({2, 600, d}, 2.0f), y = rnd({2, 600, d}), w = rnd({d}, 0.2f, 1.0f);
+    Tensor scale = rnd({2, d}, 0.5f), gate = rnd({2, d});
+    std::string sd = " d=" + std::to_string(d);
+    expect_close(gpu_->rms_norm(g(x), nullptr, 1e-6f), cpu_->rms_norm(x, nullptr, 1e-6f), "rms_norm" + sd);
+    Tensor gw = g(w), gs = g(scale), gg = g(gate);
+    expect_close(gpu_->rms_norm(g(x), &gw, 1e-6f), cpu_->rms_norm(x, &w, 1e-6f), "rms_norm affine" + sd);
+    expect_close(gpu_->modulated_rms_norm(g(x), gw, &gs, 1e-5f), cpu_->modulated_rms_norm(x, w, &scale, 1e-5f),
+                 "modulated_rms_norm" + sd);
+    expect_close(gpu_->modulated_rms_norm(g(x), gw, nullptr, 1e-5f), cpu_->modulated_rms_norm(x, w, nullptr, 1e-5f),
+                 "modulated_rms_norm no scale" + sd);
+    Tensor xc = x.clone(), xg = g(x);
+    cpu_->gated_residual_rms_norm_(xc, y, w, &gate, 1e-5f);
+    gpu_->gated_residual_rms_norm_(xg, g(y), gw, &gg, 1e-5f);
+    expect_close(xg, xc, "gated_residual_rms_norm_" + sd);
+    xc = x.clone();
+    xg = g(x);
+    cpu_->gated_residual_rms_norm_(xc, y, w, nullptr, 1e-5f);
+    gpu_->gated_residual_rms_norm_(xg, g(y), gw, nullptr, 1e-5f);
+    expect_close(xg, xc, "gated_residual_rms_norm_ no gate" + sd);
+    expect_close(gpu_->modulated_layer_norm(g(x), gs, 1e-6f), cpu_->modulated_layer_norm(x, scale, 1e-6f),
+                 "modulated_layer_norm" + sd);
+  }
+}
+
+TEST_F(CudaOps, GroupNorm) {
+  struct Case {
+    Shape s;
+    int groups;
+  } cases[] = {{{1, 128, 128, 512}, 32}, {{1, 256, 256, 256}, 32}, {{2, 12, 8, 64}, 32}, {{1, 64, 48, 32}, 32}};
+  for (const auto& c : cases)
+    for (bool silu : {false, true}) {
+      int64_t ch = c.s[3];
+      Tensor x = rnd(c.s, 3.0f, 0.5f), w = rnd({ch}, 0.2f, 1.0f), b = rnd({ch}, 0.2f);
+      expect_close(gpu_->group_norm(g(x), g(w), g(b), c.groups, 1e-6f, silu), cpu_->group_norm(x, w, b, c.groups, 1e-6f, silu),
+                   "group_norm " + shape_str(c.s) + (silu ? " +silu" : ""));
+    }
+}
+
+TEST_F(CudaOps, QkNormRope) {
+  struct Case {
+    int64_t rows;
+    int hq, hkv, d;
+    RopeStyle style;
+  } cases[] = {{4128, 30, 30, 128, RopeStyle::Interleaved},
+               {256, 32, 8, 128, RopeStyle::HalfSplit},
+               {96, 2, 2, 32, RopeStyle::Interleaved},
+               {48, 4, 2, 16, RopeStyle::HalfSplit}};
+  for (const auto& c : cases) {
+    Tensor qkv = rnd({c.rows, int64_t(c.hq + 2 * c.hkv) * c.d}, 2.0f);
+    Tensor qw = rnd({c.d}, 0.2f, 1.0f), kw = rnd({c.d}, 0.2f, 1.0f);
+    Tensor angle = rnd({c.rows, c.d / 2}, 3.0f), cos = Tensor::empty(angle.shape(), DType::F32), sin = cos.clone();
+    for (int64_t i = 0; i < angle.numel(); ++i) {
+      cos.f32()[i] = std::cos(angle.f32()[i]);
+      sin.f32()[i] = std::sin(angle.f32()[i]);
+    }
+    Tensor ref = qkv.clone();
+    cpu_->qk_norm_rope_(ref, c.hq, c.hkv, c.d, qw, kw, 1e-6f, cos, sin, c.style);
+    Tensor out = g(qkv);
+    gpu_->qk_norm_rope_(out, c.hq, c.hkv, c.d, g(qw), g(kw), 1e-6f, g32(cos), g32(sin), c.style);
+    expect_close(out, ref, "qk_norm_rope_ " + std::to_string(c.hq) + "/" + std::to_string(c.hkv) + "x" + std::to_string(c.d) +
+                               (c.style == RopeStyle::Interleaved ? " interleaved" : " half-split"));
+  }
+}
+
+TEST_F(CudaOps, Attention) {
+  struct Case {
+    int64_t b, s;
+    int hq, hkv, d;
+    bool causal;
+    std::vector<int> key_len;
+    const char* what;
+  } cases[] = {
+      {1, 4128, 30, 30, 128, false, {4128}, "DiT 1024^2"},
+      {2, 4128, 30, 30, 128, false, {4128, 4096}, "DiT CFG batch, key padding"},
+      {2, 128, 32, 8, 128, true, {100, 128}, "Qwen3 GQA causal + padding"},
+      {1, 4096, 1, 1, 512, false, {4096}, "VAE mid-block 512^2 (d=512)"},
+      {2, 96, 2, 2, 32, false, {96, 64}, "tiny DiT"},
+      {2, 24, 4, 2, 16, true, {5, 24}, "tiny Qwen3"},
+      {1, 48, 1, 1, 64, false, {48}, "tiny VAE"},
+  };
+  for (const auto& c : cases) {
+    Tensor qkv = rnd({c.b, c.s, int64_t(c.hq + 2 * c.hkv) * c.d});
+    float scale = 1.0f / std::sqrt(float(c.d));
+    Tensor ref = cpu_->attention(qkv, c.hq, c.hkv, c.d, scale, c.causal, c.key_len);
+    expect_close(gpu_->attention(g(qkv), c.hq, c.hkv, c.d, scale, c.causal, c.key_len), ref,
+                 std::string("attention ") + c.what);
+  }
+}
+
+TEST_F(CudaOps, Conv2d) {
+  struct Case {
+    Shape x;
+    int64_t o, k;
+    Conv2dParams p;
+  } cases[] = {{{1, 128, 128, 512}, 512, 3, Conv2dParams::same(3)},
+               {{1, 256, 256, 3}, 128, 3, Conv2dParams::same(3)},
+               {{1, 128, 128, 256}, 512, 1, Conv2dParams::same(1)},
+               {{1, 128, 128, 128}, 128, 3, Conv2dParams{2, 0, 1, 0, 1}},  // encoder downsample
+               {{2, 8, 6, 16}, 64, 3, Conv2dParams::same(3)},
+               {{1, 64, 48, 32}, 32, 3, Conv2dParams{2, 0, 1, 0, 1}}};
+  for (const auto& c : cases) {
+    Tensor x = rnd(c.x), w = rnd({c.o, c.k, c.k, c.x[3]}, 1.0f / std::sqrt(float(c.k * c.k * c.x[3]))), b = rnd({c.o}, 0.1f);
+    Tensor gb = g(b);
+    expect_close(gpu_->conv2d(g(x), g(w), &gb, c.p), cpu_->conv2d(x, w, &b, c.p),
+                 "conv2d " + shape_str(c.x) + " -> " + std::to_string(c.o) + " k" + std::to_string(c.k) + " s" +
+                     std::to_string(c.p.stride));
+  }
+}
+
+TEST_F(CudaOps, ElementwiseAndLayout) {
+  Tensor x = rnd({4128, 2 * 10240});
+  expect_close(gpu_->swiglu(g(x)), cpu_->swiglu(x), "swiglu 4128x2x10240");
+  Tensor a = rnd({3, 1000, 64}), b = rnd({3, 1000, 64});
+  expect_close(gpu_->silu(g(a)), cpu_->silu(a), "silu");
+  expect_close(gpu_->scale_shift(g(a), 1.0f / 0.3611f, 0.1159f), cpu_->scale_shift(a, 1.0f / 0.3611f, 0.1159f), "scale_shift");
+  Tensor ac = a.clone(), ag = g(a);
+  cpu_->add_(ac, b);
+  gpu_->add_(ag, g(b));
+  expect_close(ag, ac, "add_");
+  Tensor lat = rnd({16, 128, 96});
+  Tensor tok = cpu_->patchify(lat, 2);
+  expect_close(gpu_->patchify(g(lat), 2), tok, "patchify 16x128x96");
+  Tensor tok_pad = rnd({tok.dim(0) + 32, 64});
+  expect_close(gpu_->unpatchify(g(tok_pad), 16, 128, 96, 2), cpu_->unpatchify(tok_pad, 16, 128, 96, 2), "unpatchify");
+  Tensor img = rnd({2, 16, 24, 40});
+  expect_close(gpu_->nchw_to_nhwc(g(img)), cpu_->nchw_to_nhwc(img), "nchw_to_nhwc");
+  Tensor nhwc = rnd({2, 24, 40, 16});
+  expect_close(gpu_->nhwc_to_nchw(g(nhwc)), cpu_->nhwc_to_nchw(nhwc), "nhwc_to_nchw");
+  Tensor up = rnd({1, 64, 48, 512});
+  expect_close(gpu_->upsample_nearest2x(g(up)), cpu_->upsample_nearest2x(up), "upsample_nearest2x");
+  Tensor f = rnd({5000, 7});
+  expect_close(gpu_->cast(gpu_->cast(g32(f), DType::BF16), DType::F32), f, "cast f32->bf16->f32");
+  std::vector<int32_t> idx = {3, -1, 0, 4999, 17, -1};
+  Tensor rows = rnd({5000, 3840});
+  expect_close(gpu_->gather_rows(g(rows), idx), cpu_->gather_rows(rows, idx), "gather_rows (with zero rows)", 0.0);
+  expect_close(gpu_->concat_rows(g(a), g(b)), cpu_->concat_rows(a, b), "concat_rows", 0.0);
+  Tensor mod = rnd({2, 4 * 3840});
+  expect_close(gpu_->slice_cols(g(mod), 3840, 3840), cpu_->slice_cols(mod, 3840, 3840), "slice_cols", 0.0);
+}
+
+TEST_F(CudaOps, ImageToU8IsExactWithinOneLevel) {
+  Tensor x = rnd({1, 256, 256, 3}, 0.7f);
+  Tensor ref = cpu_->image_to_u8(x);
+  Tensor out = gpu_->to_host_u8(gpu_->image_to_u8(g(x)));
+  int worst = 0;
+  for (int64_t i = 0; i < x.numel(); ++i)
+    worst = std::max(worst, std::abs(int(out.data_as<uint8_t>()[i]) - int(ref.data_as<uint8_t>()[i])));
+  EXPECT_EQ(worst, 0);  // the inputs are bf16 values: both sides round the same float
+}
+
+TEST_F(CudaOps, CfgEulerStep) {
+  for (float norm : {0.0f, 1.0f}) {
+    Tensor lat = rnd({2, 16, 128, 128}), out = rnd({4, 16, 128, 128});
+    Tensor lc = lat.clone(), lg = g32(lat);
+    cpu_->cfg_euler_step_(lc, out, 4.0f, norm, -0.11f);
+    gpu_->cfg_euler_step_(lg, g32(out), 4.0f, norm, -0.11f);
+    expect_close(lg, lc, std::string("cfg_euler_step_ 2x16x128x128") + (norm > 0 ? " normalized" : ""), 1e-5);
+  }
+  Tensor lat = rnd({1, 16, 64, 64}), out = rnd({1, 16, 64, 64});
+  Tensor lc = lat.clone(), lg = g32(lat);
+  cpu_->cfg_euler_step_(lc, out, 0.0f, 0.0f, -0.2f);
+  gpu_->cfg_euler_step_(lg, g32(out), 0.0f, 0.0f, -0.2f);
+  expect_close(lg, lc, "euler step without CFG", 1e-6);
+}
