@@ -28,6 +28,12 @@ struct Conv2dParams {
   static Conv2dParams same(int k) { return {1, k / 2, k / 2, k / 2, k / 2}; }
 };
 
+struct OpTime {
+  std::string op;  // op name (GEMMs with their weight shape)
+  int64_t calls = 0;
+  double ms = 0;  // device time
+};
+
 struct MemoryStats {
   size_t in_use = 0, peak = 0, cached = 0;  // bytes of device memory held by the engine
 };
@@ -52,6 +58,16 @@ class Backend {
   virtual void synchronize() {}
   virtual MemoryStats memory_stats() const { return {}; }  // device backends only
   virtual void reset_peak_memory() {}
+
+  // ---- timing ----
+  // A point in the backend's queue of work (a CUDA event; the host clock on the CPU). Taking a mark
+  // never waits for the device; elapsed_ms waits until `to` has been reached.
+  using Mark = std::shared_ptr<void>;
+  virtual Mark mark();
+  virtual double elapsed_ms(const Mark& from, const Mark& to);
+  // Per-op device time while profiling is on (CUDA only; one event pair per op call).
+  virtual void set_op_profiling(bool) {}
+  virtual std::vector<OpTime> take_op_profile() { return {}; }  // aggregated since the last call
 
   // ---- linear algebra ----
   // y[rows, N] = x[rows, K] · w[N, K]^T (+ bias[N]). x may have any leading dims; y keeps them.

@@ -58,6 +58,7 @@ struct BenchOptions {
   std::optional<int> steps;
   std::optional<float> guidance;
   int runs = 5, batch = 1;
+  bool profile = false;
 };
 
 }  // namespace
@@ -78,6 +79,7 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--batch", o->batch, "Images per prompt")->check(CLI::PositiveNumber);
   cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--label", o->label, "Label in the result file name");
+  cmd->add_flag("--profile", o->profile, "After the timed runs, one more run with per-op device times (CUDA)");
   cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
   return {cmd, [o] {
             auto t_load = Clock::now();
@@ -130,6 +132,20 @@ Command add_bench(CLI::App& app) {
                 steps_ms.push_back({{"step", i}, {"duration_ms", median(v)}});
               }
               MemoryStats mem = be->memory_stats();
+              nlohmann::json op_profile = nlohmann::json::array();
+              if (o->profile) {
+                be->set_op_profiling(true);
+                pipe.generate(req);
+                be->set_op_profiling(false);
+                double total = 0;
+                auto ops = be->take_op_profile();
+                for (const auto& t : ops) total += t.ms;
+                std::printf("per-op device time, one generation at %dx%d (%.1f ms in ops):\n", w, h, total);
+                for (const auto& t : ops) {
+                  std::printf("  %-28s %6lld calls %9.2f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms, 100 * t.ms / total);
+                  op_profile.push_back({{"op", t.op}, {"calls", t.calls}, {"ms", t.ms}});
+                }
+              }
               nlohmann::json r = {
                   {"device", be->name()},
                   {"commit", ZIMAGE_GIT_COMMIT},
@@ -157,6 +173,7 @@ Command add_bench(CLI::App& app) {
                       {{"name", "to_uint8"}, {"duration_ms", median(u8)}}}},
                     {"denoise_steps_ms", steps_ms}}},
               };
+              if (o->profile) r["op_profile"] = op_profile;
               first = false;
               std::printf("%s %s: e2e %.1f ms, text encoder %.2f ms, DiT %.2f ms/forward, VAE decode %.2f ms, peak %.0f MiB\n",
                           be->name().c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te),

@@ -96,14 +96,14 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
   res.guidance = guidance;
   auto t_start = Clock::now();
   const bool cfg = guidance > 0;
+  // Stage times come from marks in the backend's queue: no synchronization inside the loop.
+  Backend::Mark m_start = be_.mark();
 
   // 1-2. Prompts -> embeddings (positives, then negatives when CFG is on), repeated per image.
-  auto t0 = Clock::now();
   std::vector<Tensor> pos = encode_prompts(r.prompts, r.max_sequence_length, &res.prompt_truncated);
   std::vector<Tensor> neg;
   if (cfg) neg = encode_prompts(r.negative_prompts, r.max_sequence_length);
-  be_.synchronize();
-  res.times.text_encoder_ms = ms_since(t0);
+  Backend::Mark m_text = be_.mark();
   std::vector<Tensor> caps, neg_caps;
   for (size_t i = 0; i < pos.size(); ++i)
     for (int k = 0; k < r.num_images_per_prompt; ++k) {
@@ -121,33 +121,38 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
   // 4. Denoising loop.
   std::vector<Tensor> all_caps = caps;
   all_caps.insert(all_caps.end(), neg_caps.begin(), neg_caps.end());
-  auto t_loop = Clock::now();
+  Backend::Mark m_loop = be_.mark();
+  std::vector<Backend::Mark> m_dit, m_step;
   for (int i = 0; i < steps; ++i) {
-    auto ts = Clock::now();
     float t = sched.dit_time(size_t(i));
     float g = guidance;
     if (cfg && r.cfg_truncation <= 1.0f && t > r.cfg_truncation) g = 0.0f;  // truncated: positive branch only
     bool apply_cfg = cfg && g > 0;
     Tensor out = apply_cfg ? dit_.forward(repeat_twice(be_, latents), std::vector<float>(size_t(2 * b), t), all_caps)
                            : dit_.forward(latents, std::vector<float>(size_t(b), t), caps);
-    be_.synchronize();
-    res.times.dit_ms.push_back(ms_since(ts));
+    m_dit.push_back(be_.mark());
     be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
-    be_.synchronize();
-    res.times.step_ms.push_back(ms_since(ts));
+    m_step.push_back(be_.mark());
     if (progress) progress(i + 1, steps);
   }
-  res.times.denoise_ms = ms_since(t_loop);
-  res.latents = be_.to_host_f32(latents);
 
   // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.
-  auto td = Clock::now();
   Tensor image = vae_.decode(latents);
-  be_.synchronize();
-  res.times.vae_decode_ms = ms_since(td);
-  auto tu = Clock::now();
-  res.images = be_.to_host_u8(be_.image_to_u8(image));
-  res.times.to_u8_ms = ms_since(tu);
+  Backend::Mark m_vae = be_.mark();
+  Tensor u8 = be_.image_to_u8(image);
+  Backend::Mark m_u8 = be_.mark();
+  res.latents = be_.to_host_f32(latents);
+  res.images = be_.to_host_u8(u8);
+
+  res.times.text_encoder_ms = be_.elapsed_ms(m_start, m_text);
+  for (int i = 0; i < steps; ++i) {
+    const Backend::Mark& begin = i == 0 ? m_loop : m_step[size_t(i - 1)];
+    res.times.dit_ms.push_back(be_.elapsed_ms(begin, m_dit[size_t(i)]));
+    res.times.step_ms.push_back(be_.elapsed_ms(begin, m_step[size_t(i)]));
+  }
+  res.times.denoise_ms = be_.elapsed_ms(m_loop, m_step.back());
+  res.times.vae_decode_ms = be_.elapsed_ms(m_step.back(), m_vae);
+  res.times.to_u8_ms = be_.elapsed_ms(m_vae, m_u8);
   res.times.total_ms = ms_since(t_start);
   return res;
 }

@@ -34,7 +34,7 @@ struct GenerateRequest {
   int num_images_per_prompt = 1;
 };
 
-// Wall-clock stage durations (text_encoder includes tokenization) of one call (the backend is synchronized at each boundary).
+// Stage durations of one call, from marks in the backend's queue (text_encoder includes tokenization).
 struct StageTimes {
   double text_encoder_ms = 0, denoise_ms = 0, vae_decode_ms = 0, to_u8_ms = 0, total_ms = 0;
   std::vector<double> step_ms;    // per denoising step

@@ -2,8 +2,10 @@
 // one stream; GEMMs through cuBLASLt (gemm.cpp), attention through cuDNN SDPA with our own fallback
 // (attention.cpp), convolutions through cuDNN (conv2d.cpp), everything else our kernels (kernels.h).
 // Each op's float32 reference is the same-named op of cpu/cpu_backend.cpp.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 
 #include "backend/backend.h"
 #include "backend/cuda/attention.h"
@@ -82,6 +84,39 @@ class CudaBackend final : public Backend {
   }
   void reset_peak_memory() override { alloc_->reset_peak(); }
 
+  Mark mark() override {
+    auto* ev = new cudaEvent_t;
+    ZI_CUDA_CHECK(cudaEventCreate(ev));
+    ZI_CUDA_CHECK(cudaEventRecord(*ev, stream_));
+    return Mark(ev, [](void* p) {
+      auto* e = static_cast<cudaEvent_t*>(p);
+      cudaEventDestroy(*e);
+      delete e;
+    });
+  }
+  double elapsed_ms(const Mark& from, const Mark& to) override {
+    auto a = *static_cast<cudaEvent_t*>(from.get()), b = *static_cast<cudaEvent_t*>(to.get());
+    ZI_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return ms;
+  }
+  void set_op_profiling(bool on) override { profiling_ = on; }
+  std::vector<OpTime> take_op_profile() override {
+    std::map<std::string, OpTime> agg;
+    for (const auto& r : op_records_) {
+      OpTime& t = agg[r.op];
+      t.op = r.op;
+      t.calls += 1;
+      t.ms += elapsed_ms(r.begin, r.end);
+    }
+    op_records_.clear();
+    std::vector<OpTime> out;
+    for (auto& kv : agg) out.push_back(kv.second);
+    std::sort(out.begin(), out.end(), [](const OpTime& a, const OpTime& b) { return a.ms > b.ms; });
+    return out;
+  }
+
   Tensor empty(const Shape& shape, DType dtype) override {
     size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
     auto mem = alloc_->allocate(std::max<size_t>(bytes, 1));
@@ -96,10 +131,9 @@ class CudaBackend final : public Backend {
     Tensor src = host.is_contiguous() ? host : host.clone();
     if (src.dtype() != dtype) src = src.to_dtype(dtype);
     Tensor t = empty(src.shape(), dtype);
+    // From pageable memory the copy is staged before cudaMemcpyAsync returns, so `src` may go away
+    // right after: no synchronization needed.
     if (t.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), src.data(), t.nbytes(), cudaMemcpyHostToDevice, stream_));
-    // The host buffer may be freed when this returns: wait for the copy (weights load once; the
-    // per-request uploads are small).
-    synchronize();
     return t;
   }
 
@@ -116,6 +150,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor cast(const Tensor& x, DType dtype) override {
+    auto scope = profile("cast");
     check(x, "cast");
     Tensor y = empty(x.shape(), dtype);
     if (x.dtype() == dtype) {
@@ -131,6 +166,8 @@ class CudaBackend final : public Backend {
   }
 
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias) override {
+    auto scope = profiling_ ? OpScope(*this, "linear " + std::to_string(w.dim(0)) + "x" + std::to_string(w.dim(-1)))
+                            : OpScope(*this, "");
     check_bf16(x, "linear");
     check_bf16(w, "linear weight");
     int64_t k = x.dim(-1), n = w.dim(0), m = rows_of(x);
@@ -145,6 +182,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) override {
+    auto scope = profile("gather_rows");
     check(src, "gather_rows");
     int64_t d = src.dim(-1), r = rows_of(src);
     for (int32_t i : idx) ZI_ASSERT(i >= -1 && i < r);
@@ -157,6 +195,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor concat_rows(const Tensor& a, const Tensor& b) override {
+    auto scope = profile("concat_rows");
     check(a, "concat_rows");
     check(b, "concat_rows");
     ZI_ASSERT(a.dim(-1) == b.dim(-1) && a.dtype() == b.dtype());
@@ -169,6 +208,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor slice_cols(const Tensor& x, int64_t start, int64_t len) override {
+    auto scope = profile("slice_cols");
     check(x, "slice_cols");
     int64_t n = x.dim(-1), r = rows_of(x);
     ZI_ASSERT(start >= 0 && len >= 0 && start + len <= n);
@@ -183,6 +223,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor rms_norm(const Tensor& x, const Tensor* w, float eps) override {
+    auto scope = profile("rms_norm");
     check_bf16(x, "rms_norm");
     Tensor y = empty(x.shape(), DType::BF16);
     cuda::rms_norm(cbf(x), cbf_or_null(w), mbf(y), rows_of(x), x.dim(-1), eps, stream_);
@@ -190,6 +231,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor modulated_rms_norm(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) override {
+    auto scope = profile("modulated_rms_norm");
     check_bf16(x, "modulated_rms_norm");
     ZI_ASSERT(x.ndim() == 3);
     Tensor y = empty(x.shape(), DType::BF16);
@@ -198,6 +240,7 @@ class CudaBackend final : public Backend {
   }
 
   void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps) override {
+    auto scope = profile("gated_residual_rms_norm_");
     check_bf16(x, "gated_residual_rms_norm_");
     check_bf16(y, "gated_residual_rms_norm_");
     ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
@@ -205,6 +248,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) override {
+    auto scope = profile("modulated_layer_norm");
     check_bf16(x, "modulated_layer_norm");
     ZI_ASSERT(x.ndim() == 3);
     Tensor y = empty(x.shape(), DType::BF16);
@@ -213,6 +257,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, float eps, bool silu) override {
+    auto scope = profile("group_norm");
     check_bf16(x, "group_norm");
     ZI_ASSERT(x.ndim() == 4 && x.dim(3) % groups == 0);
     Tensor y = empty(x.shape(), DType::BF16);
@@ -223,6 +268,7 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope_(Tensor& qkv, int hq, int hkv, int d, const Tensor& q_w, const Tensor& k_w, float eps,
                      const Tensor& cos, const Tensor& sin, RopeStyle style) override {
+    auto scope = profile("qk_norm_rope_");
     check_bf16(qkv, "qk_norm_rope_");
     ZI_ASSERT(cos.dtype() == DType::F32 && sin.dtype() == DType::F32);
     int64_t rows = rows_of(qkv);
@@ -233,6 +279,7 @@ class CudaBackend final : public Backend {
 
   Tensor attention(const Tensor& qkv, int hq, int hkv, int d, float scale, bool causal,
                    const std::vector<int>& key_len) override {
+    auto scope = profile("attention");
     check_bf16(qkv, "attention");
     ZI_ASSERT(qkv.ndim() == 3 && hq % hkv == 0 && int64_t(key_len.size()) == qkv.dim(0));
     Tensor out = empty({qkv.dim(0), qkv.dim(1), int64_t(hq) * d}, DType::BF16);
@@ -241,6 +288,7 @@ class CudaBackend final : public Backend {
   }
 
   void add_(Tensor& x, const Tensor& y) override {
+    auto scope = profile("add_");
     check_bf16(x, "add_");
     check_bf16(y, "add_");
     ZI_ASSERT(x.numel() == y.numel());
@@ -248,6 +296,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor silu(const Tensor& x) override {
+    auto scope = profile("silu");
     check_bf16(x, "silu");
     Tensor y = empty(x.shape(), DType::BF16);
     cuda::silu(cbf(x), mbf(y), x.numel(), stream_);
@@ -255,6 +304,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor swiglu(const Tensor& x) override {
+    auto scope = profile("swiglu");
     check_bf16(x, "swiglu");
     Shape s = x.shape();
     s.back() /= 2;
@@ -264,6 +314,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor scale_shift(const Tensor& x, float scale, float shift) override {
+    auto scope = profile("scale_shift");
     check_bf16(x, "scale_shift");
     Tensor y = empty(x.shape(), DType::BF16);
     cuda::scale_shift(cbf(x), mbf(y), x.numel(), scale, shift, stream_);
@@ -271,6 +322,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, const Conv2dParams& p) override {
+    auto scope = profile("conv2d");
     check_bf16(x, "conv2d");
     check_bf16(w, "conv2d weight");
     ZI_ASSERT(x.ndim() == 4 && w.ndim() == 4 && w.dim(3) == x.dim(3));
@@ -283,6 +335,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor upsample_nearest2x(const Tensor& x) override {
+    auto scope = profile("upsample_nearest2x");
     check_bf16(x, "upsample_nearest2x");
     Tensor y = empty({x.dim(0), 2 * x.dim(1), 2 * x.dim(2), x.dim(3)}, DType::BF16);
     cuda::upsample_nearest2x(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
@@ -290,6 +343,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor nchw_to_nhwc(const Tensor& x) override {
+    auto scope = profile("nchw_to_nhwc");
     check_bf16(x, "nchw_to_nhwc");
     Tensor y = empty({x.dim(0), x.dim(2), x.dim(3), x.dim(1)}, DType::BF16);
     cuda::nchw_to_nhwc(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
@@ -297,6 +351,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor nhwc_to_nchw(const Tensor& x) override {
+    auto scope = profile("nhwc_to_nchw");
     check_bf16(x, "nhwc_to_nchw");
     Tensor y = empty({x.dim(0), x.dim(3), x.dim(1), x.dim(2)}, DType::BF16);
     cuda::nhwc_to_nchw(cbf(x), mbf(y), x.dim(0), x.dim(1), x.dim(2), x.dim(3), stream_);
@@ -304,6 +359,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor image_to_u8(const Tensor& x) override {
+    auto scope = profile("image_to_u8");
     check_bf16(x, "image_to_u8");
     Tensor y = empty(x.shape(), DType::U8);
     cuda::image_to_u8(cbf(x), y.data_as<uint8_t>(), x.numel(), stream_);
@@ -311,6 +367,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor patchify(const Tensor& latent, int p) override {
+    auto scope = profile("patchify");
     check_bf16(latent, "patchify");
     ZI_ASSERT(latent.ndim() == 3);
     int c = int(latent.dim(0)), h = int(latent.dim(1)), w = int(latent.dim(2));
@@ -321,6 +378,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor unpatchify(const Tensor& tokens, int c, int h, int w, int p) override {
+    auto scope = profile("unpatchify");
     check_bf16(tokens, "unpatchify");
     ZI_ASSERT(tokens.dim(-1) == int64_t(p) * p * c && rows_of(tokens) >= int64_t(h / p) * (w / p));
     Tensor y = empty({c, h, w}, DType::BF16);
@@ -329,6 +387,7 @@ class CudaBackend final : public Backend {
   }
 
   void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm, float dt) override {
+    auto scope = profile("cfg_euler_step_");
     check(latents, "cfg_euler_step_");
     check(model_out, "cfg_euler_step_");
     ZI_ASSERT(latents.dtype() == DType::F32 && model_out.dtype() == DType::F32);
@@ -357,11 +416,36 @@ class CudaBackend final : public Backend {
 
   Tensor upload_i32(const std::vector<int32_t>& v) {
     Tensor t = empty({int64_t(v.size())}, DType::I32);
-    ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_));
-    synchronize();  // v is the caller's; keep the copy ordered before it goes away
+    ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_));  // staged: see upload
     return t;
   }
 
+  // While profiling, every op records an event pair around its launches.
+  struct OpRecord {
+    std::string op;
+    Mark begin, end;
+  };
+  class OpScope {
+   public:
+    OpScope(CudaBackend& be, std::string op) : be_(be.profiling_ ? &be : nullptr) {
+      if (be_) rec_ = {std::move(op), be.mark(), nullptr};
+    }
+    OpScope(const OpScope&) = delete;
+    OpScope& operator=(const OpScope&) = delete;
+    ~OpScope() {
+      if (!be_) return;
+      rec_.end = be_->mark();
+      be_->op_records_.push_back(std::move(rec_));
+    }
+
+   private:
+    CudaBackend* be_;
+    OpRecord rec_;
+  };
+  OpScope profile(const char* op) { return OpScope(*this, op); }
+
+  bool profiling_ = false;
+  std::vector<OpRecord> op_records_;
   int device_;
   bool poison_ = std::getenv("ZIMAGE_POISON") && std::string(std::getenv("ZIMAGE_POISON")) == "1";
   std::string device_name_;
