@@ -175,6 +175,72 @@ void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Te
   be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, mod ? &gate_mlp : nullptr, eps);
 }
 
+// Everything about a call that depends only on its token layout: the row maps that build the padded
+// sequences, and the RoPE tables (uploaded once). The denoising loop repeats one layout every step.
+const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay) {
+  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w};
+  key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
+  if (plan_ && plan_->key == key) return *plan_;
+  const auto& c = cfg_;
+  const int64_t n = lay.items, ni = lay.image_tokens, nip = lay.image_padded, um = lay.unified_max;
+  auto p = std::make_unique<LayoutPlan>();
+  p->key = key;
+  int64_t cap_rows = 0;
+  for (int64_t len : lay.cap_len) cap_rows += len;
+
+  // Image rows: item i's patches, then the pad token (source row n*ni) up to a multiple of 32.
+  // Position ids (cap_padded + 1, row, col); pad rows (0, 0, 0).
+  std::vector<std::array<int64_t, 3>> x_pos, cap_pos, u_pos;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < nip; ++r) {
+      bool real = r < ni;
+      p->x_idx.push_back(real ? int32_t(i * ni + r) : int32_t(n * ni));
+      x_pos.push_back(real ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, r / lay.grid_w, r % lay.grid_w}
+                           : std::array<int64_t, 3>{0, 0, 0});
+    }
+  // Caption rows: item i's tokens, cap_pad_token (source row cap_rows) up to its multiple of 32, zero
+  // rows (masked) up to the batch's longest. Position ids (1 + k, 0, 0).
+  int64_t cap_base = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t len = lay.cap_len[size_t(i)], padded = lay.cap_padded[size_t(i)];
+    for (int64_t r = 0; r < lay.cap_max; ++r) {
+      p->cap_idx.push_back(r < len ? int32_t(cap_base + r) : r < padded ? int32_t(cap_rows) : -1);
+      cap_pos.push_back(r < padded ? std::array<int64_t, 3>{1 + r, 0, 0} : std::array<int64_t, 3>{0, 0, 0});
+    }
+    cap_base += len;
+    p->cap_len.push_back(int(padded));
+  }
+  // Unified rows per item: [image (nip), caption (cap_padded)], zero rows beyond; the source is the
+  // refined image rows followed by the refined caption rows.
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t cp = lay.cap_padded[size_t(i)];
+    for (int64_t r = 0; r < um; ++r) {
+      if (r < nip) {
+        p->u_idx.push_back(int32_t(i * nip + r));
+        u_pos.push_back(x_pos[size_t(i * nip + r)]);
+      } else if (r < nip + cp) {
+        p->u_idx.push_back(int32_t(n * nip + i * lay.cap_max + (r - nip)));
+        u_pos.push_back(cap_pos[size_t(i * lay.cap_max + (r - nip))]);
+      } else {
+        p->u_idx.push_back(-1);
+        u_pos.push_back({0, 0, 0});
+      }
+    }
+    p->u_len.push_back(int(nip + cp));
+  }
+  p->x_len.assign(size_t(n), int(nip));
+  auto upload = [&](const std::vector<std::array<int64_t, 3>>& pos, Tensor& cos, Tensor& sin) {
+    RopeTables t = rope_tables_3d(pos, c.axes_dims, c.rope_theta);
+    cos = be_.upload(t.cos, DType::F32);
+    sin = be_.upload(t.sin, DType::F32);
+  };
+  upload(x_pos, p->x_cos, p->x_sin);
+  upload(cap_pos, p->cap_cos, p->cap_sin);
+  upload(u_pos, p->u_cos, p->u_sin);
+  plan_ = std::move(p);
+  return *plan_;
+}
+
 Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps) {
   const auto& c = cfg_;
   ZI_ASSERT(latents.ndim() == 4 && latents.dim(1) == c.in_channels);
@@ -186,7 +252,8 @@ Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, co
     cap_lengths.push_back(cap.dim(0));
   }
   const DitLayout lay = dit_layout(n, lh, lw, c.patch, cap_lengths);
-  const int64_t ni = lay.image_tokens, nip = lay.image_padded;
+  const LayoutPlan& plan = plan_for(lay);
+  const int64_t ni = lay.image_tokens, nip = lay.image_padded, um = lay.unified_max;
 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
   std::vector<float> scaled_t(t.size());
@@ -203,81 +270,24 @@ Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, co
     patches = i == 0 ? p : be_.concat_rows(patches, p);
   }
   Tensor x_src = be_.concat_rows(be_.linear(patches, x_w_, &x_b_), x_pad_);  // last row: the pad token
-  std::vector<int32_t> x_idx;
-  std::vector<std::array<int64_t, 3>> x_pos;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t r = 0; r < nip; ++r) {
-      bool real = r < ni;
-      x_idx.push_back(real ? int32_t(i * ni + r) : int32_t(n * ni));
-      // Image position ids: (cap_padded + 1, row, col); pad rows (0, 0, 0).
-      x_pos.push_back(real ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, r / lay.grid_w, r % lay.grid_w}
-                           : std::array<int64_t, 3>{0, 0, 0});
-    }
-  Tensor x = be_.gather_rows(x_src, x_idx).reshape({n, nip, c.dim});
+  Tensor x = be_.gather_rows(x_src, plan.x_idx).reshape({n, nip, c.dim});
 
-  // Caption tokens: RMSNorm + Linear, then [N, cap_max, dim] with cap_pad_token rows up to the
-  // item's multiple of 32 and zero rows (masked) beyond it.
+  // Caption tokens: RMSNorm + Linear, then [N, cap_max, dim] with pad-token and zero rows.
   Tensor cap_all;
   for (int64_t i = 0; i < n; ++i) {
     Tensor ci = be_.cast(caps[size_t(i)], be_.activation_dtype());
     cap_all = i == 0 ? ci : be_.concat_rows(cap_all, ci);
   }
-  int64_t cap_rows = cap_all.dim(0);
   Tensor cap_src =
       be_.concat_rows(be_.linear(be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), cap_w_, &cap_b_), cap_pad_);
-  std::vector<int32_t> cap_idx;
-  std::vector<std::array<int64_t, 3>> cap_pos;
-  int64_t cap_base = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < lay.cap_max; ++r) {
-      int64_t len = lay.cap_len[size_t(i)], padded = lay.cap_padded[size_t(i)];
-      cap_idx.push_back(r < len ? int32_t(cap_base + r) : r < padded ? int32_t(cap_rows) : -1);
-      cap_pos.push_back(r < padded ? std::array<int64_t, 3>{1 + r, 0, 0} : std::array<int64_t, 3>{0, 0, 0});
-    }
-    cap_base += lay.cap_len[size_t(i)];
-  }
-  Tensor cap = be_.gather_rows(cap_src, cap_idx).reshape({n, lay.cap_max, c.dim});
+  Tensor cap = be_.gather_rows(cap_src, plan.cap_idx).reshape({n, lay.cap_max, c.dim});
 
-  RopeTables x_rope = rope_tables_3d(x_pos, c.axes_dims, c.rope_theta);
-  RopeTables cap_rope = rope_tables_3d(cap_pos, c.axes_dims, c.rope_theta);
-  {
-    Tensor cos = be_.upload(x_rope.cos, DType::F32), sin = be_.upload(x_rope.sin, DType::F32);
-    std::vector<int> key_len(static_cast<size_t>(n), static_cast<int>(nip));
-    for (const auto& b : noise_refiner_) run_block(b, x, &mod, cos, sin, key_len);
-  }
-  {
-    Tensor cos = be_.upload(cap_rope.cos, DType::F32), sin = be_.upload(cap_rope.sin, DType::F32);
-    std::vector<int> key_len;
-    for (int64_t p : lay.cap_padded) key_len.push_back(int(p));
-    for (const auto& b : context_refiner_) run_block(b, cap, nullptr, cos, sin, key_len);
-  }
+  for (const auto& b : noise_refiner_) run_block(b, x, &mod, plan.x_cos, plan.x_sin, plan.x_len);
+  for (const auto& b : context_refiner_) run_block(b, cap, nullptr, plan.cap_cos, plan.cap_sin, plan.cap_len);
 
-  // Unified sequence per item: [image tokens (nip), caption tokens (cap_padded)], zero rows beyond.
   Tensor uni_src = be_.concat_rows(x.reshape({n * nip, c.dim}), cap.reshape({n * lay.cap_max, c.dim}));
-  std::vector<int32_t> u_idx;
-  std::vector<std::array<int64_t, 3>> u_pos;
-  std::vector<int> u_len;
-  const int64_t um = lay.unified_max;
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t cp = lay.cap_padded[size_t(i)];
-    for (int64_t r = 0; r < um; ++r) {
-      if (r < nip) {
-        u_idx.push_back(int32_t(i * nip + r));
-        u_pos.push_back(x_pos[size_t(i * nip + r)]);
-      } else if (r < nip + cp) {
-        u_idx.push_back(int32_t(n * nip + i * lay.cap_max + (r - nip)));
-        u_pos.push_back(cap_pos[size_t(i * lay.cap_max + (r - nip))]);
-      } else {
-        u_idx.push_back(-1);
-        u_pos.push_back({0, 0, 0});
-      }
-    }
-    u_len.push_back(int(nip + cp));
-  }
-  Tensor u = be_.gather_rows(uni_src, u_idx).reshape({n, um, c.dim});
-  RopeTables u_rope = rope_tables_3d(u_pos, c.axes_dims, c.rope_theta);
-  Tensor ucos = be_.upload(u_rope.cos, DType::F32), usin = be_.upload(u_rope.sin, DType::F32);
-  for (const auto& b : layers_) run_block(b, u, &mod, ucos, usin, u_len);
+  Tensor u = be_.gather_rows(uni_src, plan.u_idx).reshape({n, um, c.dim});
+  for (const auto& b : layers_) run_block(b, u, &mod, plan.u_cos, plan.u_sin, plan.u_len);
 
   // Final layer: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch values), then each
   // item's first image_tokens rows back to a latent.

@@ -6,6 +6,7 @@
 // Items are padded to a common length with key masking between them.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -48,6 +49,13 @@ class ZImageDit {
     Tensor norm1, norm2, ffn_norm1, ffn_norm2, qkv, norm_q, norm_k, out, w13, w2;
     int64_t mod_offset = -1;  // column of this block's 4*dim modulation in the packed adaLN output; -1: none
   };
+  struct LayoutPlan {
+    std::vector<int64_t> key;  // items, grid h, grid w, caption lengths
+    std::vector<int32_t> x_idx, cap_idx, u_idx;
+    std::vector<int> x_len, cap_len, u_len;  // key lengths per item
+    Tensor x_cos, x_sin, cap_cos, cap_sin, u_cos, u_sin;
+  };
+  const LayoutPlan& plan_for(const DitLayout& lay);
   void run_block(const Block& b, Tensor& x, const Tensor* mod, const Tensor& cos, const Tensor& sin,
                  const std::vector<int>& key_len);
   Block load_block(const WeightSource& ws, const std::string& prefix);
@@ -59,6 +67,7 @@ class ZImageDit {
   Tensor final_mod_w_, final_mod_b_, final_w_, final_b_;
   Tensor mod_w_, mod_b_;  // every modulated block's adaLN Linear(A -> 4*dim) stacked: one GEMM per call
   std::vector<Block> noise_refiner_, context_refiner_, layers_;
+  std::unique_ptr<LayoutPlan> plan_;  // of the last call: a request's steps all share it
 };
 
 // The sinusoidal timestep features of diffusers' TimestepEmbedder: [cos(t*f_k) | sin(t*f_k)],

@@ -23,6 +23,18 @@ void check_f32(const Tensor& t, const char* op) {
                " " + shape_str(t.shape()));
 }
 
+// Sets OpenBLAS's thread count for a scope (our own parallel_for supplies the parallelism there).
+class BlasThreadsScope {
+ public:
+  explicit BlasThreadsScope(int n) : saved_(openblas_get_num_threads()) { openblas_set_num_threads(n); }
+  ~BlasThreadsScope() { openblas_set_num_threads(saved_); }
+  BlasThreadsScope(const BlasThreadsScope&) = delete;
+  BlasThreadsScope& operator=(const BlasThreadsScope&) = delete;
+
+ private:
+  int saved_;
+};
+
 float rms_inv(const float* x, int64_t d, float eps) {
   double ss = 0;
   for (int64_t i = 0; i < d; ++i) ss += double(x[i]) * x[i];
@@ -262,6 +274,9 @@ class CpuBackend final : public Backend {
     float* o = out.f32();
     const int64_t kChunk = 256;  // queries per score block: bounds the scores buffer to kChunk x S
     int64_t chunks = (s + kChunk - 1) / kChunk;
+    // Parallel over (item, head, query block) with single-threaded GEMMs inside: OpenBLAS threading
+    // within each small GEMM would oversubscribe the cores.
+    BlasThreadsScope single_threaded_blas(1);
     parallel_for(bsz * hq * chunks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> scores(size_t(kChunk * s));
       for (int64_t job = lo; job < hi; ++job) {

@@ -67,6 +67,11 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (int k = 0; k < 2; ++k)
+      if (staging_[k]) {
+        cudaFreeHost(staging_[k]);
+        cudaEventDestroy(staging_free_[k]);
+      }
     conv_.reset();
     attention_.reset();
     gemm_.reset();
@@ -131,9 +136,13 @@ class CudaBackend final : public Backend {
     Tensor src = host.is_contiguous() ? host : host.clone();
     if (src.dtype() != dtype) src = src.to_dtype(dtype);
     Tensor t = empty(src.shape(), dtype);
-    // From pageable memory the copy is staged before cudaMemcpyAsync returns, so `src` may go away
-    // right after: no synchronization needed.
-    if (t.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), src.data(), t.nbytes(), cudaMemcpyHostToDevice, stream_));
+    if (t.nbytes() >= kStagingChunk) {
+      upload_staged(src.data(), t.data(), t.nbytes());
+    } else if (t.nbytes()) {
+      // From pageable memory a small copy is staged by the driver before cudaMemcpyAsync returns, so
+      // `src` may go away right after: no synchronization needed.
+      ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), src.data(), t.nbytes(), cudaMemcpyHostToDevice, stream_));
+    }
     return t;
   }
 
@@ -414,6 +423,29 @@ class CudaBackend final : public Backend {
     synchronize();
   }
 
+  // Large uploads (weights) go through two pinned buffers in turn: the host fills one while the
+  // DMA engine drains the other, at the full host-to-device rate.
+  static constexpr size_t kStagingChunk = size_t(16) << 20;
+  void upload_staged(const void* src, void* dst, size_t bytes) {
+    if (!staging_[0]) {
+      for (int k = 0; k < 2; ++k) {
+        ZI_CUDA_CHECK(cudaHostAlloc(&staging_[k], kStagingChunk, cudaHostAllocDefault));
+        ZI_CUDA_CHECK(cudaEventCreateWithFlags(&staging_free_[k], cudaEventDisableTiming));
+        ZI_CUDA_CHECK(cudaEventRecord(staging_free_[k], stream_));
+      }
+    }
+    const char* from = static_cast<const char*>(src);
+    char* to = static_cast<char*>(dst);
+    for (size_t off = 0, k = 0; off < bytes; off += kStagingChunk, k ^= 1) {
+      size_t n = std::min(kStagingChunk, bytes - off);
+      ZI_CUDA_CHECK(cudaEventSynchronize(staging_free_[k]));
+      std::memcpy(staging_[k], from + off, n);
+      ZI_CUDA_CHECK(cudaMemcpyAsync(to + off, staging_[k], n, cudaMemcpyHostToDevice, stream_));
+      ZI_CUDA_CHECK(cudaEventRecord(staging_free_[k], stream_));
+    }
+    // The source may be freed after return; the pinned buffers hold what is still in flight.
+  }
+
   Tensor upload_i32(const std::vector<int32_t>& v) {
     Tensor t = empty({int64_t(v.size())}, DType::I32);
     ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_));  // staged: see upload
@@ -444,6 +476,8 @@ class CudaBackend final : public Backend {
   };
   OpScope profile(const char* op) { return OpScope(*this, op); }
 
+  void* staging_[2] = {nullptr, nullptr};
+  cudaEvent_t staging_free_[2] = {};
   bool profiling_ = false;
   std::vector<OpRecord> op_records_;
   int device_;
