@@ -210,3 +210,35 @@ TEST(TextToImage, RejectsBadRequests) {
   r.negative_prompts = {"x", "y", "z"};
   expect_invalid(r, "negative prompts");
 }
+
+// A batch made of independent requests (one noise group each) gives every request the images it gets
+// alone: what the server's dynamic batching relies on.
+TEST(TextToImage, NoiseGroupsMakeBatchedRequestsEqualAlone) {
+  auto& p = tiny_pipeline();
+  GenerateRequest a;
+  a.prompts = {"a red apple"};
+  a.height = 32;
+  a.width = 48;
+  a.steps = 2;
+  a.guidance = 2.0f;
+  a.seed = 11;
+  a.num_images_per_prompt = 2;
+  a.generator = GeneratorDevice::Cpu;
+  GenerateRequest b = a;
+  b.prompts = {"a much longer prompt about a quiet harbour at dawn with fishing boats"};
+  b.negative_prompts = {"blurry"};
+  b.seed = 12;
+  GenerateResult ra = p.generate(a), rb = p.generate(b);
+
+  GenerateRequest both = a;
+  both.prompts = {a.prompts[0], a.prompts[0], b.prompts[0], b.prompts[0]};
+  both.negative_prompts = {"", "", "blurry", "blurry"};
+  both.num_images_per_prompt = 1;
+  both.noise_groups = {{2, 11}, {2, 12}};
+  GenerateResult rab = p.generate(both);
+  int64_t per = ra.latents.numel();
+  Tensor first = rab.latents.narrow0(0, 2), second = rab.latents.narrow0(2, 2);
+  EXPECT_LE(max_abs_diff(first, ra.latents), 1e-5);
+  EXPECT_LE(max_abs_diff(second, rb.latents), 1e-5);
+  EXPECT_EQ(per * 2, rab.latents.numel());
+}

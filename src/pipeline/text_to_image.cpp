@@ -1,5 +1,6 @@
 #include "pipeline/text_to_image.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -69,6 +70,13 @@ GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
   int64_t batch = int64_t(r.prompts.size()) * r.num_images_per_prompt;
   if (batch > limits_.max_batch)
     throw bad("a batch of " + std::to_string(batch) + " images is above the maximum of " + std::to_string(limits_.max_batch));
+  int64_t grouped = 0;
+  for (const auto& g : r.noise_groups) {
+    if (g.count < 1) throw bad("a noise group must hold at least one image");
+    grouped += g.count;
+  }
+  if (!r.noise_groups.empty() && grouped != batch)
+    throw bad("noise groups cover " + std::to_string(grouped) + " images of a batch of " + std::to_string(batch));
   if (r.negative_prompts.empty()) r.negative_prompts.assign(r.prompts.size(), "");
   if (r.negative_prompts.size() == 1 && r.prompts.size() > 1) r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
   if (r.negative_prompts.size() != r.prompts.size())
@@ -78,13 +86,27 @@ GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
 
 std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
                                                         std::vector<bool>* truncated) {
-  TokenizedBatch tok = tokenize_prompts(tokenizer_, prompts, max_sequence_length);
-  for (size_t i = 0; i < prompts.size(); ++i)
+  // Each distinct prompt is encoded once (a server batch often repeats one prompt).
+  std::vector<std::string> unique;
+  std::vector<size_t> which(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto it = std::find(unique.begin(), unique.end(), prompts[i]);
+    which[i] = size_t(it - unique.begin());
+    if (it == unique.end()) unique.push_back(prompts[i]);
+  }
+  TokenizedBatch tok = tokenize_prompts(tokenizer_, unique, max_sequence_length);
+  for (size_t i = 0; i < unique.size(); ++i)
     if (tok.truncated[i])
-      log_warn("prompt " + std::to_string(i) + " is longer than max_sequence_length " +
-               std::to_string(max_sequence_length) + " tokens (chat template included) and was truncated");
-  if (truncated) *truncated = tok.truncated;
-  return text_encoder_.encode(tok.input_ids, tok.lengths);
+      log_warn("a prompt is longer than max_sequence_length " + std::to_string(max_sequence_length) +
+               " tokens (chat template included) and was truncated");
+  std::vector<Tensor> encoded = text_encoder_.encode(tok.input_ids, tok.lengths);
+  std::vector<Tensor> out;
+  if (truncated) truncated->clear();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    out.push_back(encoded[which[i]]);
+    if (truncated) truncated->push_back(tok.truncated[which[i]]);
+  }
+  return out;
 }
 
 GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, const std::function<void(int, int)>& progress) {
@@ -112,9 +134,18 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
     }
   const int64_t b = int64_t(caps.size());
 
-  // 3. Starting noise: one torch.randn draw of [B, C, 2*(H/16), 2*(W/16)] with the seed.
+  // 3. Starting noise: torch.randn draws of [count, C, 2*(H/16), 2*(W/16)], one per noise group (by
+  // default one group: the whole batch with the request's seed, as diffusers draws it).
   const int64_t lh = r.height / vae_.downscale(), lw = r.width / vae_.downscale();
-  Tensor noise = torch_randn({b, latent_channels(), lh, lw}, r.seed, r.generator);
+  std::vector<NoiseGroup> groups = r.noise_groups;
+  if (groups.empty()) groups.push_back({b, r.seed});
+  Tensor noise = Tensor::empty({b, latent_channels(), lh, lw}, DType::F32);
+  int64_t filled = 0;
+  for (const auto& g : groups) {
+    Tensor part = torch_randn({g.count, latent_channels(), lh, lw}, g.seed, r.generator);
+    std::copy(part.f32(), part.f32() + part.numel(), noise.f32() + filled);
+    filled += part.numel();
+  }
   Tensor latents = be_.upload(noise, DType::F32);
   FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
 

@@ -20,6 +20,14 @@
 
 namespace zimage {
 
+// Images [first, first + count) of a batch start from one torch.randn draw of [count, C, h, w] with
+// `seed`: how a batch made of several independent requests keeps each request's images identical to
+// the request made alone.
+struct NoiseGroup {
+  int64_t count = 1;
+  uint64_t seed = 0;
+};
+
 struct GenerateRequest {
   std::vector<std::string> prompts;           // one image per prompt (times num_images_per_prompt)
   std::vector<std::string> negative_prompts;  // empty: "" for every prompt; else one per prompt
@@ -29,7 +37,8 @@ struct GenerateRequest {
   float cfg_normalization = 0.0f;  // > 0: cap ‖pred‖ at this multiple of ‖pos‖
   float cfg_truncation = 1.0f;     // steps whose normalized time (1000 - t)/1000 exceeds it run without CFG
   int max_sequence_length = 512;
-  uint64_t seed = 0;
+  uint64_t seed = 0;                    // without noise_groups: one draw for the whole batch (diffusers)
+  std::vector<NoiseGroup> noise_groups;  // else: their counts sum to the batch size
   GeneratorDevice generator = GeneratorDevice::Cuda;
   int num_images_per_prompt = 1;
 };
