@@ -18,67 +18,12 @@
 #include <cstring>
 #include <string>
 
+#include "backend/cuda/bf16_vec.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace zimage::cuda {
 
 namespace {
-
-// Two bf16 packed in a 32-bit word (the first in the low half) <-> floats. bf16 -> float is exact: the
-// bf16 bits are the float's upper half. Bit operations and memcpy rather than pointer casts between
-// local variables of different types, which the optimizer may assume never alias.
-__device__ __forceinline__ void bf16x2_to_float(uint32_t w, float& lo, float& hi) {
-  lo = __uint_as_float(w << 16);
-  hi = __uint_as_float(w & 0xffff0000u);
-}
-
-__device__ __forceinline__ uint32_t float_to_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // round to nearest even
-  uint32_t w;
-  memcpy(&w, &h, sizeof w);
-  return w;
-}
-
-// bf16 vectors of kW values as loaded and stored, kept packed in registers: 16 bytes (kW = 8) or one
-// value (kW = 1, the fallback for c not a multiple of 8 or pointers not 16-byte aligned).
-template <int kW>
-struct BfVec;
-template <>
-struct BfVec<8> {
-  uint4 raw;
-};
-template <>
-struct BfVec<1> {
-  unsigned short raw;  // the bf16 bits
-};
-
-template <int kW>
-__device__ __forceinline__ BfVec<kW> load_vec(const bf16* p) {
-  BfVec<kW> v;
-  v.raw = *reinterpret_cast<const decltype(v.raw)*>(p);
-  return v;
-}
-
-template <int kW>
-__device__ __forceinline__ void unpack(const BfVec<kW>& v, float (&f)[kW]) {
-  if constexpr (kW == 8) {
-    const uint32_t w[4] = {v.raw.x, v.raw.y, v.raw.z, v.raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) bf16x2_to_float(w[i], f[2 * i], f[2 * i + 1]);
-  } else {
-    f[0] = __uint_as_float(uint32_t(v.raw) << 16);
-  }
-}
-
-template <int kW>
-__device__ __forceinline__ void store_vec(bf16* p, const float (&f)[kW]) {
-  if constexpr (kW == 8) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(float_to_bf16x2(f[0], f[1]), float_to_bf16x2(f[2], f[3]),
-                                              float_to_bf16x2(f[4], f[5]), float_to_bf16x2(f[6], f[7]));
-  } else {
-    *p = __float2bfloat16(f[0]);
-  }
-}
 
 constexpr int kStatsThreads = 256;           // rounded down to a multiple of the vectors per pixel
 constexpr int64_t kChunkValues = 1 << 16;    // values per stats block at most (128 KB of bf16)

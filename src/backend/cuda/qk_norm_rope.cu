@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "backend/cuda/bf16_vec.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace zimage::cuda {
@@ -15,32 +16,6 @@ namespace zimage::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Two bf16 packed in a 32-bit word (the first in the low half) <-> floats. bf16 -> float is exact: the
-// bf16 bits are the float's upper half. Bit operations and memcpy rather than pointer casts between
-// local variables of different types, which the optimizer may assume never alias.
-__device__ __forceinline__ void bf16x2_to_float(uint32_t w, float& lo, float& hi) {
-  lo = __uint_as_float(w << 16);
-  hi = __uint_as_float(w & 0xffff0000u);
-}
-
-__device__ __forceinline__ uint32_t float_to_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // round to nearest even
-  uint32_t w;
-  memcpy(&w, &h, sizeof w);
-  return w;
-}
-
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) bf16x2_to_float(w[i], f[2 * i], f[2 * i + 1]);
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(float_to_bf16x2(f[0], f[1]), float_to_bf16x2(f[2], f[3]), float_to_bf16x2(f[4], f[5]),
-                    float_to_bf16x2(f[6], f[7]));
-}
 
 __device__ __forceinline__ void load8_f32(const float* p, float (&f)[8]) {
   const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
