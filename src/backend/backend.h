@@ -65,6 +65,7 @@ class Backend {
   using Mark = std::shared_ptr<void>;
   virtual Mark mark();
   virtual double elapsed_ms(const Mark& from, const Mark& to);
+  virtual void wait(const Mark&) {}  // until the work queued before the mark is done
   // Per-op device time while profiling is on (CUDA only; one event pair per op call).
   virtual void set_op_profiling(bool) {}
   virtual std::vector<OpTime> take_op_profile() { return {}; }  // aggregated since the last call

@@ -64,10 +64,8 @@ std::vector<std::string> output_paths(const std::string& target, int64_t n, uint
   return out;
 }
 
-// A one-line progress bar on stderr, only when stderr is a terminal.
+// A one-line progress bar on stderr (only used when stderr is a terminal).
 void progress_bar(int step, int total) {
-  static const bool tty = ::isatty(STDERR_FILENO);
-  if (!tty) return;
   const int width = 30;
   int filled = total ? step * width / total : width;
   std::fprintf(stderr, "\r  denoising [%s%s] %d/%d", std::string(size_t(filled), '#').c_str(),
@@ -158,7 +156,7 @@ Command add_generate(CLI::App& app) {
             log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
 
             if (o->warmup) pipe.generate(req);
-            GenerateResult res = pipe.generate(req, progress_bar);
+            GenerateResult res = pipe.generate(req, ::isatty(STDERR_FILENO) ? progress_bar : nullptr);
 
             for (size_t i = 0; i < paths.size(); ++i) {
               const std::string& prompt = req.prompts[i / size_t(req.num_images_per_prompt)];

@@ -164,7 +164,10 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
     m_dit.push_back(be_.mark());
     be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
     m_step.push_back(be_.mark());
-    if (progress) progress(i + 1, steps);
+    if (progress) {  // reports steps done, not steps queued: only then does the loop wait for the device
+      be_.wait(m_step.back());
+      progress(i + 1, steps);
+    }
   }
 
   // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.

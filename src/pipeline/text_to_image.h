@@ -72,7 +72,8 @@ class TextToImagePipeline {
 
   // Fills defaults and checks everything; throws Error(InvalidArgument) with a clear message.
   GenerateRequest resolve(GenerateRequest r) const;
-  // progress(step, total) after every denoising step.
+  // progress(step, total) after every denoising step has finished on the device (a caller that passes
+  // no callback lets the device run ahead of the host: no synchronization inside the loop).
   GenerateResult generate(const GenerateRequest& request,
                           const std::function<void(int, int)>& progress = nullptr);
 

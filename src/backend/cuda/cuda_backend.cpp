@@ -106,6 +106,7 @@ class CudaBackend final : public Backend {
     ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
     return ms;
   }
+  void wait(const Mark& m) override { ZI_CUDA_CHECK(cudaEventSynchronize(*static_cast<cudaEvent_t*>(m.get()))); }
   void set_op_profiling(bool on) override { profiling_ = on; }
   std::vector<OpTime> take_op_profile() override {
     std::map<std::string, OpTime> agg;
