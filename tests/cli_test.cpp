@@ -59,7 +59,8 @@ TEST(Cli, GenerateWritesPngWithMetadataAndPerfDump) {
   EXPECT_EQ(text["model"], "synthetic:tiny");
   auto j = nlohmann::json::parse(slurp(perf));
   EXPECT_EQ(j["steps"], 9);
-  EXPECT_EQ(j["denoise_steps_ms"].size(), 9u);
+  EXPECT_EQ(j["stages"]["denoise_steps_ms"].size(), 9u);
+  EXPECT_EQ(j["stages"]["steps"][0]["name"], "text_encoder");
   EXPECT_GT(j["e2e_ms"].get<double>(), 0.0);
   EXPECT_EQ(j["resolution"], "48x64");
 }
@@ -149,8 +150,21 @@ TEST(Cli, EncodePromptMatchesGoldenEmbeddings) {
   EXPECT_LE(max_abs_diff(SafetensorsFile::open(out)->get("prompt_embeds.0"), golden->get("prompt_embeds.0")), 1e-4);
 }
 
+TEST(Cli, BenchComparesTwoPerfDumps) {
+  std::string a = temp_path("perf_a.json"), b = temp_path("perf_b.json");
+  for (const auto& p : {a, b})
+    ASSERT_EQ(run("generate --model synthetic:tiny --prompt x --height 32 --width 32 --num-inference-steps 2 --output-path " +
+                  temp_path("cmp.png") + " --perf-dump-path " + p)
+                  .code,
+              0);
+  ProcessResult r = run("bench --compare " + a + " " + b);
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const char* row : {"e2e_ms", "dit_forward_ms", "vae_decode", "step 1"}) EXPECT_NE(r.out.find(row), std::string::npos) << r.out;
+  EXPECT_EQ(run("bench --compare " + a + " " + temp_path("missing.json")).code, 2);
+}
+
 TEST(Cli, HelpOnEveryCommand) {
-  for (const char* c : {"generate", "tokenize", "encode-prompt"}) {
+  for (const char* c : {"generate", "tokenize", "encode-prompt", "bench"}) {
     ProcessResult r = run(std::string(c) + " --help");
     EXPECT_EQ(r.code, 0) << c;
     EXPECT_NE(r.out.find("--model"), std::string::npos) << c;

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
@@ -50,6 +51,44 @@ std::string slug(std::string s) {
   return out;
 }
 
+// One run's numbers: a `zimage bench` file holds {"results": [...]}, a `generate --perf-dump-path`
+// file is one result.
+std::vector<nlohmann::json> load_results(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(ErrorKind::NotFound, "cannot read '" + path + "'");
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw Error(ErrorKind::Format, path + ": not a JSON object");
+  if (j.contains("results") && j["results"].is_array()) return j["results"].get<std::vector<nlohmann::json>>();
+  return {j};
+}
+
+// Side by side, stage by stage, as SGLang's compare_perf prints two perf dumps.
+void print_comparison(const nlohmann::json& a, const nlohmann::json& b) {
+  auto row = [](const std::string& name, const nlohmann::json& va, const nlohmann::json& vb) {
+    if (!va.is_number() || !vb.is_number()) return;
+    double x = va.get<double>(), y = vb.get<double>();
+    std::printf("  %-24s %12.2f %12.2f %+12.2f %+8.1f%%\n", name.c_str(), x, y, y - x, x != 0 ? 100 * (y - x) / x : 0.0);
+  };
+  std::printf("%s  (A: %s, B: %s)\n", a.value("resolution", std::string("?")).c_str(), a.value("device", std::string("?")).c_str(),
+              b.value("device", std::string("?")).c_str());
+  std::printf("  %-24s %12s %12s %12s %9s\n", "", "A", "B", "B - A", "");
+  for (const char* k : {"e2e_ms", "text_encoder_ms", "denoise_ms", "dit_forward_ms", "vae_decode_ms", "to_uint8_ms",
+                        "png_encode_ms", "peak_gpu_mib", "load_s", "first_image_s"})
+    if (a.contains(k) && b.contains(k)) row(k, a[k], b[k]);
+  auto steps_of = [](const nlohmann::json& r, const char* list) {
+    std::map<std::string, nlohmann::json> out;
+    if (!r.contains("stages") || !r["stages"].contains(list)) return out;
+    for (const auto& s : r["stages"][list])
+      out[s.contains("name") ? s["name"].get<std::string>() : "step " + std::to_string(s["step"].get<int>())] = s["duration_ms"];
+    return out;
+  };
+  for (const char* list : {"steps", "denoise_steps_ms"}) {
+    auto sa = steps_of(a, list), sb = steps_of(b, list);
+    for (const auto& [name, v] : sa)
+      if (sb.count(name)) row(name, v, sb[name]);
+  }
+}
+
 struct BenchOptions {
   std::string model = "synthetic:turbo", backend = "auto", label = "bench", out_dir = "bench/results";
   std::string prompt = "A futuristic cyberpunk city at night, neon lights reflecting on wet streets";
@@ -59,6 +98,7 @@ struct BenchOptions {
   std::optional<float> guidance;
   int runs = 5, batch = 1;
   bool profile = false;
+  std::vector<std::string> compare;
 };
 
 }  // namespace
@@ -81,7 +121,22 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--label", o->label, "Label in the result file name");
   cmd->add_flag("--profile", o->profile, "After the timed runs, one more run with per-op device times (CUDA)");
   cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
+  cmd->add_option("--compare", o->compare, "Compare two result files (A.json B.json) stage by stage instead of running")
+      ->expected(2)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   return {cmd, [o] {
+            if (!o->compare.empty()) {
+              auto a = load_results(o->compare[0]), b = load_results(o->compare[1]);
+              bool any = false;
+              for (const auto& ra : a)
+                for (const auto& rb : b)
+                  if ((a.size() == 1 && b.size() == 1) || ra.value("resolution", "") == rb.value("resolution", "")) {
+                    print_comparison(ra, rb);
+                    any = true;
+                  }
+              if (!any) throw Error(ErrorKind::InvalidArgument, "the two files share no resolution to compare");
+              return 0;
+            }
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
             auto be = make_backend(o->backend);

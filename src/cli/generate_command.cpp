@@ -95,8 +95,7 @@ nlohmann::json perf_json(const GenerateResult& r, const GenerateRequest& req, co
           {"dit_forward_ms", t.dit_ms.empty() ? 0.0 : dit / double(t.dit_ms.size())},
           {"vae_decode_ms", t.vae_decode_ms},
           {"load_s", load_s},
-          {"stages", steps},
-          {"denoise_steps_ms", per_step}};
+          {"stages", {{"steps", steps}, {"denoise_steps_ms", per_step}}}};
 }
 
 }  // namespace
