@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   build-essential cmake pkg-config
-  nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
+  nlohmann-json3-dev libcli11-dev libcpp-httplib-dev libssl-dev
   libpng-dev libjpeg62-turbo-dev libwebp-dev
   libpcre2-dev libutf8proc-dev libopenblas-dev libgtest-dev
 )

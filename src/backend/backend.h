@@ -56,6 +56,9 @@ class Backend {
   virtual Tensor to_host_u8(const Tensor& t) = 0;
   virtual Tensor cast(const Tensor& x, DType dtype) = 0;
   virtual void synchronize() {}
+  // The device queue the ops run on (a cudaStream_t for CUDA; null on the CPU): collectives between
+  // GPUs are queued there, in order with the ops (parallel/nccl_communicator.cpp).
+  virtual void* native_stream() { return nullptr; }
   virtual MemoryStats memory_stats() const { return {}; }  // device backends only
   virtual void reset_peak_memory() {}
 

@@ -20,6 +20,7 @@ Command add_generate(CLI::App& app);
 Command add_tokenize(CLI::App& app);
 Command add_encode_prompt(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_serve(CLI::App& app);
 
 // "cpu", "cuda" or "auto" (the GPU when this build has CUDA and a device is present, else the CPU).
 std::unique_ptr<Backend> make_backend(const std::string& which);

@@ -13,6 +13,7 @@
 #include "core/log.h"
 #include "io/image.h"
 #include "io/safetensors.h"
+#include "parallel/parallel_config.h"
 #include "pipeline/text_to_image.h"
 
 namespace zimage::cli {
@@ -31,6 +32,8 @@ struct GenerateOptions {
   float cfg_normalization = 0.0f, cfg_truncation = 1.0f;
   uint64_t seed = 42;
   bool warmup = false;
+  int num_gpus = 1, ulysses_degree = 0;  // 0: derived from --num-gpus
+  bool cfg_parallel = false;
 };
 
 std::vector<std::string> read_prompt_file(const std::string& path) {
@@ -125,6 +128,10 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
+  cmd->add_option("--num-gpus", o->num_gpus, "GPUs for one request (= --ulysses-degree, x2 with --cfg-parallel)");
+  cmd->add_option("--ulysses-degree", o->ulysses_degree,
+                  "GPUs that split each image's tokens (must divide the DiT's heads; default: from --num-gpus)");
+  cmd->add_flag("--cfg-parallel", o->cfg_parallel, "Run the positive and negative CFG branches on two groups of GPUs");
   return {cmd, [o] {
             if (!o->prompt_file.empty()) {
               auto more = read_prompt_file(o->prompt_file);
@@ -147,6 +154,12 @@ Command add_generate(CLI::App& app) {
 
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
+            const ParallelConfig par = parallel_config(o->num_gpus, o->ulysses_degree, o->cfg_parallel,
+                                                       DitConfig::from(model.transformer).heads,
+                                                       o->backend == "cpu" ? 0 : cuda_device_count());
+            if (par.num_gpus > 1)
+              throw Error(ErrorKind::InvalidArgument, "--num-gpus " + std::to_string(par.num_gpus) +
+                                                          ": this build generates on one GPU (no multi-GPU runner yet)");
             auto be = make_backend(o->backend);
             TextToImagePipeline pipe(*be, model);
             req = pipe.resolve(req);  // all validation before loading work is wasted or files written

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
       zimage::cli::add_tokenize(app),
       zimage::cli::add_encode_prompt(app),
       zimage::cli::add_bench(app),
+      zimage::cli::add_serve(app),
   };
   try {
     app.parse(argc, argv);

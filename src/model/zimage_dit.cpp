@@ -153,8 +153,7 @@ ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : b
   mod_b_ = be.upload(packed_bias);
 }
 
-void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Tensor& cos, const Tensor& sin,
-                          const std::vector<int>& key_len) {
+void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm) {
   const auto& c = cfg_;
   const float eps = float(c.norm_eps);
   Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
@@ -167,36 +166,49 @@ void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Te
   int h = int(c.heads), d = int(c.head_dim);
   Tensor hn = be_.modulated_rms_norm(x, b.norm1, mod ? &scale_msa : nullptr, eps);
   Tensor qkv = be_.linear(hn, b.qkv);
-  be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, cos, sin, RopeStyle::Interleaved);
-  Tensor attn = be_.attention(qkv, h, h, d, float(1.0 / std::sqrt(double(d))), /*causal=*/false, key_len);
+  be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
+                           : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
   be_.gated_residual_rms_norm_(x, be_.linear(attn, b.out), b.norm2, mod ? &gate_msa : nullptr, eps);
   Tensor fn = be_.modulated_rms_norm(x, b.ffn_norm1, mod ? &scale_mlp : nullptr, eps);
   Tensor ff = be_.linear(be_.swiglu(be_.linear(fn, b.w13)), b.w2);
   be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, mod ? &gate_mlp : nullptr, eps);
 }
 
-// Everything about a call that depends only on its token layout: the row maps that build the padded
-// sequences, and the RoPE tables (uploaded once). The denoising loop repeats one layout every step.
-const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay) {
-  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w};
+// Everything about a call that depends only on its token layout (and, sharded, on the rank): the row
+// maps that build the padded sequences, and the RoPE tables (uploaded once). The denoising loop repeats
+// one layout every step.
+const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sharding* sp) {
+  const int rank = sp ? sp->comm.rank() : 0;
+  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 1, rank};
   key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
   if (plan_ && plan_->key == key) return *plan_;
   const auto& c = cfg_;
-  const int64_t n = lay.items, ni = lay.image_tokens, nip = lay.image_padded, um = lay.unified_max;
+  const int64_t n = lay.items, ni = lay.image_tokens;
   auto p = std::make_unique<LayoutPlan>();
   p->key = key;
+  // One rank holds every image token, then pad tokens up to image_padded; a sharded rank holds its
+  // band's tokens (in row-major order over the band), then pad tokens up to the plan's local_len.
+  const int64_t nip = sp ? sp->plan.local_len : lay.image_padded;
+  const int64_t um = nip + lay.cap_max;
+  p->image_rows = nip;
+  auto grid_token = [&](int64_t r) -> int64_t {  // global token of image row r, -1 for a pad row
+    if (!sp) return r < ni ? r : -1;
+    return r < sp->plan.ranks[size_t(rank)].tokens ? sp->plan.global_token(rank, r) : -1;
+  };
   int64_t cap_rows = 0;
   for (int64_t len : lay.cap_len) cap_rows += len;
 
-  // Image rows: item i's patches, then the pad token (source row n*ni) up to a multiple of 32.
-  // Position ids (cap_padded + 1, row, col); pad rows (0, 0, 0).
+  // Image rows: item i's patches, then the pad token (source row n*ni). Position ids
+  // (cap_padded + 1, row, col), the token's own grid row and column on every rank; pad rows (0, 0, 0).
   std::vector<std::array<int64_t, 3>> x_pos, cap_pos, u_pos;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t r = 0; r < nip; ++r) {
-      bool real = r < ni;
-      p->x_idx.push_back(real ? int32_t(i * ni + r) : int32_t(n * ni));
-      x_pos.push_back(real ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, r / lay.grid_w, r % lay.grid_w}
-                           : std::array<int64_t, 3>{0, 0, 0});
+      int64_t g = grid_token(r);
+      p->x_idx.push_back(g >= 0 ? int32_t(i * ni + g) : int32_t(n * ni));
+      x_pos.push_back(g >= 0 ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, g / lay.grid_w, g % lay.grid_w}
+                             : std::array<int64_t, 3>{0, 0, 0});
     }
   // Caption rows: item i's tokens, cap_pad_token (source row cap_rows) up to its multiple of 32, zero
   // rows (masked) up to the batch's longest. Position ids (1 + k, 0, 0).
@@ -208,7 +220,7 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay) {
       cap_pos.push_back(r < padded ? std::array<int64_t, 3>{1 + r, 0, 0} : std::array<int64_t, 3>{0, 0, 0});
     }
     cap_base += len;
-    p->cap_len.push_back(int(padded));
+    p->cap.key_len.push_back(int(padded));
   }
   // Unified rows per item: [image (nip), caption (cap_padded)], zero rows beyond; the source is the
   // refined image rows followed by the refined caption rows.
@@ -226,22 +238,47 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay) {
         u_pos.push_back({0, 0, 0});
       }
     }
-    p->u_len.push_back(int(nip + cp));
+    p->u.key_len.push_back(int(nip + cp));
+    for (int64_t r = 0; r < nip; ++r) p->final_idx.push_back(int32_t(i * um + r));  // the final layer's rows
   }
-  p->x_len.assign(size_t(n), int(nip));
-  auto upload = [&](const std::vector<std::array<int64_t, 3>>& pos, Tensor& cos, Tensor& sin) {
+  p->x.key_len.assign(size_t(n), int(nip));
+  if (sp) {
+    // Sharded: the image tokens attend through Ulysses (the caption rows replicated in the unified
+    // layers), and the output is every rank's final rows put back in grid order, pad rows cropped.
+    const std::vector<int64_t> none(static_cast<size_t>(n), 0);  // the noise refiner has no replicated rows
+    p->x.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, 0, none));
+    p->u.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, lay.cap_max, lay.cap_padded));
+    const auto owners = sp->plan.token_owners();
+    for (int64_t i = 0; i < n; ++i)
+      for (const auto& [s, k] : owners) p->gather_idx.push_back(int32_t((s * n + i) * nip + k));
+  }
+  auto upload = [&](const std::vector<std::array<int64_t, 3>>& pos, Stage& st) {
     RopeTables t = rope_tables_3d(pos, c.axes_dims, c.rope_theta);
-    cos = be_.upload(t.cos, DType::F32);
-    sin = be_.upload(t.sin, DType::F32);
+    st.cos = be_.upload(t.cos, DType::F32);
+    st.sin = be_.upload(t.sin, DType::F32);
   };
-  upload(x_pos, p->x_cos, p->x_sin);
-  upload(cap_pos, p->cap_cos, p->cap_sin);
-  upload(u_pos, p->u_cos, p->u_sin);
+  upload(x_pos, p->x);
+  upload(cap_pos, p->cap);
+  upload(u_pos, p->u);
   plan_ = std::move(p);
   return *plan_;
 }
 
 Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps) {
+  return run(latents, t, caps, nullptr);
+}
+
+Tensor ZImageDit::forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
+                                  const SequenceParallelPlan& plan, Communicator& comm) {
+  ZI_ASSERT(latents.ndim() == 4);
+  ZI_ASSERT(plan.degree == comm.size() && plan.heads == cfg_.heads && plan.grid_h == latents.dim(2) / cfg_.patch &&
+            plan.grid_w == latents.dim(3) / cfg_.patch);
+  const Sharding sp{plan, comm};
+  return run(latents, t, caps, &sp);
+}
+
+Tensor ZImageDit::run(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
+                      const Sharding* sp) {
   const auto& c = cfg_;
   ZI_ASSERT(latents.ndim() == 4 && latents.dim(1) == c.in_channels);
   const int64_t n = latents.dim(0), lh = latents.dim(2), lw = latents.dim(3);
@@ -252,8 +289,9 @@ Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, co
     cap_lengths.push_back(cap.dim(0));
   }
   const DitLayout lay = dit_layout(n, lh, lw, c.patch, cap_lengths);
-  const LayoutPlan& plan = plan_for(lay);
-  const int64_t ni = lay.image_tokens, nip = lay.image_padded, um = lay.unified_max;
+  const LayoutPlan& plan = plan_for(lay, sp);
+  Communicator* comm = sp ? &sp->comm : nullptr;
+  const int64_t ni = lay.image_tokens, nip = plan.image_rows, um = nip + lay.cap_max;
 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
   std::vector<float> scaled_t(t.size());
@@ -262,7 +300,7 @@ Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, co
   Tensor adaln = be_.linear(be_.silu(be_.linear(tf, t_mlp0_w_, &t_mlp0_b_)), t_mlp2_w_, &t_mlp2_b_);
   Tensor mod = be_.linear(adaln, mod_w_, &mod_b_);
 
-  // Image tokens: patchify each item, embed, then lay out [N, nip, dim] with x_pad_token rows.
+  // Image tokens: patchify each item, embed, then lay out this rank's [N, nip, dim] with x_pad_token rows.
   Tensor lat = be_.cast(latents, be_.activation_dtype());
   Tensor patches;
   for (int64_t i = 0; i < n; ++i) {
@@ -282,21 +320,30 @@ Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, co
       be_.concat_rows(be_.linear(be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), cap_w_, &cap_b_), cap_pad_);
   Tensor cap = be_.gather_rows(cap_src, plan.cap_idx).reshape({n, lay.cap_max, c.dim});
 
-  for (const auto& b : noise_refiner_) run_block(b, x, &mod, plan.x_cos, plan.x_sin, plan.x_len);
-  for (const auto& b : context_refiner_) run_block(b, cap, nullptr, plan.cap_cos, plan.cap_sin, plan.cap_len);
+  for (const auto& b : noise_refiner_) run_block(b, x, &mod, plan.x, comm);
+  for (const auto& b : context_refiner_) run_block(b, cap, nullptr, plan.cap, nullptr);  // replicated when sharded
 
   Tensor uni_src = be_.concat_rows(x.reshape({n * nip, c.dim}), cap.reshape({n * lay.cap_max, c.dim}));
   Tensor u = be_.gather_rows(uni_src, plan.u_idx).reshape({n, um, c.dim});
-  for (const auto& b : layers_) run_block(b, u, &mod, plan.u_cos, plan.u_sin, plan.u_len);
+  for (const auto& b : layers_) run_block(b, u, &mod, plan.u, comm);
 
-  // Final layer: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch values), then each
-  // item's first image_tokens rows back to a latent.
+  // Final layer on this rank's image rows: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch
+  // values). Sharded, every rank's rows are gathered and put in grid order. Then each item's
+  // image_tokens rows back to a latent.
   Tensor fscale = be_.linear(be_.silu(adaln), final_mod_w_, &final_mod_b_);
-  Tensor out_tokens = be_.linear(be_.modulated_layer_norm(u, fscale, kFinalNormEps), final_w_, &final_b_);
-  Tensor flat = out_tokens.reshape({n * um, c.patch * c.patch * c.in_channels});
+  Tensor img = be_.gather_rows(u, plan.final_idx).reshape({n, nip, c.dim});
+  Tensor flat = be_.linear(be_.modulated_layer_norm(img, fscale, kFinalNormEps), final_w_, &final_b_)
+                    .reshape({n * nip, c.patch * c.patch * c.in_channels});
+  int64_t stride = nip;  // rows per item in `flat`
+  if (sp) {
+    Tensor all = be_.empty({int64_t(comm->size()), flat.numel()}, flat.dtype());
+    comm->all_gather(flat, all);
+    flat = be_.gather_rows(all.reshape({comm->size() * n * nip, flat.dim(1)}), plan.gather_idx);
+    stride = ni;
+  }
   Tensor out;
   for (int64_t i = 0; i < n; ++i) {
-    Tensor li = be_.unpatchify(flat.narrow0(i * um, ni), int(c.in_channels), int(lh), int(lw), int(c.patch));
+    Tensor li = be_.unpatchify(flat.narrow0(i * stride, ni), int(c.in_channels), int(lh), int(lw), int(c.patch));
     li = li.reshape({c.in_channels * lh, lw});
     out = i == 0 ? li : be_.concat_rows(out, li);
   }

@@ -4,6 +4,9 @@
 // refined separately (noise_refiner with adaLN modulation, context_refiner without), joined as
 // [image, caption] per item, run through the main layers, and projected back to latent patches.
 // Items are padded to a common length with key masking between them.
+// forward_sharded runs the same computation over several ranks (Ulysses sequence parallelism): each
+// rank holds its band of the image tokens (parallel/sequence_parallel_plan.h), captions replicated,
+// attention through parallel/ulysses_attention.h.
 #pragma once
 
 #include <memory>
@@ -12,6 +15,9 @@
 #include "backend/backend.h"
 #include "io/config.h"
 #include "model/weights.h"
+#include "parallel/communicator.h"
+#include "parallel/sequence_parallel_plan.h"
+#include "parallel/ulysses_attention.h"
 
 namespace zimage {
 
@@ -43,21 +49,38 @@ class ZImageDit {
   // latents [N, C, h, w] (float32 or activation dtype), t[N] the DiT time ((1000 - timestep) / 1000),
   // caps[N] caption features [len_i, cap_feat_dim]. Returns the raw model output [N, C, h, w] float32.
   Tensor forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps);
+  // The same call on rank comm.rank() of a sequence-parallel group: every rank passes the same arguments
+  // and `plan` (for this latent grid, degree comm.size() and this model's heads); each computes its own
+  // image tokens, and every rank returns the whole output, equal to forward()'s.
+  Tensor forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
+                         const SequenceParallelPlan& plan, Communicator& comm);
 
  private:
   struct Block {
     Tensor norm1, norm2, ffn_norm1, ffn_norm2, qkv, norm_q, norm_k, out, w13, w2;
     int64_t mod_offset = -1;  // column of this block's 4*dim modulation in the packed adaLN output; -1: none
   };
-  struct LayoutPlan {
-    std::vector<int64_t> key;  // items, grid h, grid w, caption lengths
-    std::vector<int32_t> x_idx, cap_idx, u_idx;
-    std::vector<int> x_len, cap_len, u_len;  // key lengths per item
-    Tensor x_cos, x_sin, cap_cos, cap_sin, u_cos, u_sin;
+  struct Sharding {  // this call's share of a sequence-parallel group
+    const SequenceParallelPlan& plan;
+    Communicator& comm;
   };
-  const LayoutPlan& plan_for(const DitLayout& lay);
-  void run_block(const Block& b, Tensor& x, const Tensor* mod, const Tensor& cos, const Tensor& sin,
-                 const std::vector<int>& key_len);
+  // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,
+  // and key lengths per item on one rank, or the Ulysses row maps when sharded.
+  struct Stage {
+    Tensor cos, sin;
+    std::vector<int> key_len;
+    std::unique_ptr<UlyssesLayout> ulysses;
+  };
+  struct LayoutPlan {
+    std::vector<int64_t> key;  // items, grid h, grid w, degree, rank, caption lengths
+    int64_t image_rows = 0;    // image rows per item on this rank: image_padded, or the plan's local_len
+    std::vector<int32_t> x_idx, cap_idx, u_idx, final_idx;
+    std::vector<int32_t> gather_idx;  // sharded: every rank's final rows [U, n, image_rows] -> [n, N] in grid order
+    Stage x, cap, u;
+  };
+  Tensor run(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps, const Sharding* sp);
+  const LayoutPlan& plan_for(const DitLayout& lay, const Sharding* sp);
+  void run_block(const Block& b, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm);
   Block load_block(const WeightSource& ws, const std::string& prefix);
 
   Backend& be_;

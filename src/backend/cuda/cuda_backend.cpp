@@ -84,6 +84,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda:" + std::to_string(device_) + " " + device_name_ + " (bf16)"; }
   DType activation_dtype() const override { return DType::BF16; }
   void synchronize() override { ZI_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void* native_stream() override { return stream_; }
   MemoryStats memory_stats() const override {
     return {alloc_->bytes_in_use(), alloc_->peak_bytes_in_use(), alloc_->bytes_cached()};
   }

@@ -1,0 +1,56 @@
+// The body of POST /v1/images/generations: OpenAI's fields (prompt, n, size, response_format,
+// output_format, user, model) and SGLang's extensions (width, height, num_inference_steps,
+// guidance_scale, negative_prompt, seed, cfg_normalization, cfg_truncation, max_sequence_length).
+// Parsing and validation are one pure function from the JSON text to a complete request or to the
+// message and field of the first problem: no sockets, no engine, no exceptions, so it can be fuzzed alone.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "io/image.h"
+
+namespace zimage::server {
+
+enum class ResponseFormat { B64Json, Url };
+
+struct ImageRequest {
+  std::string prompt, negative_prompt;
+  std::string model, user;  // accepted as OpenAI clients send them; not used for generation
+  int n = 1;
+  int width = 1024, height = 1024;
+  int steps = 0;
+  float guidance = 0;
+  float cfg_normalization = 0.0f, cfg_truncation = 1.0f;
+  int max_sequence_length = 512;
+  // Empty: none given (the server draws one). One: a single torch.randn draw for all n images, as a
+  // one-request `zimage generate`. n (seed given as a list): image j starts from its own draw with seeds[j].
+  std::vector<uint64_t> seeds;
+  bool seed_is_list = false;
+  ResponseFormat response_format = ResponseFormat::B64Json;
+  ImageFormat output_format = ImageFormat::Png;
+};
+
+// What the server accepts and what it fills in for fields left out.
+struct RequestPolicy {
+  int max_n = 4;
+  int64_t max_pixels = int64_t(2048) * 2048;
+  int size_multiple = 16;  // VAE downscale (8) x DiT patch (2)
+  int max_steps = 1000;
+  int max_sequence_length = 4096;
+  int default_steps = 9;          // the model's recipe
+  float default_guidance = 0.0f;  // the model's recipe
+  int default_width = 1024, default_height = 1024;
+};
+
+struct RequestError {
+  std::string message;
+  std::string param;  // the JSON field at fault; empty when the body as a whole is wrong
+};
+
+std::variant<ImageRequest, RequestError> parse_image_request(std::string_view body, const RequestPolicy& policy);
+
+}  // namespace zimage::server

@@ -1,0 +1,63 @@
+// What the server tells operators, in Prometheus' text format (GET /metrics): readiness, queue depth,
+// requests in flight, the size of every batch, latency histograms per pipeline stage (per batch) and
+// per request (queue wait, end to end), images generated, cancelled requests, errors by kind and the
+// device memory the engine holds. Updated from the HTTP threads and the batch worker; one lock.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "pipeline/text_to_image.h"
+
+namespace zimage::server {
+
+// Cumulative buckets with fixed upper bounds, as Prometheus histograms are.
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds);
+  void observe(double v);
+  // Appends the _bucket, _sum and _count lines; `labels` ("stage=\"denoise\"") goes into each.
+  void render(std::string& out, const std::string& name, const std::string& labels) const;
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<int64_t> counts_;  // per bucket, not cumulative; one more for +Inf
+  double sum_ = 0;
+  int64_t count_ = 0;
+};
+
+class Metrics {
+ public:
+  Metrics();
+
+  void set_ready(bool ready);
+  void set_queue_depth(size_t requests);
+  void request_started();                             // a generation request was accepted by the HTTP layer...
+  void request_finished(int status, double seconds);  // ...and answered with `status` after `seconds`
+  void observe_queue_wait(double seconds);
+  // One batch run by the worker: how many images it held and the pipeline's stage times.
+  void observe_batch(int images, const StageTimes& times);
+  void add_images(int64_t n);
+  void add_cancelled();                     // a queued request dropped before it ran (client gone, timeout)
+  void add_error(const std::string& kind);  // an error answer, by its OpenAI error code
+  void set_device_memory(const MemoryStats& stats);
+
+  std::string render() const;
+
+ private:
+  mutable std::mutex mutex_;
+  bool ready_ = false;
+  size_t queue_depth_ = 0;
+  int64_t in_flight_ = 0, images_ = 0, cancelled_ = 0;
+  std::map<int, int64_t> requests_by_status_;
+  std::map<std::string, int64_t> errors_by_kind_;
+  MemoryStats memory_;
+  Histogram batch_images_, request_seconds_, queue_wait_seconds_;
+  std::map<std::string, Histogram> stage_seconds_;  // text_encoder, denoise, vae_decode
+};
+
+}  // namespace zimage::server

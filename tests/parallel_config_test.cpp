@@ -1,0 +1,86 @@
+// --num-gpus / --ulysses-degree / --cfg-parallel: the validation as a function, and as the CLI reports it.
+#include "parallel/parallel_config.h"
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "core/error.h"
+
+using namespace zimage;
+
+namespace {
+
+constexpr int64_t kHeads = 30;
+
+std::string error_of(int n, int u, bool cfg, int64_t heads, int found) {
+  try {
+    parallel_config(n, u, cfg, heads, found);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(ParallelConfig, DegreesAndRankLayout) {
+  ParallelConfig one = parallel_config(1, 0, false, kHeads, 0);  // one device, which may be the CPU
+  EXPECT_EQ(one.ulysses_degree, 1);
+  ParallelConfig u2 = parallel_config(2, 0, false, kHeads, 2);
+  EXPECT_EQ(u2.ulysses_degree, 2);
+  EXPECT_EQ(u2.cfg_groups(), 1);
+  // 6 GPUs, CFG parallel: two groups of 3; GPU 4 is rank 1 of the negative branch's group.
+  ParallelConfig c6 = parallel_config(6, 0, true, kHeads, 8);
+  EXPECT_EQ(c6.ulysses_degree, 3);
+  EXPECT_EQ(c6.cfg_rank(4), 1);
+  EXPECT_EQ(c6.ulysses_rank(4), 1);
+  EXPECT_EQ(c6.cfg_rank(2), 0);
+  EXPECT_EQ(c6.ulysses_rank(2), 2);
+  ParallelConfig c2 = parallel_config(2, 1, true, kHeads, 2);  // CFG parallel alone
+  EXPECT_EQ(c2.ulysses_degree, 1);
+}
+
+TEST(ParallelConfig, ClearErrors) {
+  EXPECT_EQ(error_of(4, 0, false, kHeads, 4),
+            "--ulysses-degree 4 does not divide the model's 30 attention heads (use one of 1, 2, 3, 5, 6, 10, 15, 30)");
+  EXPECT_EQ(error_of(4, 3, false, kHeads, 4), "--num-gpus 4 must equal --ulysses-degree 3");
+  EXPECT_EQ(error_of(4, 3, true, kHeads, 4), "--num-gpus 4 must equal --ulysses-degree 3 x 2 (--cfg-parallel) = 6");
+  EXPECT_EQ(
+      error_of(3, 0, true, kHeads, 4),
+      "--cfg-parallel runs the positive and negative branches on two groups of GPUs: --num-gpus must be even, got 3");
+  EXPECT_EQ(error_of(2, 0, false, kHeads, 1), "--num-gpus 2 needs 2 GPUs, found 1");
+  EXPECT_EQ(error_of(0, 0, false, kHeads, 1), "--num-gpus must be at least 1, got 0");
+}
+
+// The flags on `zimage generate`: bad values exit with code 2 and the message, before any loading.
+TEST(ParallelConfig, GenerateFlags) {
+  auto run = [](const std::string& args) {
+    const char* bin = std::getenv("ZIMAGE_BINARY");
+    std::string cmd =
+        std::string(bin && *bin ? bin : ZIMAGE_BINARY) +
+        " generate --model synthetic:tiny --prompt x --height 64 --width 64 --output-path /dev/null/x.png " + args +
+        " 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+    int status = pclose(p);
+    return std::make_pair(WIFEXITED(status) ? WEXITSTATUS(status) : -1, out);
+  };
+  // synthetic:tiny has 2 heads.
+  auto [code, out] = run("--num-gpus 3 --backend cpu");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--ulysses-degree 3 does not divide the model's 2 attention heads (use one of 1, 2)"),
+            std::string::npos)
+      << out;
+  std::tie(code, out) = run("--num-gpus 2 --backend cpu");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--num-gpus 2 needs 2 GPUs, found 0"), std::string::npos) << out;
+  std::tie(code, out) = run("--num-gpus 2 --ulysses-degree 2 --cfg-parallel --backend cpu");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--num-gpus 2 must equal --ulysses-degree 2 x 2 (--cfg-parallel) = 4"), std::string::npos) << out;
+}
