@@ -16,7 +16,9 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::golden_case_names;
 using zimage::testing::golden_path;
+using zimage::testing::stack_golden_items;
 using zimage::testing::rel_l2_error;
 
 namespace {
@@ -29,15 +31,6 @@ double psnr_u8(const Tensor& a, const Tensor& b) {
   }
   mse /= double(a.numel());
   return mse == 0 ? INFINITY : 10.0 * std::log10(255.0 * 255.0 / mse);
-}
-
-Tensor stack_items(const SafetensorsFile& f, const std::string& prefix, int64_t n) {
-  Tensor first = f.get(prefix + "0");
-  int64_t per = first.numel();
-  Tensor out = Tensor::empty({n, first.dim(0), first.dim(2), first.dim(3)}, DType::F32);
-  for (int64_t j = 0; j < n; ++j)
-    std::memcpy(out.f32() + j * per, f.get(prefix + std::to_string(j)).data(), size_t(per) * 4);
-  return out;
 }
 
 const std::map<std::string, uint64_t> kSeeds = {{"turbo_square", 1}, {"cfg_portrait", 2}, {"cfg_norm_trunc", 3}, {"batch2", 4}};
@@ -63,8 +56,8 @@ TEST_F(CudaGolden, DitCallsMatch) {
       int64_t n = t.numel();
       std::vector<Tensor> caps;
       for (int64_t j = 0; j < n; ++j) caps.push_back(be_->upload(f->get(call + "cap." + std::to_string(j))));
-      Tensor out = be_->to_host_f32(dit.forward(be_->upload(stack_items(*f, call + "x.", n), DType::F32), t.to_vector(), caps));
-      double err = rel_l2_error(out, stack_items(*f, call + "out.", n));
+      Tensor out = be_->to_host_f32(dit.forward(be_->upload(stack_golden_items(*f, call + "x.", n), DType::F32), t.to_vector(), caps));
+      double err = rel_l2_error(out, stack_golden_items(*f, call + "out.", n));
       EXPECT_LE(err, 2e-2) << name << " " << call;
       std::printf("  %-16s %s rel err %.2e\n", name.c_str(), call.c_str(), err);
     }

@@ -2,36 +2,16 @@
 
 #include <gtest/gtest.h>
 
-#include <cstring>
-#include <filesystem>
 
 #include "io/safetensors.h"
 #include "model/model_source.h"
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::golden_case_names;
 using zimage::testing::golden_path;
+using zimage::testing::stack_golden_items;
 using zimage::testing::max_abs_diff;
-
-namespace {
-
-std::vector<std::string> golden_cases() {
-  std::vector<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(golden_path("cases"))) out.push_back(e.path().filename());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-// Stacks the recorded per-item latents x.<j> [16, 1, h, w] into [N, 16, h, w].
-Tensor stack_items(const SafetensorsFile& f, const std::string& prefix, int64_t n) {
-  Tensor first = f.get(prefix + "0");
-  int64_t per = first.numel();
-  Tensor out = Tensor::empty({n, first.dim(0), first.dim(2), first.dim(3)}, DType::F32);
-  for (int64_t j = 0; j < n; ++j) std::memcpy(out.f32() + j * per, f.get(prefix + std::to_string(j)).data(), size_t(per) * 4);
-  return out;
-}
-
-}  // namespace
 
 TEST(DitLayout, PadsToMultiplesOf32) {
   DitLayout l = dit_layout(2, 12, 8, 2, {15, 45});
@@ -56,16 +36,16 @@ TEST(ZImageDit, MatchesGoldenCalls) {
   auto be = make_cpu_backend();
   ModelSource m = open_model(golden_path("tiny-zimage"));
   ZImageDit dit(*be, m.transformer, *m.transformer_weights);
-  for (const auto& name : golden_cases()) {
+  for (const auto& name : golden_case_names()) {
     auto f = SafetensorsFile::open(golden_path("cases/" + name + "/tensors.safetensors"));
     for (const std::string call : {"dit0.", "dit1."}) {
       Tensor t = f->get(call + "t");
       int64_t n = t.numel();
       std::vector<Tensor> caps;
       for (int64_t j = 0; j < n; ++j) caps.push_back(f->get(call + "cap." + std::to_string(j)).clone());
-      Tensor x = stack_items(*f, call + "x.", n);
+      Tensor x = stack_golden_items(*f, call + "x.", n);
       Tensor out = be->to_host_f32(dit.forward(x, t.to_vector(), caps));
-      Tensor ref = stack_items(*f, call + "out.", n);
+      Tensor ref = stack_golden_items(*f, call + "out.", n);
       double err = max_abs_diff(out, ref);
       EXPECT_LE(err, 1e-4) << name << " " << call;
       std::printf("%-16s %s N=%lld max abs error %.3g\n", name.c_str(), call.c_str(), (long long)n, err);

@@ -15,7 +15,9 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::golden_case_names;
 using zimage::testing::golden_path;
+using zimage::testing::stack_golden_items;
 using zimage::testing::max_abs_diff;
 
 namespace {
@@ -64,23 +66,6 @@ struct Ranks {
 ModelSource& tiny() {
   static ModelSource m = open_model(golden_path("tiny-zimage"));
   return m;
-}
-
-std::vector<std::string> golden_cases() {
-  std::vector<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(golden_path("cases"))) out.push_back(e.path().filename());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-// The recorded per-item tensors <prefix><j> [16, 1, h, w] stacked into [N, 16, h, w].
-Tensor stack_items(const SafetensorsFile& f, const std::string& prefix, int64_t n) {
-  Tensor first = f.get(prefix + "0");
-  int64_t per = first.numel();
-  Tensor out = Tensor::empty({n, first.dim(0), first.dim(2), first.dim(3)}, DType::F32);
-  for (int64_t j = 0; j < n; ++j)
-    std::memcpy(out.f32() + j * per, f.get(prefix + std::to_string(j)).data(), size_t(per) * 4);
-  return out;
 }
 
 }  // namespace
@@ -133,14 +118,14 @@ TEST(SequenceParallelDit, GoldenCallsMatchOneRank) {
   ZImageDit single(*be, tiny().transformer, *tiny().transformer_weights);
   for (int u : {1, 2}) {
     Ranks ranks(u, tiny());
-    for (const auto& name : golden_cases()) {
+    for (const auto& name : golden_case_names()) {
       auto f = SafetensorsFile::open(golden_path("cases/" + name + "/tensors.safetensors"));
       for (const std::string call : {"dit0.", "dit1."}) {
         Tensor t = f->get(call + "t");
         const int64_t n = t.numel();
         std::vector<Tensor> caps;
         for (int64_t j = 0; j < n; ++j) caps.push_back(f->get(call + "cap." + std::to_string(j)).clone());
-        Tensor x = stack_items(*f, call + "x.", n);
+        Tensor x = stack_golden_items(*f, call + "x.", n);
         Tensor want = be->to_host_f32(single.forward(x, t.to_vector(), caps));
         std::vector<Tensor> outs = ranks.forward(x, t.to_vector(), caps);
         for (int r = 0; r < u; ++r) {
@@ -150,7 +135,7 @@ TEST(SequenceParallelDit, GoldenCallsMatchOneRank) {
             std::printf("%-16s %s N=%lld U=%d max abs diff to one rank %.3g\n", name.c_str(), call.c_str(),
                         (long long)n, u, err);
         }
-        EXPECT_LE(max_abs_diff(outs[0], stack_items(*f, call + "out.", n)), 1e-4) << name << " vs diffusers";
+        EXPECT_LE(max_abs_diff(outs[0], stack_golden_items(*f, call + "out.", n)), 1e-4) << name << " vs diffusers";
       }
     }
   }
@@ -213,7 +198,7 @@ TEST(CfgParallelDit, GoldenCfgCallsMatchOneRank) {
     ASSERT_EQ(t.numel(), 2);
     std::vector<Tensor> caps = {f->get("dit0.cap.0").clone(), f->get("dit0.cap.1").clone()};
     ASSERT_NE(caps[0].dim(0), caps[1].dim(0));
-    Tensor x = stack_items(*f, "dit0.x.", 2);
+    Tensor x = stack_golden_items(*f, "dit0.x.", 2);
     Tensor want = be->to_host_f32(single.forward(x, t.to_vector(), caps));
     std::vector<Tensor> outs(2);
     LocalGroup group(2);

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -54,6 +55,24 @@ bool all_finite(const Tensor& t) {
   for (float v : t.to_vector())
     if (!std::isfinite(v)) return false;
   return true;
+}
+
+std::vector<std::string> golden_case_names() {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(golden_path("cases"))) out.push_back(e.path().filename());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Tensor stack_golden_items(const SafetensorsFile& f, const std::string& prefix, int64_t n) {
+  Tensor first = f.get(prefix + "0");
+  int64_t per = first.numel();
+  Tensor out = Tensor::empty({n, first.dim(0), first.dim(2), first.dim(3)}, DType::F32);
+  for (int64_t j = 0; j < n; ++j) {
+    Tensor item = f.get(prefix + std::to_string(j)).to_f32();
+    std::copy(item.f32(), item.f32() + per, out.f32() + j * per);
+  }
+  return out;
 }
 
 }  // namespace zimage::testing

@@ -3,7 +3,10 @@
 
 #include <string>
 
+#include <vector>
+
 #include "core/tensor.h"
+#include "io/safetensors.h"
 
 namespace zimage::testing {
 
@@ -14,5 +17,10 @@ std::string temp_path(const std::string& name);   // a fresh path under the test
 double max_abs_diff(const Tensor& a, const Tensor& b);  // any float dtypes, same numel
 double rel_l2_error(const Tensor& out, const Tensor& ref);  // ‖out − ref‖ / ‖ref‖
 bool all_finite(const Tensor& t);
+
+// The golden pipeline cases (folder names under tests/golden/cases), sorted.
+std::vector<std::string> golden_case_names();
+// The recorded per-item DiT tensors <prefix><j> [16, 1, h, w] stacked into [n, 16, h, w] float32.
+Tensor stack_golden_items(const SafetensorsFile& f, const std::string& prefix, int64_t n);
 
 }  // namespace zimage::testing
