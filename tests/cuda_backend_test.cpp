@@ -229,6 +229,12 @@ TEST_F(CudaOps, ImageToU8IsExactWithinOneLevel) {
   EXPECT_EQ(worst, 0);  // the inputs are bf16 values: both sides round the same float
 }
 
+TEST_F(CudaOps, TimestepEmbedding) {
+  std::vector<float> t = {0.0f, 1000.0f, 873.5f, 125.0f};  // t * t_scale, as the DiT passes it
+  expect_close(gpu_->timestep_embedding(t, 256, 10000.0f), cpu_->timestep_embedding(t, 256, 10000.0f),
+               "timestep_embedding 4x256");
+}
+
 TEST_F(CudaOps, CfgEulerStep) {
   for (float norm : {0.0f, 1.0f}) {
     Tensor lat = rnd({2, 16, 128, 128}), out = rnd({4, 16, 128, 128});

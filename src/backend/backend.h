@@ -134,6 +134,11 @@ class Backend {
   // tokens [>= (H/p)*(W/p), p*p*C] (extra rows ignored) -> latent [C, H, W].
   virtual Tensor unpatchify(const Tensor& tokens, int c, int h, int w, int p) = 0;
 
+  // ---- time conditioning ----
+  // Sinusoidal features of diffusers' TimestepEmbedder for each t (host values): [N, dim] in the
+  // activation dtype, [cos(t*f_k) | sin(t*f_k)] with f_k = exp(-ln(max_period) * k / (dim/2)), float32 math.
+  virtual Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) = 0;
+
   // ---- sampler ----
   // One flow-match Euler step with classifier-free guidance, in float32:
   //   pred = pos + g * (pos - neg) (g > 0; else pred = pos), optionally renormalized so that

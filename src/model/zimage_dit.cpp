@@ -15,6 +15,7 @@ constexpr float kFinalNormEps = 1e-6f;  // FinalLayer's LayerNorm
 constexpr int64_t kAdalnMax = 256;      // ADALN_EMBED_DIM
 constexpr int64_t kTimeMlpHidden = 1024;
 constexpr int64_t kTimeFeatures = 256;
+constexpr float kTimeMaxPeriod = 10000.0f;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 }  // namespace
@@ -65,21 +66,6 @@ DitLayout dit_layout(int64_t items, int64_t latent_h, int64_t latent_w, int64_t 
     l.unified_max = std::max(l.unified_max, l.image_padded + l.cap_padded.back());
   }
   return l;
-}
-
-Tensor timestep_features(const std::vector<float>& t, int64_t dim, double max_period) {
-  int64_t half = dim / 2;
-  Tensor out = Tensor::zeros({int64_t(t.size()), dim}, DType::F32);
-  // Float32 arithmetic in torch's order: freqs = exp(-ln(P) * k / half), args = t * freqs.
-  float neg_log = float(-std::log(max_period));
-  for (size_t i = 0; i < t.size(); ++i)
-    for (int64_t k = 0; k < half; ++k) {
-      float freq = std::exp(neg_log * float(k) / float(half));
-      float arg = t[i] * freq;
-      out.f32()[int64_t(i) * dim + k] = float(std::cos(double(arg)));
-      out.f32()[int64_t(i) * dim + half + k] = float(std::sin(double(arg)));
-    }
-  return out;
 }
 
 ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string& p) {
@@ -296,7 +282,7 @@ Tensor ZImageDit::run(const Tensor& latents, const std::vector<float>& t, const 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
   std::vector<float> scaled_t(t.size());
   for (size_t i = 0; i < t.size(); ++i) scaled_t[i] = t[i] * float(c.t_scale);
-  Tensor tf = be_.upload(timestep_features(scaled_t, kTimeFeatures));
+  Tensor tf = be_.timestep_embedding(scaled_t, int(kTimeFeatures), kTimeMaxPeriod);
   Tensor adaln = be_.linear(be_.silu(be_.linear(tf, t_mlp0_w_, &t_mlp0_b_)), t_mlp2_w_, &t_mlp2_b_);
   Tensor mod = be_.linear(adaln, mod_w_, &mod_b_);
 

@@ -93,8 +93,4 @@ class ZImageDit {
   std::unique_ptr<LayoutPlan> plan_;  // of the last call: a request's steps all share it
 };
 
-// The sinusoidal timestep features of diffusers' TimestepEmbedder: [cos(t*f_k) | sin(t*f_k)],
-// f_k = exp(-ln(max_period) * k / half), for each t; host float32 [N, dim].
-Tensor timestep_features(const std::vector<float>& t, int64_t dim, double max_period = 10000.0);
-
 }  // namespace zimage

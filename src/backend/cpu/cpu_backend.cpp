@@ -491,6 +491,21 @@ class CpuBackend final : public Backend {
     return y;
   }
 
+  Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) override {
+    int half = dim / 2;
+    Tensor out = Tensor::zeros({int64_t(t.size()), dim}, DType::F32);
+    // Float32 arithmetic in torch's order: freqs = exp(-ln(P) * k / half), args = t * freqs.
+    float neg_log = float(-std::log(double(max_period)));
+    for (size_t i = 0; i < t.size(); ++i)
+      for (int k = 0; k < half; ++k) {
+        float freq = std::exp(neg_log * float(k) / float(half));
+        float arg = t[i] * freq;
+        out.f32()[int64_t(i) * dim + k] = float(std::cos(double(arg)));
+        out.f32()[int64_t(i) * dim + half + k] = float(std::sin(double(arg)));
+      }
+    return out;
+  }
+
   void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm,
                        float dt) override {
     check_f32(latents, "cfg_euler_step_");

@@ -397,6 +397,16 @@ class CudaBackend final : public Backend {
     return y;
   }
 
+  Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) override {
+    auto scope = profile("timestep_embedding");
+    Tensor dev_t = empty({int64_t(t.size())}, DType::F32);
+    if (!t.empty())  // staged by the driver before returning: see upload
+      ZI_CUDA_CHECK(cudaMemcpyAsync(dev_t.data(), t.data(), t.size() * 4, cudaMemcpyHostToDevice, stream_));
+    Tensor y = empty({int64_t(t.size()), dim}, DType::BF16);
+    cuda::timestep_embedding(dev_t.data_as<float>(), mbf(y), int64_t(t.size()), dim, max_period, stream_);
+    return y;
+  }
+
   void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm, float dt) override {
     auto scope = profile("cfg_euler_step_");
     check(latents, "cfg_euler_step_");

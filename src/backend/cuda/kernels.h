@@ -34,6 +34,9 @@ void image_to_u8(const bf16* x, uint8_t* y, int64_t n, cudaStream_t stream);
 void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64_t per_item, float guidance,
                     float cfg_norm, float dt, cudaStream_t stream);
 
+// [n, dim] bf16 = [cos(t_i * f_k) | sin(t_i * f_k)], f_k = exp(-ln(max_period) * k / (dim/2)); t: n device floats.
+void timestep_embedding(const float* t, bf16* y, int64_t n, int dim, float max_period, cudaStream_t stream);
+
 // ---- normalization (norms.cu) ----
 // Row-wise over the last dim d. w may be null (no affine).
 void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t rows, int64_t d, float eps, cudaStream_t stream);
