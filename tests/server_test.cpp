@@ -802,7 +802,9 @@ TEST(ServeBinary, SigtermFinishesQueuedWorkAndExitsZero) {
   bool queued = false;
   for (int i = 0; i < 1000 && !queued; ++i) {
     auto m = get(*p.client(), "/metrics");
-    queued = metric(m.body, "zimage_queue_depth") >= 1;
+    // Every request accepted (in flight) before the signal, and at least one still waiting in the queue:
+    // a request still in transit when SIGTERM lands is rightly refused with 503.
+    queued = metric(m.body, "zimage_requests_in_flight") >= requests && metric(m.body, "zimage_queue_depth") >= 1;
     if (!queued) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   ASSERT_TRUE(queued) << "no request was waiting in the queue";
