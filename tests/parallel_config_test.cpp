@@ -7,7 +7,10 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "backend/backend.h"
 #include "core/error.h"
+#include "io/image.h"
+#include "test_util.h"
 
 using namespace zimage;
 
@@ -77,10 +80,36 @@ TEST(ParallelConfig, GenerateFlags) {
   EXPECT_NE(out.find("--ulysses-degree 3 does not divide the model's 2 attention heads (use one of 1, 2)"),
             std::string::npos)
       << out;
-  std::tie(code, out) = run("--num-gpus 2 --backend cpu");
+  // No machine here has 64 GPUs (the CPU backend simulates ranks instead: pipeline_test).
+  std::tie(code, out) = run("--num-gpus 64 --ulysses-degree 2 --cfg-parallel --backend cuda");
   EXPECT_EQ(code, 2);
-  EXPECT_NE(out.find("--num-gpus 2 needs 2 GPUs, found 0"), std::string::npos) << out;
+  EXPECT_NE(out.find("--num-gpus 64 must equal --ulysses-degree 2 x 2 (--cfg-parallel) = 4"), std::string::npos) << out;
+  std::tie(code, out) = run("--num-gpus 64 --ulysses-degree 0 --backend cuda");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--ulysses-degree 64 does not divide"), std::string::npos) << out;
+  std::tie(code, out) = run("--num-gpus 2 --ulysses-degree 1 --cfg-parallel --backend cuda");
+  if (cuda_device_count() < 2) {
+    EXPECT_EQ(code, 2);
+    EXPECT_NE(out.find("--num-gpus 2 needs 2 GPUs, found " + std::to_string(cuda_device_count())), std::string::npos)
+        << out;
+  }
   std::tie(code, out) = run("--num-gpus 2 --ulysses-degree 2 --cfg-parallel --backend cpu");
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--num-gpus 2 must equal --ulysses-degree 2 x 2 (--cfg-parallel) = 4"), std::string::npos) << out;
+}
+
+// `--backend cpu --num-gpus 2`: two ranks simulated in one process write the image one rank writes.
+TEST(ParallelConfig, SimulatedRanksWriteTheSameImage) {
+  const char* bin = std::getenv("ZIMAGE_BINARY");
+  std::string base = std::string(bin && *bin ? bin : ZIMAGE_BINARY) +
+                     " generate --model synthetic:tiny --prompt 'a kite' --height 64 --width 96 --backend cpu"
+                     " --guidance-scale 3 --num-inference-steps 3 --output-path ";
+  std::string one = zimage::testing::temp_path("one_rank.png"), four = zimage::testing::temp_path("four_ranks.png");
+  ASSERT_EQ(std::system((base + one + " >/dev/null 2>&1").c_str()), 0);
+  ASSERT_EQ(std::system((base + four + " --num-gpus 4 --cfg-parallel >/dev/null 2>&1").c_str()), 0);
+  ImageU8 a = read_image(one), b = read_image(four);
+  ASSERT_EQ(a.rgb.size(), b.rgb.size());
+  int worst = 0;
+  for (size_t i = 0; i < a.rgb.size(); ++i) worst = std::max(worst, std::abs(int(a.rgb[i]) - int(b.rgb[i])));
+  EXPECT_LE(worst, 1);
 }

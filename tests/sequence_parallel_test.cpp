@@ -111,6 +111,42 @@ TEST(LocalGroup, OneRankFailing) {
   }
 }
 
+// Four ranks in two overlapping kinds of group, as Ulysses x CFG uses them: pairs {0,1}, {2,3} and
+// {0,2}, {1,3}. Each rank gathers in its first pair, then in its second.
+TEST(LocalWorld, OverlappingGroups) {
+  LocalWorld world(4);
+  auto a = world.make_group({0, 1}), b = world.make_group({2, 3}), c = world.make_group({0, 2}),
+       d = world.make_group({1, 3});
+  Communicator* first[4] = {a[0].get(), a[1].get(), b[0].get(), b[1].get()};
+  Communicator* second[4] = {c[0].get(), d[0].get(), c[1].get(), d[1].get()};
+  std::vector<std::vector<float>> got(4);
+  world.run([&](int r) {
+    Tensor mine = Tensor::from_f32({1}, {float(r)}), pair = Tensor::empty({2}, DType::F32);
+    first[r]->all_gather(mine, pair);
+    Tensor sum = Tensor::from_f32({1}, {pair.f32()[0] + pair.f32()[1]}), both = Tensor::empty({2}, DType::F32);
+    second[r]->all_gather(sum, both);
+    got[size_t(r)] = both.to_vector();
+  });
+  // Pair sums: ranks 0,1 -> 1; ranks 2,3 -> 5. Second gather: {0,2} and {1,3} each see {1, 5}.
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(got[size_t(r)], (std::vector<float>{1, 5})) << "rank " << r;
+}
+
+// A rank that returns while its peer waits in a collective is a bug: run() says so instead of hanging.
+TEST(LocalWorld, CollectiveThatNoRankJoinsFails) {
+  LocalGroup group(2);
+  try {
+    group.run([&](Communicator& comm) {
+      if (comm.rank() == 0) return;
+      Tensor t = Tensor::zeros({2}, DType::F32), all = Tensor::empty({4}, DType::F32);
+      comm.all_gather(t, all);
+    });
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("waits in a collective that no other rank will join"), std::string::npos)
+        << e.what();
+  }
+}
+
 // Both recorded DiT calls of every golden case (batched CFG and captions of different lengths
 // included) on 2 ranks, the tiny model's 2 heads one per rank, and on a group of one.
 TEST(SequenceParallelDit, GoldenCallsMatchOneRank) {

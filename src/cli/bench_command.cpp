@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/image.h"
@@ -90,7 +91,7 @@ void print_comparison(const nlohmann::json& a, const nlohmann::json& b) {
 }
 
 struct BenchOptions {
-  std::string model = "synthetic:turbo", backend = "auto", label = "bench", out_dir = "bench/results";
+  std::string model = "synthetic:turbo", label = "bench", out_dir = "bench/results";
   std::string prompt = "A futuristic cyberpunk city at night, neon lights reflecting on wet streets";
   std::string negative_prompt;
   std::vector<std::string> resolutions = {"512x512", "1024x1024", "2048x2048"};
@@ -99,6 +100,7 @@ struct BenchOptions {
   int runs = 5, batch = 1;
   bool profile = false;
   std::vector<std::string> compare;
+  DeviceOptions device;
 };
 
 }  // namespace
@@ -117,7 +119,7 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--guidance-scale", o->guidance, "CFG scale (default: the model's)");
   cmd->add_option("--runs", o->runs, "Timed runs per resolution (at least 5 for reported numbers)")->check(CLI::PositiveNumber);
   cmd->add_option("--batch", o->batch, "Images per prompt")->check(CLI::PositiveNumber);
-  cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  add_device_options(cmd, o->device);
   cmd->add_option("--label", o->label, "Label in the result file name");
   cmd->add_flag("--profile", o->profile, "After the timed runs, one more run with per-op device times (CUDA)");
   cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
@@ -139,12 +141,15 @@ Command add_bench(CLI::App& app) {
             }
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
-            auto be = make_backend(o->backend);
+            const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
-            TextToImagePipeline pipe(*be, model, limits);
+            Engine engine = make_engine(o->device, par, model, limits);
+            ImageGenerator& pipe = *engine.generator;
+            Backend* be = &pipe.backend();
+            const std::string device = engine.device();
             double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
-            log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
+            log_info("loaded " + model.name + " on " + device + " in " + std::to_string(load_s) + " s");
 
             nlohmann::json results = nlohmann::json::array();
             bool first = true;
@@ -202,7 +207,10 @@ Command add_bench(CLI::App& app) {
                 }
               }
               nlohmann::json r = {
-                  {"device", be->name()},
+                  {"device", device},
+                  {"num_gpus", par.num_gpus},
+                  {"ulysses_degree", par.ulysses_degree},
+                  {"cfg_parallel", par.cfg_parallel},
                   {"commit", ZIMAGE_GIT_COMMIT},
                   {"model", model.name},
                   {"resolution", std::to_string(w) + "x" + std::to_string(h)},
@@ -231,7 +239,7 @@ Command add_bench(CLI::App& app) {
               if (o->profile) r["op_profile"] = op_profile;
               first = false;
               std::printf("%s %s: e2e %.1f ms, text encoder %.2f ms, DiT %.2f ms/forward, VAE decode %.2f ms, peak %.0f MiB\n",
-                          be->name().c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te),
+                          device.c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te),
                           median(dit), median(vae), double(mem.peak) / (1 << 20));
               results.push_back(r);
             }
@@ -239,7 +247,7 @@ Command add_bench(CLI::App& app) {
             char date[16];
             std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
             fs::create_directories(o->out_dir);
-            std::string path = (fs::path(o->out_dir) / (slug(be->name()) + "-" + date + "-" + slug(o->label) + ".json")).string();
+            std::string path = (fs::path(o->out_dir) / (slug(device) + "-" + date + "-" + slug(o->label) + ".json")).string();
             std::ofstream f(path);
             f << nlohmann::json{{"results", results}}.dump(2) << "\n";
             if (!f) throw Error(ErrorKind::Io, "cannot write " + path);

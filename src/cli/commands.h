@@ -7,7 +7,6 @@
 #include <memory>
 #include <string>
 
-#include "backend/backend.h"
 
 namespace zimage::cli {
 
@@ -21,8 +20,5 @@ Command add_tokenize(CLI::App& app);
 Command add_encode_prompt(CLI::App& app);
 Command add_bench(CLI::App& app);
 Command add_serve(CLI::App& app);
-
-// "cpu", "cuda" or "auto" (the GPU when this build has CUDA and a device is present, else the CPU).
-std::unique_ptr<Backend> make_backend(const std::string& which);
 
 }  // namespace zimage::cli

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/image.h"
@@ -23,7 +24,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct GenerateOptions {
-  std::string model, backend = "auto", generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
+  std::string model, generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
   std::vector<std::string> prompts;
   std::string prompt_file, negative_prompt;
   int height = 1024, width = 1024, max_sequence_length = 512, num_outputs_per_prompt = 1;
@@ -32,8 +33,7 @@ struct GenerateOptions {
   float cfg_normalization = 0.0f, cfg_truncation = 1.0f;
   uint64_t seed = 42;
   bool warmup = false;
-  int num_gpus = 1, ulysses_degree = 0;  // 0: derived from --num-gpus
-  bool cfg_parallel = false;
+  DeviceOptions device;
 };
 
 std::vector<std::string> read_prompt_file(const std::string& path) {
@@ -123,15 +123,11 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--generator-device", o->generator, "Noise stream to reproduce: torch's cpu or cuda generator")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--num-outputs-per-prompt", o->num_outputs_per_prompt, "Images per prompt");
-  cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--output-path", o->output_path, "Output file (.png, .jpg, .webp) or folder");
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
-  cmd->add_option("--num-gpus", o->num_gpus, "GPUs for one request (= --ulysses-degree, x2 with --cfg-parallel)");
-  cmd->add_option("--ulysses-degree", o->ulysses_degree,
-                  "GPUs that split each image's tokens (must divide the DiT's heads; default: from --num-gpus)");
-  cmd->add_flag("--cfg-parallel", o->cfg_parallel, "Run the positive and negative CFG branches on two groups of GPUs");
+  add_device_options(cmd, o->device);
   return {cmd, [o] {
             if (!o->prompt_file.empty()) {
               auto more = read_prompt_file(o->prompt_file);
@@ -154,18 +150,13 @@ Command add_generate(CLI::App& app) {
 
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
-            const ParallelConfig par = parallel_config(o->num_gpus, o->ulysses_degree, o->cfg_parallel,
-                                                       DitConfig::from(model.transformer).heads,
-                                                       o->backend == "cpu" ? 0 : cuda_device_count());
-            if (par.num_gpus > 1)
-              throw Error(ErrorKind::InvalidArgument, "--num-gpus " + std::to_string(par.num_gpus) +
-                                                          ": this build generates on one GPU (no multi-GPU runner yet)");
-            auto be = make_backend(o->backend);
-            TextToImagePipeline pipe(*be, model);
+            const ParallelConfig par = check_device_options(o->device, model);
+            Engine engine = make_engine(o->device, par, model);
+            ImageGenerator& pipe = *engine.generator;
             req = pipe.resolve(req);  // all validation before loading work is wasted or files written
             auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
+            log_info("loaded " + model.name + " on " + engine.device() + " in " + std::to_string(load_s) + " s");
 
             if (o->warmup) pipe.generate(req);
             GenerateResult res = pipe.generate(req, ::isatty(STDERR_FILENO) ? progress_bar : nullptr);
@@ -190,7 +181,7 @@ Command add_generate(CLI::App& app) {
             if (!o->save_latents.empty()) write_safetensors(o->save_latents, {{"latents", res.latents}});
             if (!o->perf_dump.empty()) {
               std::ofstream f(o->perf_dump);
-              f << perf_json(res, req, be->name(), load_s).dump(2) << "\n";
+              f << perf_json(res, req, engine.device(), load_s).dump(2) << "\n";
               if (!f) throw Error(ErrorKind::Io, "cannot write " + o->perf_dump);
             }
             log_info("generated " + std::to_string(paths.size()) + " image(s) in " + std::to_string(res.times.total_ms / 1000) + " s");

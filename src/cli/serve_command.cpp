@@ -11,6 +11,7 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "pipeline/text_to_image.h"
@@ -22,13 +23,14 @@ namespace zimage::cli {
 namespace {
 
 struct ServeOptions {
-  std::string model, host = "127.0.0.1", backend = "auto", api_key, warmup_size = "1024x1024";
+  std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024";
   int port = 30000, max_batch_size = 4, batch_delay_ms = 10, max_queue = 64, max_n = 4, threads = 0;
   double request_timeout_s = 600;
   int64_t max_pixels = int64_t(2048) * 2048;
   size_t max_body_bytes = size_t(1) << 20, url_max_images = 256;
   int url_ttl_s = 3600;
   bool warmup = false;
+  DeviceOptions device;
 };
 
 // The signal handler only writes a byte to this pipe (async-signal-safe); the main thread reads it.
@@ -77,7 +79,7 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--host", o->host, "Address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
       ->check(CLI::Range(0, 65535));
-  cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  add_device_options(cmd, o->device);
   cmd->add_flag("--warmup", o->warmup, "Generate one image before /health reports ready");
   cmd->add_option("--warmup-size", o->warmup_size, "Image size of the warm-up generation, WxH (default 1024x1024)");
   cmd->add_option("--max-batch-size", o->max_batch_size, "Most images the worker runs as one batch")
@@ -103,13 +105,13 @@ Command add_serve(CLI::App& app) {
             install_signal_handlers();
             const auto [warmup_w, warmup_h] = parse_warmup_size(o->warmup_size);
             ModelSource model = open_model(o->model);  // configs only: a bad path fails before anything listens
+            const ParallelConfig par = check_device_options(o->device, model);
             server::Metrics metrics;
-            std::unique_ptr<Backend> be;
-            std::unique_ptr<TextToImagePipeline> pipe;
+            Engine engine;
             // Requests reach the pipeline only after set_ready(), when it exists.
             auto generate = [&](const GenerateRequest& r) {
-              GenerateResult res = pipe->generate(r);
-              metrics.set_device_memory(be->memory_stats());
+              GenerateResult res = engine.generator->generate(r);
+              metrics.set_device_memory(engine.generator->backend().memory_stats());
               return res;
             };
             server::Batcher::Options bo;
@@ -138,23 +140,22 @@ Command add_serve(CLI::App& app) {
             std::fflush(stdout);
 
             auto t0 = std::chrono::steady_clock::now();
-            be = make_backend(o->backend);
             PipelineLimits limits;
             limits.max_pixels = o->max_pixels;
             limits.max_batch = std::max(o->max_batch_size, o->max_n);
-            pipe = std::make_unique<TextToImagePipeline>(*be, model, limits);
+            engine = make_engine(o->device, par, model, limits);
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
+            log_info("loaded " + model.name + " on " + engine.device() + " in " + std::to_string(load_s) + " s");
             if (o->warmup) {
               GenerateRequest r;
               r.prompts = {"warm-up"};
               r.width = warmup_w;
               r.height = warmup_h;
               r.steps = 1;  // every kernel and shape of a real request, at a fraction of its time
-              pipe->generate(r);
+              engine.generator->generate(r);
               log_info("warmed up at " + o->warmup_size);
             }
-            metrics.set_device_memory(be->memory_stats());
+            metrics.set_device_memory(engine.generator->backend().memory_stats());
             http.set_ready();
             log_info("ready: POST http://" + o->host + ":" + std::to_string(port) + "/v1/images/generations");
 

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "cli/engine.h"
 #include "core/log.h"
 #include "io/safetensors.h"
 #include "model/model_source.h"

@@ -7,115 +7,176 @@
 
 namespace zimage {
 
-class LocalGroup::Rank final : public Communicator {
- public:
-  Rank(LocalGroup& g, int rank) : g_(g), rank_(rank) {}
-  int rank() const override { return rank_; }
-  int size() const override { return g_.size_; }
-  void all_to_all(const Tensor& send, Tensor& recv) override { g_.collective(rank_, Op::AllToAll, send, recv); }
-  void all_gather(const Tensor& send, Tensor& recv) override { g_.collective(rank_, Op::AllGather, send, recv); }
+struct LocalWorld::Group {
+  struct Slot {
+    Op op = Op::AllToAll;
+    const Tensor* send = nullptr;
+    Tensor* recv = nullptr;
+  };
+  std::vector<int> members;  // world ranks
+  std::vector<Slot> slots;   // per member, for the collective being gathered
+  int arrived = 0;
+  uint64_t generation = 0;  // collectives completed
 
- private:
-  LocalGroup& g_;
-  int rank_;
+  void exchange() const;
 };
 
-LocalGroup::LocalGroup(int size) : size_(size), slots_(size_t(size)) { ZI_ASSERT(size >= 1); }
+class LocalWorld::Member final : public Communicator {
+ public:
+  Member(LocalWorld& w, std::shared_ptr<Group> g, int index) : w_(w), g_(std::move(g)), index_(index) {}
+  int rank() const override { return index_; }
+  int size() const override { return int(g_->members.size()); }
+  void all_to_all(const Tensor& send, Tensor& recv) override { w_.collective(*g_, index_, Op::AllToAll, send, recv); }
+  void all_gather(const Tensor& send, Tensor& recv) override { w_.collective(*g_, index_, Op::AllGather, send, recv); }
 
-LocalGroup::~LocalGroup() = default;
+ private:
+  LocalWorld& w_;
+  std::shared_ptr<Group> g_;
+  int index_;
+};
 
-void LocalGroup::fail(std::exception_ptr e) {
+LocalWorld::LocalWorld(int size) : size_(size) { ZI_ASSERT(size >= 1); }
+
+LocalWorld::~LocalWorld() = default;
+
+std::vector<std::unique_ptr<Communicator>> LocalWorld::make_group(const std::vector<int>& members) {
+  ZI_ASSERT(!members.empty());
+  for (int r : members) ZI_ASSERT(r >= 0 && r < size_);
+  auto g = std::make_shared<Group>();
+  g->members = members;
+  g->slots.resize(members.size());
+  std::lock_guard<std::mutex> l(mu_);
+  groups_.push_back(g);
+  std::vector<std::unique_ptr<Communicator>> out;
+  for (size_t i = 0; i < members.size(); ++i) out.push_back(std::make_unique<Member>(*this, g, int(i)));
+  return out;
+}
+
+void LocalWorld::fail(std::exception_ptr e) {
   if (!error_) error_ = e;
   cv_.notify_all();
 }
 
-void LocalGroup::run(const std::function<void(Communicator&)>& fn) {
+void LocalWorld::take_baton(std::unique_lock<std::mutex>& l, int rank) {
+  cv_.wait(l, [&] { return baton_ == -1 || error_; });
+  if (!error_) baton_ = rank;
+}
+
+void LocalWorld::give_baton() {
+  baton_ = -1;
+  cv_.notify_all();
+}
+
+void LocalWorld::check_stuck() {
+  if (live_ > 0 && blocked_ == live_ && !error_)
+    fail(std::make_exception_ptr(Error(
+        ErrorKind::Internal, "local world: every rank waits in a collective that no other rank will join "
+                             "(the ranks called different collectives, or one returned early)")));
+}
+
+void LocalWorld::run(const std::function<void(int)>& fn) {
   {
     std::lock_guard<std::mutex> l(mu_);
-    turn_ = 0;
-    arrived_ = 0;
+    baton_ = -1;
+    live_ = size_;
+    blocked_ = 0;
     error_ = nullptr;
+    for (auto& g : groups_) g->arrived = 0;  // a failed run may have left collectives half gathered
   }
   std::vector<std::thread> threads;
   for (int r = 0; r < size_; ++r)
     threads.emplace_back([this, r, &fn] {
-      Rank comm(*this, r);
       {
         std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return turn_ == r || error_; });
-        if (error_) return;
+        take_baton(l, r);
+        if (error_) {
+          --live_;
+          return;
+        }
       }
       try {
-        fn(comm);
+        fn(r);
       } catch (...) {
         std::lock_guard<std::mutex> l(mu_);
         fail(std::current_exception());
+        --live_;
+        give_baton();
         return;
       }
       std::lock_guard<std::mutex> l(mu_);
-      // Ranks before this one wait in a collective that this rank will never join.
-      if (arrived_ > 0)
-        fail(std::make_exception_ptr(
-            Error(ErrorKind::Internal,
-                  "local group: rank " + std::to_string(r) + " returned while other ranks wait in a collective")));
-      turn_ = r + 1;
-      cv_.notify_all();
+      --live_;
+      give_baton();
+      check_stuck();
     });
   for (auto& t : threads) t.join();
   if (error_) std::rethrow_exception(error_);
 }
 
-void LocalGroup::collective(int rank, Op op, const Tensor& send, Tensor& recv) {
+void LocalWorld::collective(Group& g, int member, Op op, const Tensor& send, Tensor& recv) {
   std::unique_lock<std::mutex> l(mu_);
-  auto failed = [&] { return Error(ErrorKind::Internal, "local group: another rank failed"); };
+  auto failed = [] { return Error(ErrorKind::Internal, "local world: another rank failed"); };
   if (error_) throw failed();
-  ZI_ASSERT(turn_ == rank);
-  slots_[size_t(rank)] = {op, &send, &recv};
-  if (++arrived_ == size_) {
+  const int rank = g.members[size_t(member)];
+  ZI_ASSERT(baton_ == rank);
+  g.slots[size_t(member)] = {op, &send, &recv};
+  const int n = int(g.members.size());
+  if (++g.arrived == n) {
     try {
-      exchange();
+      g.exchange();
     } catch (...) {
       fail(std::current_exception());
       throw;
     }
-    arrived_ = 0;
-    ++generation_;
-    turn_ = 0;
+    g.arrived = 0;
+    ++g.generation;
+    blocked_ -= n - 1;  // the other members may go on; this rank keeps the baton
     cv_.notify_all();
-    cv_.wait(l, [&] { return turn_ == rank || error_; });
   } else {
-    uint64_t g = generation_;
-    turn_ = rank + 1;
-    cv_.notify_all();
-    cv_.wait(l, [&] { return (generation_ != g && turn_ == rank) || error_; });
+    const uint64_t gen = g.generation;
+    ++blocked_;
+    give_baton();
+    check_stuck();
+    cv_.wait(l, [&] { return g.generation != gen || error_; });
+    if (error_) throw failed();
+    take_baton(l, rank);
   }
   if (error_) throw failed();
 }
 
-void LocalGroup::exchange() {
-  const Slot& first = slots_[0];
-  for (const Slot& s : slots_) {
+void LocalWorld::Group::exchange() const {
+  const Slot& first = slots[0];
+  for (const Slot& s : slots) {
     ZI_CHECK(s.op == first.op && s.send->nbytes() == first.send->nbytes() && s.recv->nbytes() == first.recv->nbytes(),
-             ErrorKind::Internal, "local group: the ranks called different collectives");
+             ErrorKind::Internal, "local world: the ranks of a group called different collectives");
     ZI_CHECK(s.send->device() == Device::Host && s.recv->device() == Device::Host && s.send->is_contiguous() &&
                  s.recv->is_contiguous() && s.send->dtype() == s.recv->dtype(),
-             ErrorKind::Internal, "local group: collectives need contiguous host tensors of one dtype");
+             ErrorKind::Internal, "local world: collectives need contiguous host tensors of one dtype");
   }
-  const size_t n = size_t(size_);
+  const size_t n = slots.size();
   if (first.op == Op::AllToAll) {
     ZI_ASSERT(first.send->nbytes() == first.recv->nbytes() && first.send->nbytes() % n == 0);
     size_t chunk = first.send->nbytes() / n;
     for (size_t dst = 0; dst < n; ++dst)
       for (size_t src = 0; src < n; ++src)
-        std::memcpy(static_cast<char*>(slots_[dst].recv->data()) + src * chunk,
-                    static_cast<const char*>(slots_[src].send->data()) + dst * chunk, chunk);
+        std::memcpy(static_cast<char*>(slots[dst].recv->data()) + src * chunk,
+                    static_cast<const char*>(slots[src].send->data()) + dst * chunk, chunk);
   } else {
     ZI_ASSERT(first.recv->nbytes() == first.send->nbytes() * n);
     size_t chunk = first.send->nbytes();
     for (size_t dst = 0; dst < n; ++dst)
       for (size_t src = 0; src < n; ++src)
-        std::memcpy(static_cast<char*>(slots_[dst].recv->data()) + src * chunk, slots_[src].send->data(), chunk);
+        std::memcpy(static_cast<char*>(slots[dst].recv->data()) + src * chunk, slots[src].send->data(), chunk);
   }
+}
+
+LocalGroup::LocalGroup(int size) : world_(size) {
+  std::vector<int> all;
+  for (int r = 0; r < size; ++r) all.push_back(r);
+  comms_ = world_.make_group(all);
+}
+
+void LocalGroup::run(const std::function<void(Communicator&)>& fn) {
+  world_.run([&](int r) { fn(*comms_[size_t(r)]); });
 }
 
 }  // namespace zimage

@@ -3,7 +3,10 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <exception>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "core/error.h"
 
@@ -19,11 +22,36 @@ namespace {
                                           ncclGetLastError(comm) + ")");                                             \
   } while (0)
 
+#define ZI_CUDA_RUNTIME_CHECK(expr)                                                                     \
+  do {                                                                                                  \
+    cudaError_t _e = (expr);                                                                            \
+    if (_e != cudaSuccess)                                                                              \
+      throw Error(ErrorKind::Backend, std::string("CUDA error in ") + #expr + ": " + cudaGetErrorString(_e)); \
+  } while (0)
+
+// What every communicator of one world shares: after a failure, all of them are aborted at once.
+struct CommRegistry {
+  std::mutex mu;
+  std::vector<ncclComm_t> comms;
+  bool aborted = false;
+
+  void abort_all() {
+    std::lock_guard<std::mutex> l(mu);
+    if (aborted) return;
+    aborted = true;
+    for (ncclComm_t c : comms) ncclCommAbort(c);  // peers blocked in NCCL kernels return
+  }
+};
+
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(ncclComm_t comm, int rank, int size, int device, cudaStream_t stream)
-      : comm_(comm), rank_(rank), size_(size), device_(device), stream_(stream) {}
-  ~NcclCommunicator() override { ncclCommDestroy(comm_); }
+  NcclCommunicator(std::shared_ptr<CommRegistry> reg, ncclComm_t comm, int rank, int size, int device,
+                   cudaStream_t stream)
+      : reg_(std::move(reg)), comm_(comm), rank_(rank), size_(size), device_(device), stream_(stream) {}
+  ~NcclCommunicator() override {
+    std::lock_guard<std::mutex> l(reg_->mu);
+    if (!reg_->aborted) ncclCommDestroy(comm_);
+  }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
@@ -52,6 +80,10 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void check(const Tensor& send, const Tensor& recv, size_t recv_bytes) const {
+    {
+      std::lock_guard<std::mutex> l(reg_->mu);
+      ZI_CHECK(!reg_->aborted, ErrorKind::Backend, "NCCL rank " + std::to_string(rank_) + ": another rank failed");
+    }
     ZI_CHECK(send.device() == Device::Cuda && recv.device() == Device::Cuda && send.is_contiguous() &&
                  recv.is_contiguous() && send.dtype() == recv.dtype() && recv.nbytes() == recv_bytes &&
                  send.nbytes() % size_t(size_) == 0,
@@ -64,29 +96,76 @@ class NcclCommunicator final : public Communicator {
                  std::to_string(device_));
   }
 
+  std::shared_ptr<CommRegistry> reg_;
   ncclComm_t comm_;
   int rank_, size_, device_;
   cudaStream_t stream_;
 };
 
+class NcclWorld final : public RankWorld {
+ public:
+  NcclWorld(std::vector<int> devices, std::vector<Backend*> backends)
+      : devices_(std::move(devices)), backends_(std::move(backends)), reg_(std::make_shared<CommRegistry>()) {}
+
+  int size() const override { return int(devices_.size()); }
+
+  std::vector<std::unique_ptr<Communicator>> make_group(const std::vector<int>& members) override {
+    const int n = int(members.size());
+    std::vector<int> devs;
+    for (int r : members) {
+      ZI_ASSERT(r >= 0 && r < size());
+      devs.push_back(devices_[size_t(r)]);
+    }
+    std::vector<ncclComm_t> comms(size_t(n), nullptr);
+    ncclResult_t res = ncclCommInitAll(comms.data(), n, devs.data());
+    ZI_CHECK(res == ncclSuccess, ErrorKind::Backend,
+             std::string("NCCL could not connect ") + std::to_string(n) + " GPUs: " + ncclGetErrorString(res));
+    std::vector<std::unique_ptr<Communicator>> out;
+    std::lock_guard<std::mutex> l(reg_->mu);
+    for (int i = 0; i < n; ++i) {
+      reg_->comms.push_back(comms[size_t(i)]);
+      const int r = members[size_t(i)];
+      out.push_back(std::make_unique<NcclCommunicator>(
+          reg_, comms[size_t(i)], i, n, devs[size_t(i)], static_cast<cudaStream_t>(backends_[size_t(r)]->native_stream())));
+    }
+    return out;
+  }
+
+  void run(const std::function<void(int)>& fn) override {
+    std::mutex mu;
+    std::exception_ptr first;
+    std::vector<std::thread> threads;
+    for (int r = 0; r < size(); ++r)
+      threads.emplace_back([&, r] {
+        try {
+          ZI_CUDA_RUNTIME_CHECK(cudaSetDevice(devices_[size_t(r)]));
+          fn(r);
+        } catch (...) {
+          {
+            std::lock_guard<std::mutex> l(mu);
+            if (!first) first = std::current_exception();
+          }
+          reg_->abort_all();
+        }
+      });
+    for (auto& t : threads) t.join();
+    if (first) std::rethrow_exception(first);
+  }
+
+ private:
+  std::vector<int> devices_;
+  std::vector<Backend*> backends_;
+  std::shared_ptr<CommRegistry> reg_;
+};
+
 }  // namespace
 
-std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<int>& devices,
-                                                                   const std::vector<Backend*>& backends) {
+std::unique_ptr<RankWorld> make_nccl_world(const std::vector<int>& devices, const std::vector<Backend*>& backends) {
   ZI_ASSERT(!devices.empty() && devices.size() == backends.size());
-  const int n = int(devices.size());
-  for (int r = 0; r < n; ++r)
-    ZI_CHECK(backends[size_t(r)]->native_stream() != nullptr, ErrorKind::InvalidArgument,
-             "NCCL rank " + std::to_string(r) + " needs a CUDA backend, got " + backends[size_t(r)]->name());
-  std::vector<ncclComm_t> comms(size_t(n), nullptr);
-  ncclResult_t res = ncclCommInitAll(comms.data(), n, devices.data());
-  ZI_CHECK(res == ncclSuccess, ErrorKind::Backend,
-           std::string("NCCL could not connect ") + std::to_string(n) + " GPUs: " + ncclGetErrorString(res));
-  std::vector<std::unique_ptr<Communicator>> out;
-  for (int r = 0; r < n; ++r)
-    out.push_back(std::make_unique<NcclCommunicator>(comms[size_t(r)], r, n, devices[size_t(r)],
-                                                     static_cast<cudaStream_t>(backends[size_t(r)]->native_stream())));
-  return out;
+  for (size_t r = 0; r < devices.size(); ++r)
+    ZI_CHECK(backends[r]->native_stream() != nullptr, ErrorKind::InvalidArgument,
+             "NCCL rank " + std::to_string(r) + " needs a CUDA backend, got " + backends[r]->name());
+  return std::make_unique<NcclWorld>(devices, backends);
 }
 
 }  // namespace zimage

@@ -6,6 +6,8 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/cfg_parallel.h"
+#include "parallel/sequence_parallel_plan.h"
 #include "pipeline/flow_match_scheduler.h"
 
 namespace zimage {
@@ -35,10 +37,12 @@ Tensor repeat_twice(Backend& be, const Tensor& x) {
 
 }  // namespace
 
-TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits)
+TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits,
+                                         RankContext rank)
     : be_(be),
       model_(model),
       limits_(limits),
+      rank_(rank),
       tokenizer_(Tokenizer::load(model.tokenizer_dir)),
       text_encoder_(be, model.text_encoder, *model.text_encoder_weights),
       dit_(be, model.transformer, *model.transformer_weights),
@@ -109,6 +113,19 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
   return out;
 }
 
+Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector<float>& t,
+                                        const std::vector<Tensor>& caps, bool cfg_batch) {
+  BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
+    if (!rank_.ulysses) return dit_.forward(x, tt, cc);
+    const DitConfig& c = dit_.config();
+    SequenceParallelPlan plan =
+        plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
+    return dit_.forward_sharded(x, tt, cc, plan, *rank_.ulysses);
+  };
+  if (cfg_batch && rank_.cfg) return cfg_parallel_forward(be_, *rank_.cfg, latents, t, caps, forward);
+  return forward(latents, t, caps);
+}
+
 GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, const std::function<void(int, int)>& progress) {
   const GenerateRequest r = resolve(request);
   GenerateResult res;
@@ -159,8 +176,8 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
     float g = guidance;
     if (cfg && r.cfg_truncation <= 1.0f && t > r.cfg_truncation) g = 0.0f;  // truncated: positive branch only
     bool apply_cfg = cfg && g > 0;
-    Tensor out = apply_cfg ? dit_.forward(repeat_twice(be_, latents), std::vector<float>(size_t(2 * b), t), all_caps)
-                           : dit_.forward(latents, std::vector<float>(size_t(b), t), caps);
+    Tensor out = apply_cfg ? dit_forward(repeat_twice(be_, latents), std::vector<float>(size_t(2 * b), t), all_caps, true)
+                           : dit_forward(latents, std::vector<float>(size_t(b), t), caps, false);
     m_dit.push_back(be_.mark());
     be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
     m_step.push_back(be_.mark());
@@ -169,6 +186,9 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
       progress(i + 1, steps);
     }
   }
+
+  // The other ranks of a multi-GPU generation hold the same latents: rank 0 alone decodes.
+  if (rank_.rank != 0) return res;
 
   // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.
   Tensor image = vae_.decode(latents);

@@ -15,6 +15,7 @@
 #include "model/qwen3.h"
 #include "model/vae.h"
 #include "model/zimage_dit.h"
+#include "parallel/communicator.h"
 #include "pipeline/torch_rng.h"
 #include "text/tokenizer.h"
 
@@ -66,29 +67,54 @@ struct PipelineLimits {
   int max_sequence_length = 4096;
 };
 
-class TextToImagePipeline {
+// What `zimage generate`, `bench` and `serve` drive: one pipeline on one device, or several GPUs
+// generating together (multi_gpu_pipeline.h).
+class ImageGenerator {
  public:
-  TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits = {});
-
+  virtual ~ImageGenerator() = default;
   // Fills defaults and checks everything; throws Error(InvalidArgument) with a clear message.
-  GenerateRequest resolve(GenerateRequest r) const;
+  virtual GenerateRequest resolve(GenerateRequest r) const = 0;
   // progress(step, total) after every denoising step has finished on the device (a caller that passes
   // no callback lets the device run ahead of the host: no synchronization inside the loop).
+  virtual GenerateResult generate(const GenerateRequest& request,
+                                  const std::function<void(int, int)>& progress = nullptr) = 0;
+  // The backend that returns the images (rank 0): memory statistics and op profiles.
+  virtual Backend& backend() = 0;
+};
+
+// One pipeline's share of a multi-GPU generation; the default is a pipeline alone on its device.
+struct RankContext {
+  int rank = 0;                     // rank 0 decodes and returns the images; the others return none
+  Communicator* ulysses = nullptr;  // the U > 1 ranks that split each image's tokens (Ulysses)
+  Communicator* cfg = nullptr;      // the pair that splits a CFG batch into its branches (--cfg-parallel)
+};
+
+class TextToImagePipeline final : public ImageGenerator {
+ public:
+  TextToImagePipeline(Backend& be, const ModelSource& model, PipelineLimits limits = {}, RankContext rank = {});
+
+  GenerateRequest resolve(GenerateRequest r) const override;
   GenerateResult generate(const GenerateRequest& request,
-                          const std::function<void(int, int)>& progress = nullptr);
+                          const std::function<void(int, int)>& progress = nullptr) override;
 
   // Prompt embeddings: one [len_i, hidden] backend tensor per prompt.
   std::vector<Tensor> encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
                                      std::vector<bool>* truncated = nullptr);
 
-  Backend& backend() { return be_; }
+  Backend& backend() override { return be_; }
   const ModelSource& model() const { return model_; }
   int latent_channels() const { return int(dit_.config().in_channels); }
 
  private:
+  // One DiT call of the denoising loop, split as this rank's context says. cfg_batch: latents hold
+  // [positives | negatives].
+  Tensor dit_forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
+                     bool cfg_batch);
+
   Backend& be_;
   ModelSource model_;
   PipelineLimits limits_;
+  RankContext rank_;
   Tokenizer tokenizer_;
   Qwen3TextEncoder text_encoder_;
   ZImageDit dit_;
