@@ -77,6 +77,35 @@ TEST_F(CudaOps, Linear) {
   }
 }
 
+// A few rows (M <= 32): the text encoder on one prompt, the adaLN and timestep GEMMs. A backend made with
+// ZIMAGE_GEMM_SKINNY=always runs the skinny tensor-core kernel wherever it applies (split-K included).
+TEST_F(CudaOps, LinearFewRows) {
+  setenv("ZIMAGE_GEMM_SKINNY", "always", 1);
+  auto skinny = make_cuda_backend(0);
+  unsetenv("ZIMAGE_GEMM_SKINNY");
+  struct Case {
+    int64_t m, k, n;
+    bool bias;
+  } cases[] = {{22, 2560, 19456, false},  // Qwen3 gate|up, 22 tokens (4 splits)
+               {22, 9728, 2560, false},   // Qwen3 down (split-K over many splits)
+               {1, 256, 3840 * 4 * 8, true},  // adaLN modulations of 8 blocks, batch 1
+               {2, 1024, 256, true},          // timestep MLP
+               {32, 64, 200, true},           // N not a multiple of 32: rows past N dropped
+               {9, 3840, 64, false}};
+  for (const auto& c : cases) {
+    Tensor x = rnd({c.m, c.k}), w = rnd({c.n, c.k}, 1.0f / std::sqrt(float(c.k))), b = rnd({c.n}, 0.1f);
+    Tensor ref = cpu_->linear(x, w, c.bias ? &b : nullptr);
+    Tensor gb = skinny->upload(b);
+    std::string what = "skinny linear " + std::to_string(c.m) + "x" + std::to_string(c.k) + "x" + std::to_string(c.n);
+    Tensor out = skinny->to_host_f32(skinny->linear(skinny->upload(x), skinny->upload(w), c.bias ? &gb : nullptr));
+    EXPECT_TRUE(all_finite(out)) << what;
+    double err = rel_l2_error(out, ref);
+    EXPECT_LE(err, 1e-2) << what;
+    std::printf("  %-58s rel err %.2e\n", what.c_str(), err);
+    expect_close(gpu_->linear(g(x), g(w), c.bias ? &gb : nullptr), ref, "fastest " + what.substr(7));
+  }
+}
+
 TEST_F(CudaOps, Norms) {
   for (int64_t d : {3840, 2560, 64}) {
     Tensor x = rnd({2, 600, d}, 2.0f), y = rnd({2, 600, d}), w = rnd({d}, 0.2f, 1.0f);
@@ -98,6 +127,18 @@ TEST_F(CudaOps, Norms) {
     cpu_->gated_residual_rms_norm_(xc, y, w, nullptr, 1e-5f);
     gpu_->gated_residual_rms_norm_(xg, g(y), gw, nullptr, 1e-5f);
     expect_close(xg, xc, "gated_residual_rms_norm_ no gate" + sd);
+    for (bool modulated : {true, false}) {  // the fused residual + next norm, as the DiT blocks call it
+      Tensor w2 = rnd({d}, 0.2f, 1.0f), scale2 = rnd({2, d}, 0.5f), gw2 = g(w2), gs2 = g(scale2);
+      xc = x.clone();
+      xg = g(x);
+      Tensor nc = cpu_->gated_residual_then_rms_norm_(xc, y, w, modulated ? &gate : nullptr, w2,
+                                                      modulated ? &scale2 : nullptr, 1e-5f);
+      Tensor ng = gpu_->gated_residual_then_rms_norm_(xg, g(y), gw, modulated ? &gg : nullptr, gw2,
+                                                      modulated ? &gs2 : nullptr, 1e-5f);
+      std::string what = std::string("gated_residual_then_rms_norm_") + (modulated ? "" : " no mod") + sd;
+      expect_close(xg, xc, what + " (x)");
+      expect_close(ng, nc, what + " (out)");
+    }
     expect_close(gpu_->modulated_layer_norm(g(x), gs, 1e-6f), cpu_->modulated_layer_norm(x, scale, 1e-6f),
                  "modulated_layer_norm" + sd);
   }

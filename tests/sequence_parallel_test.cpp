@@ -147,6 +147,25 @@ TEST(LocalWorld, CollectiveThatNoRankJoinsFails) {
   }
 }
 
+// One model alternating forward() and a one-rank forward_sharded() at the same layout: each call's
+// cached layout plan belongs to its own kind of call.
+TEST(SequenceParallelDit, PlainAndShardedCallsShareOneModel) {
+  auto be = make_cpu_backend();
+  ZImageDit dit(*be, tiny().transformer, *tiny().transformer_weights);
+  auto f = SafetensorsFile::open(golden_path("cases/cfg_portrait/tensors.safetensors"));
+  Tensor t = f->get("dit0.t");
+  std::vector<Tensor> caps = {f->get("dit0.cap.0").clone(), f->get("dit0.cap.1").clone()};
+  Tensor x = stack_golden_items(*f, "dit0.x.", 2);
+  const auto& c = dit.config();
+  SequenceParallelPlan plan = plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, 1, c.heads);
+  Tensor plain = be->to_host_f32(dit.forward(x, t.to_vector(), caps));
+  LocalGroup group(1);
+  Tensor sharded;
+  group.run([&](Communicator& comm) { sharded = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, comm)); });
+  EXPECT_LE(max_abs_diff(sharded, plain), kTolerance);
+  EXPECT_EQ(max_abs_diff(be->to_host_f32(dit.forward(x, t.to_vector(), caps)), plain), 0.0);
+}
+
 // Both recorded DiT calls of every golden case (batched CFG and captions of different lengths
 // included) on 2 ranks, the tiny model's 2 heads one per rank, and on a group of one.
 TEST(SequenceParallelDit, GoldenCallsMatchOneRank) {

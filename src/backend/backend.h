@@ -94,6 +94,13 @@ class Backend {
   // x [B, S, D] += tanh(gate[b]) * rms_norm(y, w) with gate [B, D] (no gate: x += rms_norm(y, w)).
   virtual void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
                                         float eps) = 0;
+  // gated_residual_rms_norm_(x, y, w, gate), then modulated_rms_norm(x, w_next, scale_next) of the updated
+  // x: a DiT block's residual and the next norm in one pass (this composition is the reference).
+  virtual Tensor gated_residual_then_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
+                                               const Tensor& w_next, const Tensor* scale_next, float eps) {
+    gated_residual_rms_norm_(x, y, w, gate, eps);
+    return modulated_rms_norm(x, w_next, scale_next, eps);
+  }
   // x [B, S, D] -> layer_norm(x) (no affine) * (1 + scale[b]) with scale [B, D].
   virtual Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) = 0;
   // GroupNorm over an NHWC image [N, H, W, C] with affine w, b [C]; optionally followed by SiLU.

@@ -139,27 +139,56 @@ ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : b
   mod_b_ = be.upload(packed_bias);
 }
 
-void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm) {
+ZImageDit::Modulation ZImageDit::modulation(const Block& b, const Tensor* mod) {
+  Modulation m;
+  if (!mod) return m;
+  const int64_t d = cfg_.dim;
+  // chunk4 of this block's columns: scale_msa, gate_msa, scale_mlp, gate_mlp. One item's row is
+  // contiguous, so its chunks are views; a batch's are column slices (copies).
+  auto chunk = [&](int64_t i) {
+    const int64_t col = b.mod_offset + i * d;
+    if (mod->dim(0) == 1) return mod->reshape({mod->dim(1)}).narrow0(col, d).reshape({1, d});
+    return be_.slice_cols(*mod, col, d);
+  };
+  m.scale_msa = chunk(0);
+  m.gate_msa = chunk(1);
+  m.scale_mlp = chunk(2);
+  m.gate_mlp = chunk(3);
+  m.on = true;
+  return m;
+}
+
+// Each block's residual update and the next norm run as one kernel (gated_residual_then_rms_norm_):
+//   hn = norm1(x)·(1 + scale_msa);  x += tanh(gate_msa)·norm2(attention(hn))
+//   fn = ffn_norm1(x)·(1 + scale_mlp);  x += tanh(gate_mlp)·ffn_norm2(FFN(fn))
+void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Tensor* mod, const Stage& st,
+                           Communicator* comm) {
+  if (blocks.empty()) return;
   const auto& c = cfg_;
   const float eps = float(c.norm_eps);
-  Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
-  if (mod) {  // chunk4 of this block's modulation: scale_msa, gate_msa, scale_mlp, gate_mlp
-    scale_msa = be_.slice_cols(*mod, b.mod_offset, c.dim);
-    gate_msa = be_.slice_cols(*mod, b.mod_offset + c.dim, c.dim);
-    scale_mlp = be_.slice_cols(*mod, b.mod_offset + 2 * c.dim, c.dim);
-    gate_mlp = be_.slice_cols(*mod, b.mod_offset + 3 * c.dim, c.dim);
-  }
-  int h = int(c.heads), d = int(c.head_dim);
-  Tensor hn = be_.modulated_rms_norm(x, b.norm1, mod ? &scale_msa : nullptr, eps);
-  Tensor qkv = be_.linear(hn, b.qkv);
-  be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
+  const int h = int(c.heads), d = int(c.head_dim);
   const float scale = float(1.0 / std::sqrt(double(d)));
-  Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
-                           : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
-  be_.gated_residual_rms_norm_(x, be_.linear(attn, b.out), b.norm2, mod ? &gate_msa : nullptr, eps);
-  Tensor fn = be_.modulated_rms_norm(x, b.ffn_norm1, mod ? &scale_mlp : nullptr, eps);
-  Tensor ff = be_.linear(be_.swiglu(be_.linear(fn, b.w13)), b.w2);
-  be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, mod ? &gate_mlp : nullptr, eps);
+  auto opt = [](const Modulation& m, const Tensor& t) { return m.on ? &t : nullptr; };
+  Modulation m = modulation(blocks[0], mod);
+  Tensor hn = be_.modulated_rms_norm(x, blocks[0].norm1, opt(m, m.scale_msa), eps);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Block& b = blocks[i];
+    Tensor qkv = be_.linear(hn, b.qkv);
+    be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
+    Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
+                             : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
+    Tensor fn = be_.gated_residual_then_rms_norm_(x, be_.linear(attn, b.out), b.norm2, opt(m, m.gate_msa), b.ffn_norm1,
+                                                  opt(m, m.scale_mlp), eps);
+    Tensor ff = be_.linear(be_.swiglu(be_.linear(fn, b.w13)), b.w2);
+    if (i + 1 == blocks.size()) {
+      be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), eps);
+      break;
+    }
+    Modulation next = modulation(blocks[i + 1], mod);
+    hn = be_.gated_residual_then_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), blocks[i + 1].norm1,
+                                           opt(next, next.scale_msa), eps);
+    m = std::move(next);
+  }
 }
 
 // Everything about a call that depends only on its token layout (and, sharded, on the rank): the row
@@ -167,7 +196,8 @@ void ZImageDit::run_block(const Block& b, Tensor& x, const Tensor* mod, const St
 // one layout every step.
 const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sharding* sp) {
   const int rank = sp ? sp->comm.rank() : 0;
-  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 1, rank};
+  // A sharded call of degree 1 differs from forward() (its output is gathered): sp is part of the key.
+  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 0, rank};
   key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
   if (plan_ && plan_->key == key) return *plan_;
   const auto& c = cfg_;
@@ -306,12 +336,12 @@ Tensor ZImageDit::run(const Tensor& latents, const std::vector<float>& t, const 
       be_.concat_rows(be_.linear(be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), cap_w_, &cap_b_), cap_pad_);
   Tensor cap = be_.gather_rows(cap_src, plan.cap_idx).reshape({n, lay.cap_max, c.dim});
 
-  for (const auto& b : noise_refiner_) run_block(b, x, &mod, plan.x, comm);
-  for (const auto& b : context_refiner_) run_block(b, cap, nullptr, plan.cap, nullptr);  // replicated when sharded
+  run_blocks(noise_refiner_, x, &mod, plan.x, comm);
+  run_blocks(context_refiner_, cap, nullptr, plan.cap, nullptr);  // replicated when sharded
 
   Tensor uni_src = be_.concat_rows(x.reshape({n * nip, c.dim}), cap.reshape({n * lay.cap_max, c.dim}));
   Tensor u = be_.gather_rows(uni_src, plan.u_idx).reshape({n, um, c.dim});
-  for (const auto& b : layers_) run_block(b, u, &mod, plan.u, comm);
+  run_blocks(layers_, u, &mod, plan.u, comm);
 
   // Final layer on this rank's image rows: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch
   // values). Sharded, every rank's rows are gathered and put in grid order. Then each item's

@@ -80,7 +80,12 @@ class ZImageDit {
   };
   Tensor run(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps, const Sharding* sp);
   const LayoutPlan& plan_for(const DitLayout& lay, const Sharding* sp);
-  void run_block(const Block& b, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm);
+  struct Modulation {  // one block's adaLN chunks [B, dim]; none (on = false) in the context refiner
+    Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
+    bool on = false;
+  };
+  Modulation modulation(const Block& b, const Tensor* mod);
+  void run_blocks(const std::vector<Block>& blocks, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm);
   Block load_block(const WeightSource& ws, const std::string& prefix);
 
   Backend& be_;

@@ -55,14 +55,22 @@ __device__ __forceinline__ void unpack(const BfVec<kW>& v, float (&f)[kW]) {
   }
 }
 
+// kW floats rounded to bf16 (nearest even) and packed.
+template <int kW>
+__device__ __forceinline__ BfVec<kW> pack(const float (&f)[kW]) {
+  BfVec<kW> v;
+  if constexpr (kW == 8) {
+    v.raw = make_uint4(float_to_bf16x2(f[0], f[1]), float_to_bf16x2(f[2], f[3]), float_to_bf16x2(f[4], f[5]),
+                       float_to_bf16x2(f[6], f[7]));
+  } else {
+    v.raw = uint16_t(float_to_bf16x2(f[0], 0.0f) & 0xffffu);
+  }
+  return v;
+}
+
 template <int kW>
 __device__ __forceinline__ void store_vec(bf16* p, const float (&f)[kW]) {
-  if constexpr (kW == 8) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(float_to_bf16x2(f[0], f[1]), float_to_bf16x2(f[2], f[3]),
-                                              float_to_bf16x2(f[4], f[5]), float_to_bf16x2(f[6], f[7]));
-  } else {
-    *p = __float2bfloat16(f[0]);
-  }
+  *reinterpret_cast<decltype(BfVec<kW>::raw)*>(p) = pack<kW>(f).raw;
 }
 
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {

@@ -258,6 +258,18 @@ class CudaBackend final : public Backend {
     cuda::gated_residual_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
   }
 
+  Tensor gated_residual_then_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
+                                       const Tensor& w_next, const Tensor* scale_next, float eps) override {
+    auto scope = profile("gated_residual_then_rms_norm_");
+    check_bf16(x, "gated_residual_then_rms_norm_");
+    check_bf16(y, "gated_residual_then_rms_norm_");
+    ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
+    Tensor out = empty(x.shape(), DType::BF16);
+    cuda::gated_residual_then_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), cbf(w_next), cbf_or_null(scale_next),
+                                       mbf(out), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    return out;
+  }
+
   Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) override {
     auto scope = profile("modulated_layer_norm");
     check_bf16(x, "modulated_layer_norm");

@@ -49,6 +49,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 enum class RowNorm {
   Rms,            // dst = src * rsqrt(mean(src^2) + eps) * w * (1 + mod[b])
   GatedResidual,  // dst += tanh(mod[b]) * (src * rsqrt(mean(src^2) + eps) * w)   (mod null: factor 1)
+  GatedResidualThenRms,  // GatedResidual, then dst2 = Rms of the updated dst with w2 and mod2
   LayerNorm,      // dst = (src - mean) * rsqrt(var + eps) * (1 + mod[b])          (no affine)
 };
 
@@ -61,6 +62,9 @@ struct RowNormArgs {
   int64_t seq;      // rows per batch item: row r uses mod row r / seq
   int64_t d;
   float eps;
+  const bf16* w2 = nullptr;    // GatedResidualThenRms: the next RMSNorm's weight [d]
+  const bf16* mod2 = nullptr;  // and its scale [batch, d] or null
+  bf16* dst2 = nullptr;        // and its output [rows, d]
 };
 
 constexpr int kTargetThreads = 128;  // threads per row while kVpt < kMaxVpt
@@ -68,14 +72,16 @@ constexpr int kMaxVpt = 8;
 constexpr int kMaxThreadsAtMaxVpt = 256;  // so d <= 8 * 8 * 256 = 16384 on the 16-byte path
 
 // Bytes: Rms and LayerNorm read 2*d and write 2*d per row; GatedResidual reads 4*d (src and the
-// residual) and writes 2*d. w and mod ([batch, d]) stay in L1/L2. Memory bound at ~4.2 TB/s (H200):
+// residual) and writes 2*d; GatedResidualThenRms writes 2*d more and saves the next norm's read of the
+// residual (and a launch). w and mod ([batch, d]) stay in L1/L2. Memory bound at ~4.2 TB/s (H200):
 // the DiT's 2 x 4128 rows of 3840 move 127 MB in ~30 us (Rms) and 190 MB in ~45 us (GatedResidual).
 // Math per row: two block reductions at most (LayerNorm's mean, then its centred sum of squares from
 // registers, as the reference's two passes), one for RMSNorm.
 template <RowNorm kKind, int kW, int kVpt>
 __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsAtMaxVpt)
     row_norm_kernel(RowNormArgs a) {
-  constexpr bool kResidual = kKind == RowNorm::GatedResidual;
+  constexpr bool kThenRms = kKind == RowNorm::GatedResidualThenRms;
+  constexpr bool kResidual = kKind == RowNorm::GatedResidual || kThenRms;
   __shared__ float red[32];
   const int64_t nvec = a.d / kW;
   const float inv_d = 1.0f / float(a.d);
@@ -146,6 +152,35 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
         }
       }
       store_vec<kW>(dst + off, o);
+      if constexpr (kThenRms) res[i] = pack<kW>(o);  // the stored (bf16) residual is what the next norm reads
+    }
+    if constexpr (kThenRms) {
+      float sq = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+        if (j >= nvec) continue;
+        float f[kW];
+        unpack<kW>(res[i], f);
+#pragma unroll
+        for (int k = 0; k < kW; ++k) sq += f[k] * f[k];
+      }
+      const float inv2 = rsqrtf(block_sum(sq, red) * inv_d + a.eps);
+      const bf16* mod2 = a.mod2 ? a.mod2 + (row / a.seq) * a.d : nullptr;
+      bf16* dst2 = a.dst2 + row * a.d;
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+        if (j >= nvec) continue;
+        const int64_t off = j * kW;
+        float x[kW], w[kW], m[kW], o[kW];
+        unpack<kW>(res[i], x);
+        load_or<kW>(a.w2, off, 1.0f, w);
+        load_or<kW>(mod2, off, 0.0f, m);
+#pragma unroll
+        for (int k = 0; k < kW; ++k) o[k] = x[k] * inv2 * w[k] * (1.0f + m[k]);
+        store_vec<kW>(dst2 + off, o);
+      }
     }
   }
 }
@@ -169,7 +204,8 @@ void launch_row_norm_w(const RowNormArgs& a, int vpt, int threads, cudaStream_t 
 template <RowNorm kKind>
 void launch_row_norm(const RowNormArgs& a, const char* op, cudaStream_t stream) {
   if (a.rows <= 0 || a.d <= 0) return;
-  const bool wide = a.d % 8 == 0 && aligned16(a.src) && aligned16(a.w) && aligned16(a.mod) && aligned16(a.dst);
+  const bool wide = a.d % 8 == 0 && aligned16(a.src) && aligned16(a.w) && aligned16(a.mod) && aligned16(a.dst) &&
+                    aligned16(a.w2) && aligned16(a.mod2) && aligned16(a.dst2);
   const int64_t nvec = wide ? a.d / 8 : a.d;
   int vpt = 1;
   while (vpt < kMaxVpt && (nvec + vpt - 1) / vpt > kTargetThreads) vpt *= 2;
@@ -199,6 +235,16 @@ void modulated_rms_norm(const bf16* x, const bf16* w, const bf16* scale, bf16* y
 void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, int64_t batch, int64_t seq,
                              int64_t d, float eps, cudaStream_t stream) {
   launch_row_norm<RowNorm::GatedResidual>({y, w, gate, x, batch * seq, seq, d, eps}, "gated_residual_rms_norm", stream);
+}
+
+void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* w_next,
+                                  const bf16* scale_next, bf16* out, int64_t batch, int64_t seq, int64_t d, float eps,
+                                  cudaStream_t stream) {
+  RowNormArgs a{y, w, gate, x, batch * seq, seq, d, eps};
+  a.w2 = w_next;
+  a.mod2 = scale_next;
+  a.dst2 = out;
+  launch_row_norm<RowNorm::GatedResidualThenRms>(a, "gated_residual_then_rms_norm", stream);
 }
 
 void modulated_layer_norm(const bf16* x, const bf16* scale, bf16* y, int64_t batch, int64_t seq, int64_t d, float eps,
