@@ -139,10 +139,12 @@ Command add_bench(CLI::App& app) {
             }
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
+            model.prefetch_weights();  // the files are read while the device initializes
             auto be = make_backend(o->backend);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
             TextToImagePipeline pipe(*be, model, limits);
+            be->synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
             log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
 

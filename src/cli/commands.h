@@ -21,6 +21,7 @@ Command add_tokenize(CLI::App& app);
 Command add_encode_prompt(CLI::App& app);
 Command add_bench(CLI::App& app);
 Command add_serve(CLI::App& app);
+Command add_save_model(CLI::App& app);
 
 // "cpu", "cuda" or "auto" (the GPU when this build has CUDA and a device is present, else the CPU).
 std::unique_ptr<Backend> make_backend(const std::string& which);

@@ -160,10 +160,12 @@ Command add_generate(CLI::App& app) {
             if (par.num_gpus > 1)
               throw Error(ErrorKind::InvalidArgument, "--num-gpus " + std::to_string(par.num_gpus) +
                                                           ": this build generates on one GPU (no multi-GPU runner yet)");
+            model.prefetch_weights();  // the files are read while the device initializes
             auto be = make_backend(o->backend);
             TextToImagePipeline pipe(*be, model);
             req = pipe.resolve(req);  // all validation before loading work is wasted or files written
             auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
+            be->synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             log_info("loaded " + model.name + " on " + be->name() + " in " + std::to_string(load_s) + " s");
 
