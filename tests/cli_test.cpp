@@ -164,10 +164,54 @@ TEST(Cli, BenchComparesTwoPerfDumps) {
 }
 
 TEST(Cli, HelpOnEveryCommand) {
-  for (const char* c : {"generate", "tokenize", "encode-prompt", "bench"}) {
+  for (const char* c : {"generate", "tokenize", "encode-prompt", "bench", "save-model"}) {
     ProcessResult r = run(std::string(c) + " --help");
     EXPECT_EQ(r.code, 0) << c;
     EXPECT_NE(r.out.find("--model"), std::string::npos) << c;
   }
   EXPECT_EQ(run("no-such-command").code, 2);
+}
+
+TEST(Cli, SavedModelGeneratesTheSamePixels) {
+  std::string dir = temp_path("saved_by_cli");
+  ProcessResult saved = run("save-model --model synthetic:tiny --shard-size 64KiB --out " + dir);
+  ASSERT_EQ(saved.code, 0) << saved.out;
+  EXPECT_NE(saved.out.find("wrote " + dir), std::string::npos) << saved.out;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/transformer/diffusion_pytorch_model.safetensors.index.json"))
+      << saved.out;
+  auto generate = [](const std::string& model, const std::string& png) {
+    ProcessResult r =
+        run("generate --model " + model + " --prompt 'a red fox' --height 64 --width 48 --seed 7 --output-path " + png);
+    EXPECT_EQ(r.code, 0) << r.out;
+    std::string bytes = slurp(png);
+    return std::make_pair(decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
+                          read_png_text(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  };
+  auto [from_memory, text_a] = generate("synthetic:tiny", temp_path("from_memory.png"));
+  auto [from_files, text_b] = generate(dir, temp_path("from_files.png"));
+  EXPECT_EQ(from_files.width, 48);
+  EXPECT_EQ(from_files.rgb, from_memory.rgb);
+  EXPECT_EQ(text_b["steps"], "9");  // the Turbo recipe came with the folder, whose name does not say turbo
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Cli, SaveModelBadInputExitsWithCode2) {
+  std::string busy = temp_path("busy_for_cli");
+  std::filesystem::create_directories(busy);
+  std::ofstream(busy + "/keep.txt") << "x";
+  struct Case {
+    std::string args, message;
+  } cases[] = {
+      {"--model synthetic:tiny --out " + busy, "not empty"},
+      {"--model synthetic:huge --out " + temp_path("never"), "unknown synthetic model"},
+      {"--model synthetic:tiny --shard-size 5XB --out " + temp_path("never"), "--shard-size '5XB'"},
+      {"--model synthetic:tiny --shard-size 0 --out " + temp_path("never"), "not a positive size"},
+  };
+  for (const auto& c : cases) {
+    ProcessResult r = run("save-model " + c.args);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << r.out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(temp_path("never")));
+  EXPECT_TRUE(std::filesystem::exists(busy + "/keep.txt"));
 }

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "test_util.h"
@@ -165,4 +166,95 @@ TEST(Checkpoint, IndexNamesTensorAbsentFromShard) {
   write_safetensors(dir + "/s.safetensors", {{"a", Tensor::from_f32({2}, {1, 2})}});
   std::ofstream(dir + "/m.safetensors.index.json") << R"({"weight_map":{"a":"s.safetensors","zz":"s.safetensors"}})";
   EXPECT_THROW(Checkpoint::open_dir(dir), Error);
+}
+
+TEST(Safetensors, WriteToAMissingFolderNamesTheFile) {
+  try {
+    write_safetensors(temp_path("no_such_folder") + "/x.safetensors", {{"a", Tensor::from_f32({1}, {1})}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Io);
+    EXPECT_NE(std::string(e.what()).find("no_such_folder/x.safetensors"), std::string::npos) << e.what();
+  }
+}
+
+TEST(WriteCheckpoint, ShardsInOrderWithAnIndexAsHuggingFaceDoes) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("written_sharded");
+  fs::create_directories(dir);
+  // 100 + 100 bytes, 400 bytes (more than a shard: alone), 100 + 40 bytes; shards of <= 250 bytes.
+  std::vector<CheckpointEntry> entries = {{"z.first", DType::F32, {25}},
+                                          {"a.second", DType::F32, {5, 5}},
+                                          {"big", DType::F32, {100}},
+                                          {"m.third", DType::BF16, {50}},
+                                          {"tail", DType::F32, {10}}};
+  std::vector<std::string> asked;
+  auto values = [](const CheckpointEntry& e) {
+    Tensor t = Tensor::empty(e.shape, DType::F32);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = float(e.name.size() * 1000 + size_t(i));
+    return e.dtype == DType::F32 ? t : t.to_dtype(e.dtype);
+  };
+  WrittenCheckpoint w = write_checkpoint(dir, "m", entries, 250, [&](const CheckpointEntry& e) {
+    asked.push_back(e.name);
+    return values(e);
+  });
+  EXPECT_EQ(w.total_bytes, 100u + 100u + 100u + 400u + 40u);
+  EXPECT_EQ(w.files, (std::vector<std::string>{"m-00001-of-00003.safetensors", "m-00002-of-00003.safetensors",
+                                               "m-00003-of-00003.safetensors", "m.safetensors.index.json"}));
+  // Inside a shard the tensors go in name order (as safetensors writes them), asked for in that order.
+  EXPECT_EQ(asked, (std::vector<std::string>{"a.second", "z.first", "big", "m.third", "tail"}));
+  auto index = nlohmann::json::parse(std::ifstream(dir + "/m.safetensors.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"], 740);
+  EXPECT_EQ(index["weight_map"]["z.first"], "m-00001-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"]["a.second"], "m-00001-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"]["big"], "m-00002-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"]["m.third"], "m-00003-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"]["tail"], "m-00003-of-00003.safetensors");
+  auto shard = SafetensorsFile::open(dir + "/m-00001-of-00003.safetensors");
+  EXPECT_EQ(shard->metadata().at("format"), "pt");
+  EXPECT_EQ(shard->entries().at("a.second").begin, 0u);  // name order in the data section too
+  Checkpoint c = Checkpoint::open_dir(dir);
+  EXPECT_EQ(c.names().size(), entries.size());
+  for (const auto& e : entries) {
+    EXPECT_EQ(c.get(e.name).dtype(), e.dtype) << e.name;
+    EXPECT_EQ(c.get(e.name).to_vector(), values(e).to_vector()) << e.name;
+  }
+  for (const auto& f : fs::directory_iterator(dir)) EXPECT_NE(f.path().extension(), ".tmp") << f.path();
+}
+
+TEST(WriteCheckpoint, OneShardIsOneFileWithoutIndex) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("written_single");
+  fs::create_directories(dir);
+  auto one = [](const CheckpointEntry&) { return Tensor::from_f32({2}, {1, 2}); };
+  WrittenCheckpoint w = write_checkpoint(dir, "diffusion_pytorch_model", {{"a", DType::F32, {2}}}, 1u << 20, one);
+  EXPECT_EQ(w.files, std::vector<std::string>{"diffusion_pytorch_model.safetensors"});
+  EXPECT_EQ(Checkpoint::open_dir(dir).get("a").to_vector(), (std::vector<float>{1, 2}));
+}
+
+TEST(WriteCheckpoint, ATensorUnlikeItsEntryIsRefusedAndLeavesNoFile) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("written_bad");
+  fs::create_directories(dir);
+  try {
+    auto f32 = [](const CheckpointEntry&) { return Tensor::from_f32({2}, {1, 2}); };
+    write_checkpoint(dir, "m", {{"a", DType::BF16, {2}}}, 1u << 20, f32);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'a'"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(fs::is_empty(dir));
+}
+
+TEST(Checkpoint, PrefetchLeavesTheTensorsAsTheyAre) {
+  Checkpoint c = Checkpoint::open_dir(golden_path("tiny-zimage/transformer"));
+  std::vector<float> before = c.get("x_pad_token").to_vector();
+  c.prefetch();
+  c.prefetch();  // idempotent
+  EXPECT_EQ(c.get("x_pad_token").to_vector(), before);
+  const auto& file = *c.files().front();
+  file.prefetch(0, file.size_bytes());
+  file.prefetch(file.size_bytes() + 4096, 4096);  // past the end: nothing to do
+  // Destroyed at once: the readers stop.
+  Checkpoint::open_dir(golden_path("tiny-zimage/vae")).prefetch();
 }

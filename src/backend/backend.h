@@ -50,6 +50,10 @@ class Backend {
   // Copy a host tensor (any float dtype) to the backend, converting to `dtype`.
   virtual Tensor upload(const Tensor& host, DType dtype) = 0;
   Tensor upload(const Tensor& host) { return upload(host, activation_dtype()); }
+  // Host matrices [n_i, K] stacked along rows into one backend tensor [sum n_i, K] of `dtype`: the
+  // load-time packing of to_q|to_k|to_v and w1|w3. By default stacked on the host, then uploaded; a
+  // device backend copies each part straight into its rows (no host copy of the packed matrix).
+  virtual Tensor upload_rows(const std::vector<Tensor>& parts, DType dtype);
   // Copy a backend tensor to a host float32 tensor (waits for pending work).
   virtual Tensor to_host_f32(const Tensor& t) = 0;
   // Copy a backend uint8 tensor to the host.

@@ -141,6 +141,7 @@ Command add_bench(CLI::App& app) {
             }
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
+            model.prefetch_weights();  // the files are read while the device initializes
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
@@ -148,6 +149,7 @@ Command add_bench(CLI::App& app) {
             ImageGenerator& pipe = *engine.generator;
             Backend* be = &pipe.backend();
             const std::string device = engine.device();
+            engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
             log_info("loaded " + model.name + " on " + device + " in " + std::to_string(load_s) + " s");
 

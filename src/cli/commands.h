@@ -20,5 +20,6 @@ Command add_tokenize(CLI::App& app);
 Command add_encode_prompt(CLI::App& app);
 Command add_bench(CLI::App& app);
 Command add_serve(CLI::App& app);
+Command add_save_model(CLI::App& app);
 
 }  // namespace zimage::cli

@@ -38,6 +38,10 @@ std::string Engine::device() const {
   return d;
 }
 
+void Engine::synchronize() {
+  for (auto& b : backends) b->synchronize();
+}
+
 Engine make_engine(const DeviceOptions& o, const ParallelConfig& par, const ModelSource& model, PipelineLimits limits) {
   Engine e;
   if (par.num_gpus == 1) {

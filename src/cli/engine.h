@@ -38,6 +38,7 @@ struct Engine {
 
   // "cuda:0 NVIDIA H200", or with " x2" for two ranks.
   std::string device() const;
+  void synchronize();  // every backend's queued work done
 };
 
 // Loads the model on every rank.

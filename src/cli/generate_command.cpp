@@ -151,10 +151,12 @@ Command add_generate(CLI::App& app) {
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
             const ParallelConfig par = check_device_options(o->device, model);
+            model.prefetch_weights();  // the files are read while the device initializes
             Engine engine = make_engine(o->device, par, model);
             ImageGenerator& pipe = *engine.generator;
             req = pipe.resolve(req);  // all validation before loading work is wasted or files written
             auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
+            engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             log_info("loaded " + model.name + " on " + engine.device() + " in " + std::to_string(load_s) + " s");
 

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
       zimage::cli::add_encode_prompt(app),
       zimage::cli::add_bench(app),
       zimage::cli::add_serve(app),
+      zimage::cli::add_save_model(app),
   };
   try {
     app.parse(argc, argv);

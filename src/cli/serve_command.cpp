@@ -140,10 +140,12 @@ Command add_serve(CLI::App& app) {
             std::fflush(stdout);
 
             auto t0 = std::chrono::steady_clock::now();
+            model.prefetch_weights();  // the files are read while the device initializes
             PipelineLimits limits;
             limits.max_pixels = o->max_pixels;
             limits.max_batch = std::max(o->max_batch_size, o->max_n);
             engine = make_engine(o->device, par, model, limits);
+            engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             log_info("loaded " + model.name + " on " + engine.device() + " in " + std::to_string(load_s) + " s");
             if (o->warmup) {

@@ -50,6 +50,7 @@ Command add_encode_prompt(CLI::App& app) {
   cmd->add_option("--backend", o->backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   return {cmd, [o] {
             ModelSource m = open_model(o->model);
+            m.text_encoder_weights->prefetch();  // read while the device initializes
             auto be = make_backend(o->backend);
             Tokenizer tok = Tokenizer::load(m.tokenizer_dir);
             TokenizedBatch batch = tokenize_prompts(tok, o->prompts, o->max_len);

@@ -6,14 +6,24 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/parallel.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older C libraries lack the name
+#endif
 
 namespace zimage {
 
@@ -140,6 +150,71 @@ Tensor SafetensorsFile::get(const std::string& name) const {
                       std::shared_ptr<void>(self, nullptr));
 }
 
+namespace {
+volatile char g_prefetch_sink;  // where the page-touching fallback of prefetch() leaves its reads
+}  // namespace
+
+void SafetensorsFile::prefetch(size_t offset, size_t len) const {
+  if (offset >= map_bytes_) return;
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const size_t begin = offset / page * page, end = std::min(map_bytes_, offset + std::min(len, map_bytes_));
+  char* p = static_cast<char*>(map_) + begin;
+  const size_t n = end - begin;
+  // WILLNEED queues the disk reads of the whole range at once (no-op for cached pages); POPULATE_READ
+  // then waits for them and fills the page tables.
+  ::madvise(p, n, MADV_WILLNEED);
+  if (::madvise(p, n, MADV_POPULATE_READ) == 0) return;
+  // Kernels before 5.14 refuse POPULATE_READ: touch one byte per page instead.
+  const volatile char* q = p;
+  char acc = 0;
+  for (size_t i = 0; i < n; i += page) acc = char(acc ^ q[i]);
+  g_prefetch_sink = acc;
+}
+
+// Workers take 64 MiB pieces of the files in order until none is left or the owner goes away.
+class Checkpoint::Prefetch {
+ public:
+  explicit Prefetch(std::vector<std::shared_ptr<SafetensorsFile>> files) : files_(std::move(files)) {
+    for (size_t f = 0; f < files_.size(); ++f)
+      for (size_t off = 0; off < files_[f]->size_bytes(); off += kPiece) pieces_.push_back({f, off});
+    // A few readers per checkpoint: enough to keep an NVMe queue busy and to spread the page faults,
+    // few enough to leave the cores to the loads that run meanwhile.
+    size_t threads = std::min(pieces_.size(), size_t(std::clamp(num_threads() / 4, 1, 4)));
+    try {
+      for (size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
+    } catch (...) {  // no thread to spare: the loads read the files themselves
+      stop();
+    }
+  }
+  ~Prefetch() { stop(); }
+  Prefetch(const Prefetch&) = delete;
+  Prefetch& operator=(const Prefetch&) = delete;
+
+ private:
+  static constexpr size_t kPiece = size_t(64) << 20;
+  struct Piece {
+    size_t file, offset;
+  };
+  void run() {
+    for (size_t i = next_++; !stop_ && i < pieces_.size(); i = next_++)
+      files_[pieces_[i].file]->prefetch(pieces_[i].offset, kPiece);
+  }
+  void stop() {
+    stop_ = true;
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;  // keep the mappings alive while reading them
+  std::vector<Piece> pieces_;
+  std::atomic<size_t> next_{0};
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
+void Checkpoint::prefetch() {
+  if (!prefetch_) prefetch_ = std::make_shared<Prefetch>(files_);
+}
+
 Checkpoint Checkpoint::open_file(const std::string& path) {
   Checkpoint c;
   c.description_ = path;
@@ -216,36 +291,155 @@ std::vector<std::string> Checkpoint::names() const {
   return v;
 }
 
-void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// A file written under `<path>.tmp` and renamed to `path` by finish(); the temporary is removed if
+// finish() is never reached (an exception on the way), so no half-written file keeps the real name.
+class FileWriter {
+ public:
+  explicit FileWriter(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw os_error("cannot open for writing");
+  }
+  ~FileWriter() {
+    if (fd_ < 0) return;
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
+  }
+  FileWriter(const FileWriter&) = delete;
+  FileWriter& operator=(const FileWriter&) = delete;
+
+  void write(const void* data, size_t n) {
+    const char* p = static_cast<const char*>(data);
+    while (n) {
+      ssize_t w = ::write(fd_, p, std::min(n, size_t(1) << 30));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) throw os_error("write failed");
+      p += w;
+      n -= size_t(w);
+    }
+  }
+  void finish() {
+    int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) {
+      Error e = os_error("write failed");
+      ::unlink(tmp_.c_str());
+      throw e;
+    }
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+      Error e = os_error("cannot rename the written file");
+      ::unlink(tmp_.c_str());
+      throw e;
+    }
+  }
+
+ private:
+  Error os_error(const std::string& what) const {
+    return Error(ErrorKind::Io, path_ + ": " + what + ": " + std::strerror(errno ? errno : EIO));
+  }
+  std::string path_, tmp_;
+  int fd_ = -1;
+};
+
+// The length prefix and JSON header of a file holding `entries` back to back in this order, padded with
+// spaces so that the data section starts 8-byte aligned (as the reference implementation writes it).
+std::string safetensors_header(const std::vector<CheckpointEntry>& entries,
+                               const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
   size_t offset = 0;
+  for (const auto& e : entries) {
+    h[e.name] = {
+        {"dtype", dtype_to_safetensors(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.nbytes()}}};
+    offset += e.nbytes();
+  }
+  std::string header = h.dump();
+  while ((header.size() + 8) % 8) header.push_back(' ');
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = char((uint64_t(header.size()) >> (8 * i)) & 0xff);
+  return out + header;
+}
+
+bool by_name(const CheckpointEntry& a, const CheckpointEntry& b) { return a.name < b.name; }
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
   std::vector<std::pair<std::string, Tensor>> sorted = tensors;
   std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<CheckpointEntry> entries;
   for (const auto& [name, t] : sorted) {
     ZI_CHECK(t.device() == Device::Host && t.is_contiguous(), ErrorKind::Internal,
              "write_safetensors: tensor '" + name + "' is not a contiguous host tensor");
-    h[name] = {{"dtype", dtype_to_safetensors(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
+    entries.push_back({name, t.dtype(), t.shape()});
   }
-  std::string header = h.dump();
-  while ((header.size() + 8) % 8) header.push_back(' ');  // keep the data section 8-byte aligned
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(ErrorKind::Io, path + ": cannot open for writing");
-    uint64_t n = header.size();
-    unsigned char len[8];
-    for (int i = 0; i < 8; ++i) len[i] = (unsigned char)(n >> (8 * i));
-    out.write(reinterpret_cast<const char*>(len), 8);
-    out.write(header.data(), std::streamsize(header.size()));
-    for (const auto& kv : sorted) out.write(static_cast<const char*>(kv.second.data()), std::streamsize(kv.second.nbytes()));
-    if (!out) throw Error(ErrorKind::Io, path + ": write failed");
+  FileWriter out(path);
+  std::string header = safetensors_header(entries, metadata);
+  out.write(header.data(), header.size());
+  for (const auto& kv : sorted) out.write(kv.second.data(), kv.second.nbytes());
+  out.finish();
+}
+
+WrittenCheckpoint write_checkpoint(const std::string& dir, const std::string& stem,
+                                   const std::vector<CheckpointEntry>& entries, uint64_t max_shard_bytes,
+                                   const std::function<Tensor(const CheckpointEntry&)>& tensor) {
+  ZI_CHECK(max_shard_bytes > 0, ErrorKind::InvalidArgument, "the shard size must be at least 1 byte");
+  std::set<std::string> names;
+  for (const auto& e : entries)
+    ZI_CHECK(names.insert(e.name).second, ErrorKind::Internal, dir + ": tensor '" + e.name + "' is listed twice");
+  // In order, a new shard whenever the next tensor would overflow the current one (huggingface_hub's
+  // split_torch_state_dict_into_shards).
+  std::vector<std::vector<CheckpointEntry>> shards(1);
+  uint64_t in_shard = 0;
+  WrittenCheckpoint out;
+  for (const auto& e : entries) {
+    if (!shards.back().empty() && in_shard + e.nbytes() > max_shard_bytes) {
+      shards.emplace_back();
+      in_shard = 0;
+    }
+    shards.back().push_back(e);
+    in_shard += e.nbytes();
+    out.total_bytes += e.nbytes();
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(ErrorKind::Io, path + ": cannot rename the written file: " + ec.message());
+  const size_t n = shards.size();
+  json weight_map = json::object();
+  for (size_t k = 0; k < n; ++k) {
+    char numbered[32];
+    std::snprintf(numbered, sizeof numbered, "-%05zu-of-%05zu", k + 1, n);
+    std::string file = stem + (n == 1 ? "" : numbered) + ".safetensors";
+    std::string path = (fs::path(dir) / file).string();
+    std::vector<CheckpointEntry>& shard = shards[k];
+    std::sort(shard.begin(), shard.end(), by_name);
+    FileWriter w(path);
+    std::string header = safetensors_header(shard, {{"format", "pt"}});
+    w.write(header.data(), header.size());
+    uint64_t bytes = 0;
+    for (const auto& e : shard) {
+      Tensor t = tensor(e);
+      ZI_CHECK(t.device() == Device::Host && t.is_contiguous() && t.dtype() == e.dtype && t.shape() == e.shape,
+               ErrorKind::Internal,
+               path + ": tensor '" + e.name + "' came as a " + dtype_name(t.dtype()) + " " + shape_str(t.shape()) +
+                   " tensor, not the contiguous host " + dtype_name(e.dtype) + " " + shape_str(e.shape) + " declared");
+      w.write(t.data(), t.nbytes());
+      weight_map[e.name] = file;
+      bytes += t.nbytes();
+    }
+    w.finish();
+    out.files.push_back(file);
+    log_debug("wrote " + path + " (" + std::to_string(shard.size()) + " tensors, " + std::to_string(bytes >> 20) +
+              " MiB)");
+  }
+  if (n > 1) {
+    std::string file = stem + ".safetensors.index.json";
+    std::string text = json{{"metadata", {{"total_size", out.total_bytes}}}, {"weight_map", weight_map}}.dump(2) + "\n";
+    FileWriter w((fs::path(dir) / file).string());
+    w.write(text.data(), text.size());
+    w.finish();
+    out.files.push_back(file);
+  }
+  return out;
 }
 
 }  // namespace zimage

@@ -4,6 +4,8 @@
 // Everything read is validated; a violation is an Error naming the file and the tensor.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -37,6 +39,10 @@ class SafetensorsFile {
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
   // A host view into the mapping (keeps the mapping alive). Throws NotFound naming the file.
   Tensor get(const std::string& name) const;
+  size_t size_bytes() const { return map_bytes_; }
+  // Brings bytes [offset, offset + len) of the file into memory: read from disk if they are not in the
+  // page cache, and mapped into this process, so that later reads of them take no page fault. Blocks.
+  void prefetch(size_t offset, size_t len) const;
 
  private:
   SafetensorsFile() = default;
@@ -62,15 +68,49 @@ class Checkpoint {
   Tensor get(const std::string& name) const;
   std::vector<std::string> names() const;
   const std::string& description() const { return description_; }
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+
+  // Starts reading every file into memory on background threads (SafetensorsFile::prefetch over
+  // 64 MiB pieces) and returns at once: the gets that follow find their bytes resident and mapped.
+  // Several threads keep a cold disk's queue full and take the page faults of a warm page cache in
+  // parallel. The threads stop when the last copy of this Checkpoint goes away. Idempotent.
+  void prefetch();
 
  private:
+  class Prefetch;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;  // tensor name -> index into files_
   std::string description_;              // the folder or file, for error messages
+  std::shared_ptr<Prefetch> prefetch_;
 };
 
 // Writes tensors (host, contiguous) in name order with an optional __metadata__ map.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// One tensor of a checkpoint to write; its bytes are asked for when its turn comes.
+struct CheckpointEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  size_t nbytes() const { return size_t(shape_numel(shape)) * dtype_size(dtype); }
+};
+
+struct WrittenCheckpoint {
+  std::vector<std::string> files;  // file names inside the folder: the shards, then the index if any
+  uint64_t total_bytes = 0;        // tensor bytes (the index's metadata.total_size)
+};
+
+// Writes `entries` into `dir` as diffusers and transformers save a checkpoint: split in order into
+// shards of at most `max_shard_bytes` of tensor data (a larger tensor gets a shard of its own), each
+// `<stem>-0000k-of-0000n.safetensors` (tensors in name order inside, __metadata__ {"format": "pt"}),
+// plus `<stem>.safetensors.index.json` with metadata.total_size and weight_map; a checkpoint that fits
+// one shard is `<stem>.safetensors` alone. `tensor(entry)` gives each tensor's bytes (a contiguous host
+// tensor of the entry's dtype and shape) just before they are written, so memory holds one tensor at a
+// time whatever the checkpoint's size. Each file is written under a temporary name and renamed when
+// complete; a failed write (disk full, ...) is an Io error naming the file.
+WrittenCheckpoint write_checkpoint(const std::string& dir, const std::string& stem,
+                                   const std::vector<CheckpointEntry>& entries, uint64_t max_shard_bytes,
+                                   const std::function<Tensor(const CheckpointEntry&)>& tensor);
 
 }  // namespace zimage

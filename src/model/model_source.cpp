@@ -1,10 +1,12 @@
 #include "model/model_source.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 
 #include "core/error.h"
+#include "model/qwen3.h"
 
 namespace zimage {
 
@@ -23,6 +25,12 @@ struct SyntheticSpec {
 
 const char* kScheduler = R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
   "shift": 3.0, "use_dynamic_shifting": false})";
+
+// What diffusers writes for a ZImagePipeline (the real checkpoints' model_index.json).
+const char* kModelIndex = R"({"_class_name": "ZImagePipeline",
+  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
+  "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
+  "vae": ["diffusers", "AutoencoderKL"]})";
 
 const SyntheticSpec kSynthetic[] = {
     {"tiny",
@@ -57,7 +65,7 @@ ModelSource open_synthetic(const std::string& spec, const std::string& kind) {
     ModelSource m;
     m.name = spec;
     m.synthetic = true;
-    m.model_index = Config::parse(R"({"_class_name": "ZImagePipeline"})", spec + "/model_index.json");
+    m.model_index = Config::parse(kModelIndex, spec + "/model_index.json");
     m.transformer = Config::parse(s.transformer, spec + "/transformer/config.json");
     m.text_encoder = Config::parse(s.text_encoder, spec + "/text_encoder/config.json");
     m.vae = Config::parse(s.vae, spec + "/vae/config.json");
@@ -76,6 +84,24 @@ ModelSource open_synthetic(const std::string& spec, const std::string& kind) {
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return char(std::tolower(c)); });
   return s;
+}
+
+// The recipe of a folder: written down by `zimage save-model`, else guessed from the name (Z-Image-Turbo
+// and Z-Image share one layout; the distilled Turbo checkpoint is known by its name).
+void set_recipe(ModelSource& m, const fs::path& root) {
+  if (m.model_index.has(kRecipeKey)) {
+    Config r = m.model_index.child(kRecipeKey);
+    m.default_steps = int(r.integer("num_inference_steps"));
+    m.default_guidance = float(r.number("guidance_scale"));
+    ZI_CHECK(m.default_steps >= 1 && std::isfinite(m.default_guidance) && m.default_guidance >= 0, ErrorKind::Format,
+             m.model_index.where() + ": " + kRecipeKey + " needs num_inference_steps >= 1 and guidance_scale >= 0");
+    return;
+  }
+  std::string leaf = lower(fs::weakly_canonical(root).filename().string());
+  if (leaf.find("turbo") != std::string::npos) {
+    m.default_steps = 9;
+    m.default_guidance = 0.0f;
+  }
 }
 
 }  // namespace
@@ -103,18 +129,21 @@ ModelSource open_model(const std::string& spec) {
   m.vae = Config::load((root / "vae" / "config.json").string());
   m.scheduler = Config::load((root / "scheduler" / "scheduler_config.json").string());
   m.transformer_weights = std::make_shared<CheckpointWeights>(Checkpoint::open_dir((root / "transformer").string()));
-  m.text_encoder_weights = std::make_shared<CheckpointWeights>(Checkpoint::open_dir((root / "text_encoder").string()));
+  Checkpoint text_encoder = Checkpoint::open_dir((root / "text_encoder").string());
+  const std::string causal_lm = kQwen3CausalLmPrefix;
+  std::string names_under = text_encoder.has(causal_lm + "embed_tokens.weight") ? causal_lm : "";
+  m.text_encoder_weights = std::make_shared<CheckpointWeights>(std::move(text_encoder), names_under);
   m.vae_weights = std::make_shared<CheckpointWeights>(Checkpoint::open_dir((root / "vae").string()));
   m.tokenizer_dir = (root / "tokenizer").string();
   if (!fs::exists(root / "tokenizer" / "tokenizer.json"))
     throw Error(ErrorKind::NotFound, spec + ": tokenizer/tokenizer.json is missing");
-  // Z-Image-Turbo and Z-Image share one layout; the distilled Turbo checkpoint is known by its name.
-  std::string leaf = lower(fs::weakly_canonical(root).filename().string());
-  if (leaf.find("turbo") != std::string::npos) {
-    m.default_steps = 9;
-    m.default_guidance = 0.0f;
-  }
+  set_recipe(m, root);
   return m;
+}
+
+void ModelSource::prefetch_weights() const {
+  for (const auto& w : {text_encoder_weights, transformer_weights, vae_weights})
+    if (w) w->prefetch();
 }
 
 }  // namespace zimage

@@ -11,6 +11,10 @@
 
 namespace zimage {
 
+// model_index.json key with the recipe a folder written by `zimage save-model` was made for:
+// {"num_inference_steps": 9, "guidance_scale": 0.0}. diffusers ignores keys that start with '_'.
+inline constexpr char kRecipeKey[] = "_zimage_recipe";
+
 struct ModelSource {
   std::string name;  // the folder path or "synthetic:<kind>"
   Config model_index, transformer, text_encoder, vae, scheduler;
@@ -21,10 +25,15 @@ struct ModelSource {
   int default_steps = 50;
   float default_guidance = 5.0f;
   bool synthetic = false;
+
+  // Starts reading all three checkpoints into memory in the background (WeightSource::prefetch): call
+  // it before the slow setup that precedes a load (device initialization), so the two overlap.
+  void prefetch_weights() const;
 };
 
 // `spec` is a folder or "synthetic:tiny" / "synthetic:turbo". Missing folders, files or config keys
-// raise NotFound naming what is missing.
+// raise NotFound naming what is missing. A folder's recipe is model_index.json's kRecipeKey if present,
+// else Turbo's when the folder's name contains "turbo", else the base model's.
 ModelSource open_model(const std::string& spec);
 
 // The folder holding the shipped tokenizer and other data files: $ZIMAGE_ASSETS, else the source tree's assets/.

@@ -50,6 +50,27 @@ Qwen3TextEncoder::Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightS
   }
 }
 
+std::vector<WeightSpec> Qwen3TextEncoder::weight_specs(const Config& cfg) {
+  const Qwen3Config c = Qwen3Config::from(cfg);
+  const int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  std::vector<WeightSpec> s = {{"embed_tokens.weight", {c.vocab, c.hidden}}, {"norm.weight", {c.hidden}}};
+  for (int64_t i = 0; i < c.layers; ++i) {
+    std::string p = "layers." + std::to_string(i) + ".";
+    s.push_back({p + "input_layernorm.weight", {c.hidden}});
+    s.push_back({p + "self_attn.q_proj.weight", {qd, c.hidden}});
+    s.push_back({p + "self_attn.k_proj.weight", {kvd, c.hidden}});
+    s.push_back({p + "self_attn.v_proj.weight", {kvd, c.hidden}});
+    s.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+    s.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+    s.push_back({p + "self_attn.o_proj.weight", {c.hidden, qd}});
+    s.push_back({p + "post_attention_layernorm.weight", {c.hidden}});
+    s.push_back({p + "mlp.gate_proj.weight", {c.intermediate, c.hidden}});
+    s.push_back({p + "mlp.up_proj.weight", {c.intermediate, c.hidden}});
+    s.push_back({p + "mlp.down_proj.weight", {c.hidden, c.intermediate}});
+  }
+  return s;
+}
+
 Tensor Qwen3TextEncoder::forward(const Tensor& input_ids, const std::vector<int64_t>& lengths, int64_t num_layers) {
   const auto& c = cfg_;
   ZI_ASSERT(input_ids.ndim() == 2 && input_ids.dtype() == DType::I64);

@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "io/config.h"
+#include "model/weight_spec.h"
 #include "model/weights.h"
 
 namespace zimage {
@@ -18,10 +19,16 @@ struct Qwen3Config {
   static Qwen3Config from(const Config& c);
 };
 
+// A Qwen3ForCausalLM checkpoint (the real Z-Image-Turbo's text_encoder) stores the weights below under
+// this prefix ("model.layers.0..."); a Qwen3Model one (as diffusers saves the golden model) without it.
+inline constexpr char kQwen3CausalLmPrefix[] = "model.";
+
 class Qwen3TextEncoder {
  public:
   Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws);
   const Qwen3Config& config() const { return cfg_; }
+  // Every tensor the constructor loads, named as in a Qwen3Model checkpoint (`layers.3.mlp.up_proj.weight`).
+  static std::vector<WeightSpec> weight_specs(const Config& cfg);
 
   // input_ids [B, L] int64 (host); lengths[b] real tokens of row b (the rest is padding, masked).
   // Returns the hidden states after `num_layers` layers, [B, L, hidden] on the backend; when

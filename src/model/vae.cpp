@@ -40,6 +40,11 @@ void check_block_types(const Config& cfg, const std::string& key, const char* su
              cfg.where() + ": '" + key + "' entry " + t.dump() + " is not supported (only " + supported + ")");
 }
 
+// diffusers' defaults when the keys are absent (older SD checkpoints): quant convs and attention on.
+bool mid_block_attention(const Config& cfg) { return cfg.boolean_or("mid_block_add_attention", true); }
+bool quant_conv(const Config& cfg) { return cfg.boolean_or("use_quant_conv", true); }
+bool post_quant_conv(const Config& cfg) { return cfg.boolean_or("use_post_quant_conv", true); }
+
 }  // namespace
 
 Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
@@ -64,9 +69,7 @@ Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
   ZI_CHECK(scaling_factor_ != 0.0f, ErrorKind::Format, cfg.where() + ": scaling_factor must not be 0");
   check_block_types(cfg, "down_block_types", "DownEncoderBlock2D", ch.size());
   check_block_types(cfg, "up_block_types", "UpDecoderBlock2D", ch.size());
-  // diffusers' defaults when the keys are absent (older SD checkpoints): quant convs and attention on.
-  bool add_attention = cfg.boolean_or("mid_block_add_attention", true);
-  bool quant = cfg.boolean_or("use_quant_conv", true), post_quant = cfg.boolean_or("use_post_quant_conv", true);
+  const bool add_attention = mid_block_attention(cfg), quant = quant_conv(cfg), post_quant = post_quant_conv(cfg);
   size_t nblocks = ch.size();
   downscale_ = 1 << (nblocks - 1);
   const Conv2dParams same3 = Conv2dParams::same(3), same1 = Conv2dParams::same(1);
@@ -106,6 +109,64 @@ Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
   }
   decoder_.norm_out = load_norm(ws, "decoder.conv_norm_out", ch[0]);
   decoder_.conv_out = load_conv(ws, "decoder.conv_out", ch[0], out_channels_, 3, same3);
+}
+
+std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
+  const std::vector<int64_t> ch = cfg.integers("block_out_channels");
+  const std::vector<int64_t> rev(ch.rbegin(), ch.rend());
+  const int64_t layers = cfg.integer("layers_per_block"), latent = cfg.integer("latent_channels");
+  const size_t nblocks = ch.size();
+  std::vector<WeightSpec> s;
+  auto conv = [&](const std::string& name, int64_t in, int64_t out, int64_t k) {
+    s.push_back({name + ".weight", {out, in, k, k}});
+    s.push_back({name + ".bias", {out}});
+  };
+  auto norm = [&](const std::string& name, int64_t c) {
+    s.push_back({name + ".weight", {c}});
+    s.push_back({name + ".bias", {c}});
+  };
+  auto resnet = [&](const std::string& name, int64_t in, int64_t out) {
+    norm(name + ".norm1", in);
+    conv(name + ".conv1", in, out, 3);
+    norm(name + ".norm2", out);
+    conv(name + ".conv2", out, out, 3);
+    if (in != out) conv(name + ".conv_shortcut", in, out, 1);
+  };
+  auto mid = [&](const std::string& name, int64_t c) {
+    resnet(name + ".resnets.0", c, c);
+    if (mid_block_attention(cfg)) {
+      const std::string a = name + ".attentions.0";
+      norm(a + ".group_norm", c);
+      for (const char* p : {".to_q", ".to_k", ".to_v"}) s.push_back({a + p + ".weight", {c, c}});
+      for (const char* p : {".to_q", ".to_k", ".to_v"}) s.push_back({a + p + ".bias", {c}});
+      s.push_back({a + ".to_out.0.weight", {c, c}});
+      s.push_back({a + ".to_out.0.bias", {c}});
+    }
+    resnet(name + ".resnets.1", c, c);
+  };
+  conv("encoder.conv_in", cfg.integer("in_channels"), ch[0], 3);
+  for (size_t i = 0; i < nblocks; ++i) {
+    const std::string name = "encoder.down_blocks." + std::to_string(i);
+    const int64_t in = i == 0 ? ch[0] : ch[i - 1];
+    for (int64_t j = 0; j < layers; ++j) resnet(name + ".resnets." + std::to_string(j), j == 0 ? in : ch[i], ch[i]);
+    if (i + 1 < nblocks) conv(name + ".downsamplers.0.conv", ch[i], ch[i], 3);
+  }
+  mid("encoder.mid_block", ch.back());
+  norm("encoder.conv_norm_out", ch.back());
+  conv("encoder.conv_out", ch.back(), 2 * latent, 3);
+  if (quant_conv(cfg)) conv("quant_conv", 2 * latent, 2 * latent, 1);
+  if (post_quant_conv(cfg)) conv("post_quant_conv", latent, latent, 1);
+  conv("decoder.conv_in", latent, rev[0], 3);
+  mid("decoder.mid_block", rev[0]);
+  for (size_t i = 0; i < nblocks; ++i) {
+    const std::string name = "decoder.up_blocks." + std::to_string(i);
+    const int64_t in = i == 0 ? rev[0] : rev[i - 1];
+    for (int64_t j = 0; j <= layers; ++j) resnet(name + ".resnets." + std::to_string(j), j == 0 ? in : rev[i], rev[i]);
+    if (i + 1 < nblocks) conv(name + ".upsamplers.0.conv", rev[i], rev[i], 3);
+  }
+  norm("decoder.conv_norm_out", ch[0]);
+  conv("decoder.conv_out", ch[0], cfg.integer("out_channels"), 3);
+  return s;
 }
 
 // ---- loading ----

@@ -21,6 +21,7 @@
 
 #include "backend/backend.h"
 #include "io/config.h"
+#include "model/weight_spec.h"
 #include "model/weights.h"
 
 namespace zimage {
@@ -28,6 +29,8 @@ namespace zimage {
 class Vae {
  public:
   Vae(Backend& be, const Config& cfg, const WeightSource& ws);
+  // Every tensor the constructor loads, as diffusers stores it (conv weights [O, C, kh, kw]).
+  static std::vector<WeightSpec> weight_specs(const Config& cfg);
 
   // latents [B, C_lat, h, w] (activation dtype or f32) in the DiT's latent space:
   // z = latents / scaling_factor + shift_factor, then decode_raw(z).

@@ -8,10 +8,11 @@
 namespace zimage {
 
 Tensor CheckpointWeights::get(const std::string& name, const Shape& shape) const {
-  if (!ckpt_.has(name)) throw Error(ErrorKind::NotFound, ckpt_.description() + ": missing tensor '" + name + "'");
-  Tensor t = ckpt_.get(name);
+  const std::string stored = prefix_ + name;
+  if (!ckpt_.has(stored)) throw Error(ErrorKind::NotFound, ckpt_.description() + ": missing tensor '" + stored + "'");
+  Tensor t = ckpt_.get(stored);
   if (t.shape() != shape)
-    throw Error(ErrorKind::Format, ckpt_.description() + ": tensor '" + name + "' has shape " + shape_str(t.shape()) +
+    throw Error(ErrorKind::Format, ckpt_.description() + ": tensor '" + stored + "' has shape " + shape_str(t.shape()) +
                                        ", the config implies " + shape_str(shape));
   return t;
 }

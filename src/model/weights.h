@@ -18,17 +18,25 @@ class WeightSource {
   virtual Tensor get(const std::string& name, const Shape& shape) const = 0;
   virtual bool has(const std::string& name) const = 0;
   virtual std::string describe() const = 0;
+  // Starts bringing every weight into memory in the background and returns at once, so that the gets
+  // of a model load that follows find them ready (see Checkpoint::prefetch). Nothing to do by default.
+  virtual void prefetch() {}
 };
 
 class CheckpointWeights final : public WeightSource {
  public:
-  explicit CheckpointWeights(Checkpoint ckpt) : ckpt_(std::move(ckpt)) {}
+  // `prefix` is put before every name asked for: a Qwen3ForCausalLM checkpoint keeps the text
+  // encoder's tensors under "model.".
+  explicit CheckpointWeights(Checkpoint ckpt, std::string prefix = "")
+      : ckpt_(std::move(ckpt)), prefix_(std::move(prefix)) {}
   Tensor get(const std::string& name, const Shape& shape) const override;
-  bool has(const std::string& name) const override { return ckpt_.has(name); }
+  bool has(const std::string& name) const override { return ckpt_.has(prefix_ + name); }
   std::string describe() const override { return ckpt_.description(); }
+  void prefetch() override { ckpt_.prefetch(); }
 
  private:
   Checkpoint ckpt_;
+  std::string prefix_;
 };
 
 // Deterministic bf16 weights: the value stream depends only on (seed, tensor name), so every run and

@@ -68,6 +68,49 @@ DitLayout dit_layout(int64_t items, int64_t latent_h, int64_t latent_w, int64_t 
   return l;
 }
 
+std::vector<WeightSpec> ZImageDit::weight_specs(const Config& cfg) {
+  const DitConfig c = DitConfig::from(cfg);
+  const int64_t a = c.adaln_dim, patch_dim = c.patch * c.patch * c.in_channels;
+  const std::string px = "all_x_embedder." + std::to_string(c.patch) + "-1.";
+  const std::string pf = "all_final_layer." + std::to_string(c.patch) + "-1.";
+  std::vector<WeightSpec> s = {
+      {"t_embedder.mlp.0.weight", {kTimeMlpHidden, kTimeFeatures}},
+      {"t_embedder.mlp.0.bias", {kTimeMlpHidden}},
+      {"t_embedder.mlp.2.weight", {a, kTimeMlpHidden}},
+      {"t_embedder.mlp.2.bias", {a}},
+      {"cap_embedder.0.weight", {c.cap_feat_dim}},
+      {"cap_embedder.1.weight", {c.dim, c.cap_feat_dim}},
+      {"cap_embedder.1.bias", {c.dim}},
+      {px + "weight", {c.dim, patch_dim}},
+      {px + "bias", {c.dim}},
+      {"x_pad_token", {1, c.dim}},
+      {"cap_pad_token", {1, c.dim}},
+      {pf + "adaLN_modulation.1.weight", {c.dim, a}},
+      {pf + "adaLN_modulation.1.bias", {c.dim}},
+      {pf + "linear.weight", {patch_dim, c.dim}},
+      {pf + "linear.bias", {patch_dim}},
+  };
+  auto block = [&](const std::string& p, bool modulated) {
+    for (const char* n : {"attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"})
+      s.push_back({p + n + ".weight", {c.dim}});
+    for (const char* n : {"to_q", "to_k", "to_v", "to_out.0"})
+      s.push_back({p + "attention." + n + ".weight", {c.dim, c.dim}});
+    s.push_back({p + "attention.norm_q.weight", {c.head_dim}});
+    s.push_back({p + "attention.norm_k.weight", {c.head_dim}});
+    s.push_back({p + "feed_forward.w1.weight", {c.ffn_hidden, c.dim}});
+    s.push_back({p + "feed_forward.w3.weight", {c.ffn_hidden, c.dim}});
+    s.push_back({p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden}});
+    if (modulated) {
+      s.push_back({p + "adaLN_modulation.0.weight", {4 * c.dim, a}});
+      s.push_back({p + "adaLN_modulation.0.bias", {4 * c.dim}});
+    }
+  };
+  for (int64_t i = 0; i < c.refiner_layers; ++i) block("noise_refiner." + std::to_string(i) + ".", true);
+  for (int64_t i = 0; i < c.refiner_layers; ++i) block("context_refiner." + std::to_string(i) + ".", false);
+  for (int64_t i = 0; i < c.layers; ++i) block("layers." + std::to_string(i) + ".", true);
+  return s;
+}
+
 ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string& p) {
   const auto& c = cfg_;
   Block b;

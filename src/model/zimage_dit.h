@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "io/config.h"
+#include "model/weight_spec.h"
 #include "model/weights.h"
 #include "parallel/communicator.h"
 #include "parallel/sequence_parallel_plan.h"
@@ -45,6 +46,8 @@ class ZImageDit {
  public:
   ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws);
   const DitConfig& config() const { return cfg_; }
+  // Every tensor the constructor loads, as diffusers stores it (`layers.12.attention.to_q.weight`, ...).
+  static std::vector<WeightSpec> weight_specs(const Config& cfg);
 
   // latents [N, C, h, w] (float32 or activation dtype), t[N] the DiT time ((1000 - timestep) / 1000),
   // caps[N] caption features [len_i, cap_feat_dim]. Returns the raw model output [N, C, h, w] float32.
