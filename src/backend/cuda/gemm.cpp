@@ -1,10 +1,5 @@
 #include "backend/cuda/gemm.h"
 
-#include <cstdlib>
-#include <string>
-
-#include "backend/cuda/kernels.h"
-
 namespace zimage::cuda {
 
 namespace {
@@ -17,7 +12,6 @@ struct Gemm::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  bool skinny = false;  // linear_skinny beat every cuBLASLt candidate at this shape
   ~Plan() {
     if (desc) cublasLtMatmulDescDestroy(desc);
     if (a) cublasLtMatrixLayoutDestroy(a);
@@ -27,19 +21,10 @@ struct Gemm::Plan {
 };
 
 // Times each candidate on the call's own buffers (the output is rewritten by the real call after)
-// and keeps the fastest; the heuristic's first choice is not always the best at our shapes. For a few
-// rows (M <= 32) our own skinny kernel runs in the contest too.
-void Gemm::choose(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x, const bf16* w,
-                  const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  const bool skinny = skinny_mode_ != SkinnyMode::Never && linear_skinny_applies(m, n, k, x, w);
-  if (skinny && skinny_mode_ == SkinnyMode::Always) {
-    p.skinny = true;
-    return;
-  }
-  if (found == 1 && !skinny) {
-    p.algo = results[0].algo;
-    return;
-  }
+// and keeps the fastest; the heuristic's first choice is not always the best at our shapes.
+cublasLtMatmulAlgo_t Gemm::fastest(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x,
+                                   const bf16* w, bf16* y, cudaStream_t stream) {
+  if (found == 1) return results[0].algo;
   cudaEvent_t start, stop;
   ZI_CUDA_CHECK(cudaEventCreate(&start));
   ZI_CUDA_CHECK(cudaEventCreate(&stop));
@@ -47,46 +32,29 @@ void Gemm::choose(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int f
   void* ws = workspace_.get(kWorkspaceBytes, stream);
   int best = 0;
   float best_ms = 1e30f;
-  // Milliseconds of kTimingReps calls after one warm-up; negative when the call fails.
-  auto time = [&](auto&& run) -> float {
-    if (!run()) return -1.0f;
+  for (int i = 0; i < found; ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
+                            kWorkspaceBytes, stream);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a candidate that fails is skipped
     ZI_CUDA_CHECK(cudaEventRecord(start, stream));
     for (int r = 0; r < kTimingReps; ++r) run();
     ZI_CUDA_CHECK(cudaEventRecord(stop, stream));
     ZI_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
     ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    return ms;
-  };
-  for (int i = 0; i < found; ++i) {
-    float ms = time([&] {
-      return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
-                            kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS;
-    });
-    if (ms >= 0 && ms < best_ms) {  // a candidate that fails is skipped
+    if (ms < best_ms) {
       best_ms = ms;
       best = i;
     }
   }
-  p.algo = results[best].algo;
-  if (skinny) {
-    float ms = time([&] {
-      linear_skinny(x, w, bias, y, m, n, k, static_cast<float*>(ws), stream);
-      return true;
-    });
-    p.skinny = ms < best_ms;
-  }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  return results[best].algo;
 }
 
-Gemm::Gemm(cublasLtHandle_t lt, Workspace& workspace) : lt_(lt), workspace_(workspace) {
-  // ZIMAGE_GEMM_SKINNY=always|never: take the skinny kernel wherever it applies, or never (tests and A/B
-  // benchmarks); by default the faster one per shape.
-  const char* e = std::getenv("ZIMAGE_GEMM_SKINNY");
-  std::string v = e ? e : "";
-  skinny_mode_ = v == "always" ? SkinnyMode::Always : v == "never" ? SkinnyMode::Never : SkinnyMode::Fastest;
-}
+Gemm::Gemm(cublasLtHandle_t lt, Workspace& workspace) : lt_(lt), workspace_(workspace) {}
 Gemm::~Gemm() = default;
 
 void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k,
@@ -124,17 +92,13 @@ void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64
       throw Error(ErrorKind::Backend, "cuBLASLt has no algorithm for a bf16 GEMM of M=" + std::to_string(m) +
                                           " N=" + std::to_string(n) + " K=" + std::to_string(k));
     if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-    choose(*p, results, found, x, w, bias, y, m, n, k, stream);
+    p->algo = fastest(*p, results, found, x, w, y, stream);
     it = plans_.emplace(key, std::move(p)).first;
   }
   Plan& p = *it->second;
-  void* ws = workspace_.get(kWorkspaceBytes, stream);
-  if (p.skinny && linear_skinny_applies(m, n, k, x, w)) {  // (a view may be less aligned than the timed call)
-    linear_skinny(x, w, bias, y, m, n, k, static_cast<float*>(ws), stream);
-    return;
-  }
   if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
   const float alpha = 1.0f, beta = 0.0f;
+  void* ws = workspace_.get(kWorkspaceBytes, stream);
   ZI_CUBLAS_CHECK(cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws,
                                  kWorkspaceBytes, stream));
 }

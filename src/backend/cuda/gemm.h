@@ -1,6 +1,6 @@
 // bf16 GEMMs through cuBLASLt with float32 accumulation: y[M, N] = x[M, K] · w[N, K]^T (+ bias[N]) in
-// row-major terms, the bias fused as a cuBLASLt epilogue. Per shape, the heuristic's candidates (and, for
-// M <= 32 rows, our skinny kernel: linear_skinny.cu) are timed once and the fastest is cached. FLOPs 2*M*N*K; at the DiT's shapes cuBLASLt reaches 712-824 TFLOP/s on
+// row-major terms, the bias fused as a cuBLASLt epilogue. Per shape, the heuristic's candidates are
+// timed once and the fastest is cached. FLOPs 2*M*N*K; at the DiT's shapes cuBLASLt reaches 712-824 TFLOP/s on
 // an H200 (CUDA_NOTES.md).
 #pragma once
 
@@ -22,12 +22,10 @@ class Gemm {
   struct Plan;
 
  private:
-  void choose(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x, const bf16* w,
-              const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k, cudaStream_t stream);
-  enum class SkinnyMode { Fastest, Always, Never };
+  cublasLtMatmulAlgo_t fastest(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x,
+                               const bf16* w, bf16* y, cudaStream_t stream);
   cublasLtHandle_t lt_;
   Workspace& workspace_;
-  SkinnyMode skinny_mode_ = SkinnyMode::Fastest;
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<Plan>> plans_;
 };
 

@@ -37,14 +37,6 @@ void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64
 // [n, dim] bf16 = [cos(t_i * f_k) | sin(t_i * f_k)], f_k = exp(-ln(max_period) * k / (dim/2)); t: n device floats.
 void timestep_embedding(const float* t, bf16* y, int64_t n, int dim, float max_period, cudaStream_t stream);
 
-// ---- GEMM for a few rows (linear_skinny.cu) ----
-// y[m, n] = x[m, k] · w[n, k]^T (+ bias[n]) for m <= kLinearSkinnyMaxRows; gemm.cpp times it against cuBLASLt.
-constexpr int64_t kLinearSkinnyMaxRows = 32;
-bool linear_skinny_applies(int64_t m, int64_t n, int64_t k, const void* x, const void* w);
-size_t linear_skinny_workspace(int64_t m, int64_t n, int64_t k);  // bytes of float32 split-K partials
-void linear_skinny(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k,
-                   float* workspace, cudaStream_t stream);
-
 // ---- normalization (norms.cu) ----
 // Row-wise over the last dim d. w may be null (no affine).
 void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t rows, int64_t d, float eps, cudaStream_t stream);
