@@ -326,3 +326,20 @@ TEST(MultiGpuPipeline, BadRequestLeavesTheRanksUsable) {
   GenerateResult ok = ranks.pipeline->generate(r);
   EXPECT_EQ(ok.images.shape(), (Shape{1, 32, 32, 3}));
 }
+
+// Low-memory mode streams the text encoder's layers per prompt: the same computation, the same image.
+TEST(TextToImage, LowMemoryModeGivesTheSameImage) {
+  auto be = make_cpu_backend();
+  PipelineLimits low;
+  low.low_memory = true;
+  TextToImagePipeline streamed(*be, open_model(golden_path("tiny-zimage")), low);
+  GenerateRequest r;
+  r.prompts = {"a lighthouse on a cliff"};
+  r.height = r.width = 32;
+  r.steps = 2;
+  r.guidance = 2.0f;
+  r.seed = 5;
+  r.generator = GeneratorDevice::Cpu;
+  GenerateResult want = tiny_pipeline().generate(r), got = streamed.generate(r);
+  EXPECT_EQ(max_abs_diff(got.latents, want.latents), 0.0);
+}

@@ -25,6 +25,9 @@ void add_device_options(CLI::App* cmd, DeviceOptions& o) {
   cmd->add_option("--ulysses-degree", o.ulysses_degree,
                   "GPUs that split each image's tokens (must divide the DiT's heads; default: from --num-gpus)");
   cmd->add_flag("--cfg-parallel", o.cfg_parallel, "Run the positive and negative CFG branches on two groups of GPUs");
+  cmd->add_flag("--low-memory", o.low_memory,
+                "Keep the text encoder in host memory and stream its layers to the device per prompt "
+                "(~7 GiB less device memory at full size, ~0.5 s more per request)");
 }
 
 ParallelConfig check_device_options(const DeviceOptions& o, const ModelSource& model) {
@@ -43,6 +46,7 @@ void Engine::synchronize() {
 }
 
 Engine make_engine(const DeviceOptions& o, const ParallelConfig& par, const ModelSource& model, PipelineLimits limits) {
+  limits.low_memory = o.low_memory;
   Engine e;
   if (par.num_gpus == 1) {
     e.backends.push_back(make_backend(o.backend));

@@ -22,9 +22,10 @@ struct DeviceOptions {
   std::string backend = "auto";
   int num_gpus = 1, ulysses_degree = 0;  // 0: derived from --num-gpus
   bool cfg_parallel = false;
+  bool low_memory = false;  // PipelineLimits::low_memory
 };
 
-// --backend, --num-gpus, --ulysses-degree, --cfg-parallel.
+// --backend, --num-gpus, --ulysses-degree, --cfg-parallel, --low-memory.
 void add_device_options(CLI::App* cmd, DeviceOptions& o);
 
 // The flags checked against the model's heads and the GPUs present, before anything is loaded.

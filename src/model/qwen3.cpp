@@ -28,27 +28,31 @@ Qwen3Config Qwen3Config::from(const Config& c) {
   return q;
 }
 
-Qwen3TextEncoder::Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws)
-    : be_(be), cfg_(Qwen3Config::from(cfg)) {
+Qwen3TextEncoder::Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws, bool stream_layers)
+    : be_(be), cfg_(Qwen3Config::from(cfg)), ws_(ws), stream_layers_(stream_layers) {
   const auto& c = cfg_;
-  int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
   embed_ = load_weight(be, ws, "embed_tokens.weight", {c.vocab, c.hidden});
   final_norm_ = load_weight(be, ws, "norm.weight", {c.hidden});
-  for (int64_t i = 0; i < c.layers; ++i) {
-    std::string p = "layers." + std::to_string(i) + ".";
-    Layer l;
-    l.input_norm = load_weight(be, ws, p + "input_layernorm.weight", {c.hidden});
-    l.qkv = load_packed_rows(be, ws, {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"},
-                             {{qd, c.hidden}, {kvd, c.hidden}, {kvd, c.hidden}});
-    l.q_norm = load_weight(be, ws, p + "self_attn.q_norm.weight", {c.head_dim});
-    l.k_norm = load_weight(be, ws, p + "self_attn.k_norm.weight", {c.head_dim});
-    l.o_proj = load_weight(be, ws, p + "self_attn.o_proj.weight", {c.hidden, qd});
-    l.post_norm = load_weight(be, ws, p + "post_attention_layernorm.weight", {c.hidden});
-    l.gate_up = load_packed_rows(be, ws, {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
-                                 {{c.intermediate, c.hidden}, {c.intermediate, c.hidden}});
-    l.down = load_weight(be, ws, p + "mlp.down_proj.weight", {c.hidden, c.intermediate});
-    layers_.push_back(std::move(l));
-  }
+  if (!stream_layers_)
+    for (int64_t i = 0; i < c.layers; ++i) layers_.push_back(load_layer(i));
+}
+
+Qwen3TextEncoder::Layer Qwen3TextEncoder::load_layer(int64_t i) const {
+  const auto& c = cfg_;
+  const int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  const std::string p = "layers." + std::to_string(i) + ".";
+  Layer l;
+  l.input_norm = load_weight(be_, ws_, p + "input_layernorm.weight", {c.hidden});
+  l.qkv = load_packed_rows(be_, ws_, {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"},
+                           {{qd, c.hidden}, {kvd, c.hidden}, {kvd, c.hidden}});
+  l.q_norm = load_weight(be_, ws_, p + "self_attn.q_norm.weight", {c.head_dim});
+  l.k_norm = load_weight(be_, ws_, p + "self_attn.k_norm.weight", {c.head_dim});
+  l.o_proj = load_weight(be_, ws_, p + "self_attn.o_proj.weight", {c.hidden, qd});
+  l.post_norm = load_weight(be_, ws_, p + "post_attention_layernorm.weight", {c.hidden});
+  l.gate_up = load_packed_rows(be_, ws_, {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
+                               {{c.intermediate, c.hidden}, {c.intermediate, c.hidden}});
+  l.down = load_weight(be_, ws_, p + "mlp.down_proj.weight", {c.hidden, c.intermediate});
+  return l;
 }
 
 std::vector<WeightSpec> Qwen3TextEncoder::weight_specs(const Config& cfg) {
@@ -102,7 +106,11 @@ Tensor Qwen3TextEncoder::forward(const Tensor& input_ids, const std::vector<int6
   int hq = int(c.heads), hkv = int(c.kv_heads), d = int(c.head_dim);
   float eps = float(c.rms_eps);
   for (int64_t i = 0; i < num_layers; ++i) {
-    const Layer& ly = layers_[size_t(i)];
+    // Streamed: this layer's weights are uploaded now and freed after it (the upload of a layer
+    // overlaps the previous layer's kernels through the pinned staging buffers).
+    Layer streamed;
+    if (stream_layers_) streamed = load_layer(i);
+    const Layer& ly = stream_layers_ ? streamed : layers_[size_t(i)];
     Tensor h = be_.rms_norm(x, &ly.input_norm, eps);
     Tensor qkv = be_.linear(h, ly.qkv);
     be_.qk_norm_rope_(qkv, hq, hkv, d, ly.q_norm, ly.k_norm, eps, cos, sin, RopeStyle::HalfSplit);

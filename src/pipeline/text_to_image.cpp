@@ -44,7 +44,7 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
       limits_(limits),
       rank_(rank),
       tokenizer_(Tokenizer::load(model.tokenizer_dir)),
-      text_encoder_(be, model.text_encoder, *model.text_encoder_weights),
+      text_encoder_(be, model_.text_encoder, *model_.text_encoder_weights, limits.low_memory),
       dit_(be, model.transformer, *model.transformer_weights),
       vae_(be, model.vae, *model.vae_weights) {}
 
