@@ -98,17 +98,24 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
     which[i] = size_t(it - unique.begin());
     if (it == unique.end()) unique.push_back(prompts[i]);
   }
-  TokenizedBatch tok = tokenize_prompts(tokenizer_, unique, max_sequence_length);
-  for (size_t i = 0; i < unique.size(); ++i)
-    if (tok.truncated[i])
+  // One prompt per text encoder call: the encoder runs only a prompt's own tokens, so a prompt's
+  // embeddings are the same bits whatever other prompts share the batch (a server batch equals the
+  // requests made alone).
+  std::vector<Tensor> encoded;
+  std::vector<bool> was_truncated;
+  for (const auto& prompt : unique) {
+    TokenizedBatch tok = tokenize_prompts(tokenizer_, {prompt}, max_sequence_length);
+    if (tok.truncated[0])
       log_warn("a prompt is longer than max_sequence_length " + std::to_string(max_sequence_length) +
                " tokens (chat template included) and was truncated");
-  std::vector<Tensor> encoded = text_encoder_.encode(tok.input_ids, tok.lengths);
+    encoded.push_back(text_encoder_.encode(tok.input_ids, tok.lengths)[0]);
+    was_truncated.push_back(tok.truncated[0]);
+  }
   std::vector<Tensor> out;
   if (truncated) truncated->clear();
   for (size_t i = 0; i < prompts.size(); ++i) {
     out.push_back(encoded[which[i]]);
-    if (truncated) truncated->push_back(tok.truncated[which[i]]);
+    if (truncated) truncated->push_back(was_truncated[which[i]]);
   }
   return out;
 }
