@@ -15,6 +15,7 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::temp_path;
 namespace fs = std::filesystem;
@@ -46,17 +47,6 @@ double mean_abs_error(const ImageU8& a, const ImageU8& b) {
 
 ImageU8 decode(const std::vector<uint8_t>& bytes, const DecodeLimits& limits = {}) {
   return decode_image(bytes.data(), bytes.size(), limits);
-}
-
-// Expects fn() to throw an Error of `kind` whose message contains every fragment.
-void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error of kind " << error_kind_name(kind);
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
-  }
 }
 
 // --- Hand-assembled PNG files, for layouts our encoder never writes (gray, palette, 16-bit, interlaced).

@@ -11,6 +11,7 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::temp_path;
 namespace fs = std::filesystem;
@@ -25,16 +26,6 @@ std::string copy_of_golden_model(const std::string& name) {
   for (auto& e : fs::recursive_directory_iterator(dst))
     fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
   return dst;
-}
-
-void expect_error(const std::function<void()>& f, ErrorKind kind, std::initializer_list<std::string> fragments) {
-  try {
-    f();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const auto& s : fragments) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace

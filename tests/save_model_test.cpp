@@ -17,6 +17,7 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::temp_path;
 namespace fs = std::filesystem;
@@ -59,16 +60,6 @@ bool same_bytes(const Tensor& a, const Tensor& b) {
 }
 
 nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(std::ifstream(path)); }
-
-void expect_error(const std::function<void()>& f, ErrorKind kind, std::initializer_list<std::string> fragments) {
-  try {
-    f();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const auto& s : fragments) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
-  }
-}
 
 }  // namespace
 

@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <gtest/gtest.h>
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -73,6 +75,16 @@ Tensor stack_golden_items(const SafetensorsFile& f, const std::string& prefix, i
     std::copy(item.f32(), item.f32() + per, out.f32() + j * per);
   }
   return out;
+}
+
+void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> fragments) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error of kind " << error_kind_name(kind);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace zimage::testing

@@ -1,10 +1,12 @@
 // Shared helpers for the tests: golden data paths and numeric comparisons.
 #pragma once
 
+#include <functional>
+#include <initializer_list>
 #include <string>
-
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 
@@ -17,6 +19,9 @@ std::string temp_path(const std::string& name);   // a fresh path under the test
 double max_abs_diff(const Tensor& a, const Tensor& b);  // any float dtypes, same numel
 double rel_l2_error(const Tensor& out, const Tensor& ref);  // ‖out − ref‖ / ‖ref‖
 bool all_finite(const Tensor& t);
+
+// Expects fn() to throw an Error of `kind` whose message contains every fragment (a GoogleTest failure otherwise).
+void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> fragments);
 
 // The golden pipeline cases (folder names under tests/golden/cases), sorted.
 std::vector<std::string> golden_case_names();
