@@ -40,33 +40,60 @@ void check_block_types(const Config& cfg, const std::string& key, const char* su
              cfg.where() + ": '" + key + "' entry " + t.dump() + " is not supported (only " + supported + ")");
 }
 
+// Far above any VAE's width, small enough that products of sizes cannot overflow.
+constexpr int64_t kMaxChannels = int64_t(1) << 20;
+// 2^(blocks - 1) is the downscale factor: 8 blocks already downscale 128x.
+constexpr size_t kMaxBlocks = 8;
+
 }  // namespace
 
-Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
-    : be_(be),
-      in_channels_(cfg.integer("in_channels")),
-      out_channels_(cfg.integer("out_channels")),
-      latent_channels_(cfg.integer("latent_channels")),
-      groups_(int(cfg.integer("norm_num_groups"))),
-      scaling_factor_(float(cfg.number("scaling_factor"))),
-      // SD-style VAEs have no shift (null or absent): 0.
-      shift_factor_(float(cfg.number_or("shift_factor", 0.0))) {
-  std::vector<int64_t> ch = cfg.integers("block_out_channels");
-  int64_t layers = cfg.integer("layers_per_block");
-  ZI_CHECK(!ch.empty() && layers >= 1 && groups_ >= 1, ErrorKind::Format,
-           cfg.where() + ": block_out_channels, layers_per_block and norm_num_groups must be positive");
-  for (int64_t c : ch)
-    ZI_CHECK(c > 0 && c % groups_ == 0, ErrorKind::Format,
-             cfg.where() + ": block channels " + std::to_string(c) + " not divisible by norm_num_groups " +
-                 std::to_string(groups_));
+VaeConfig VaeConfig::from(const Config& cfg) {
+  VaeConfig c;
+  c.in_channels = cfg.integer_in("in_channels", 1, kMaxChannels);
+  c.out_channels = cfg.integer_in("out_channels", 1, kMaxChannels);
+  c.latent_channels = cfg.integer_in("latent_channels", 1, kMaxChannels);
+  c.groups = cfg.integer_in("norm_num_groups", 1, kMaxChannels);
+  c.layers_per_block = cfg.integer_in("layers_per_block", 1, 64);
+  c.scaling_factor = cfg.number("scaling_factor");
+  // SD-style VAEs have no shift (null or absent): 0.
+  c.shift_factor = cfg.number_or("shift_factor", 0.0);
+  c.block_out_channels = cfg.integers("block_out_channels");
+  const auto& ch = c.block_out_channels;
+  ZI_CHECK(!ch.empty() && ch.size() <= kMaxBlocks, ErrorKind::Format,
+           cfg.where() + ": block_out_channels must list 1 to " + std::to_string(kMaxBlocks) + " blocks");
+  for (int64_t n : ch)
+    ZI_CHECK(n > 0 && n <= kMaxChannels && n % c.groups == 0, ErrorKind::Format,
+             cfg.where() + ": block channels " + std::to_string(n) + " not a positive multiple of norm_num_groups " +
+                 std::to_string(c.groups));
   if (cfg.has("act_fn"))
     ZI_CHECK(cfg.string("act_fn") == "silu", ErrorKind::Format, cfg.where() + ": only act_fn \"silu\" is supported");
-  ZI_CHECK(scaling_factor_ != 0.0f, ErrorKind::Format, cfg.where() + ": scaling_factor must not be 0");
+  // float: the factors are applied in float32.
+  ZI_CHECK(std::isfinite(float(c.scaling_factor)) && float(c.scaling_factor) != 0.0f, ErrorKind::Format,
+           cfg.where() + ": scaling_factor must be a finite non-zero number");
+  ZI_CHECK(std::isfinite(float(c.shift_factor)), ErrorKind::Format, cfg.where() + ": shift_factor must be finite");
   check_block_types(cfg, "down_block_types", "DownEncoderBlock2D", ch.size());
   check_block_types(cfg, "up_block_types", "UpDecoderBlock2D", ch.size());
   // diffusers' defaults when the keys are absent (older SD checkpoints): quant convs and attention on.
-  bool add_attention = cfg.boolean_or("mid_block_add_attention", true);
-  bool quant = cfg.boolean_or("use_quant_conv", true), post_quant = cfg.boolean_or("use_post_quant_conv", true);
+  c.mid_block_add_attention = cfg.boolean_or("mid_block_add_attention", true);
+  c.use_quant_conv = cfg.boolean_or("use_quant_conv", true);
+  c.use_post_quant_conv = cfg.boolean_or("use_post_quant_conv", true);
+  return c;
+}
+
+Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws) : Vae(be, VaeConfig::from(cfg), ws) {}
+
+Vae::Vae(Backend& be, const VaeConfig& cfg, const WeightSource& ws)
+    : be_(be),
+      in_channels_(cfg.in_channels),
+      out_channels_(cfg.out_channels),
+      latent_channels_(cfg.latent_channels),
+      groups_(int(cfg.groups)),
+      scaling_factor_(float(cfg.scaling_factor)),
+      shift_factor_(float(cfg.shift_factor)) {
+  const std::vector<int64_t>& ch = cfg.block_out_channels;
+  const int64_t layers = cfg.layers_per_block;
+  const bool add_attention = cfg.mid_block_add_attention, quant = cfg.use_quant_conv,
+             post_quant = cfg.use_post_quant_conv;
   size_t nblocks = ch.size();
   downscale_ = 1 << (nblocks - 1);
   const Conv2dParams same3 = Conv2dParams::same(3), same1 = Conv2dParams::same(1);
