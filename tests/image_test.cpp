@@ -432,6 +432,18 @@ TEST(ImageDecode, HugeHeaderFailsBeforeAllocating) {
   expect_error([] { decode(make_png(1000, 1000, 8, 2, {0, 0, 0, 0})); }, ErrorKind::Format, {"invalid PNG data"});
 }
 
+// Fuzzing finding: libpng allocates a chunk's declared length before reading it (its 8 MB chunk limit
+// only warns when reading), so these 60 bytes claiming a 1.4 GB zTXt chunk after the pixels made it
+// allocate 1.4 GB. libpng's allocations are capped now; the chunk is then just truncated. (The fuzz
+// target replays this input from its corpus with a 512 MB allocation limit, which is what guards it.)
+TEST(ImageDecode, HugeChunkLengthDoesNotAllocateIt) {
+  std::vector<uint8_t> png = make_png(2, 2, 8, 2, scanlines(std::vector<uint8_t>(12, 7), 2, 2, 3));
+  const std::vector<uint8_t> claim = {0x55, 0x00, 0x00, 0x31, 'z', 'T', 'X', 't', 'k', 0, 0};
+  png.insert(png.end() - 12, claim.begin(), claim.end());  // before IEND
+  expect_error([&] { decode(png); }, ErrorKind::Format, {"invalid PNG data", "ends early"});
+  expect_error([&] { read_png_text(png.data(), png.size()); }, ErrorKind::Format, {"ends early"});
+}
+
 TEST(ImageDecode, PixelLimitAppliesToEveryFormat) {
   const ImageU8 image = gradient(37, 23);
   for (ImageFormat format : {ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp}) {

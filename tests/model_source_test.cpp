@@ -8,6 +8,8 @@
 
 #include "core/error.h"
 #include "model/qwen3.h"
+#include "model/vae.h"
+#include "model/zimage_dit.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -111,4 +113,59 @@ TEST(Config, TypedAccessorsNameTheKey) {
   expect_error([&] { c.integer("b"); }, ErrorKind::Format, {"test.json", "'b'", "integer"});
   expect_error([&] { c.integer("d"); }, ErrorKind::Format, {"'d'"});
   expect_error([&] { c.string("zz"); }, ErrorKind::NotFound, {"missing config key 'zz'"});
+}
+
+// Integers from a stranger's config: converting 1e300 to int64 was undefined behaviour, and 2^64-1 came
+// back as -1.
+TEST(Config, IntegersOutOfRange) {
+  Config c = Config::parse(R"({"big": 1e300, "u": 18446744073709551615, "f": 64.0, "neg": -2})", "t.json");
+  expect_error([&] { c.integer("big"); }, ErrorKind::Format, {"'big'", "an integer"});
+  expect_error([&] { c.integer("u"); }, ErrorKind::Format, {"'u'", "below 2^63"});
+  expect_error([&] { Config::parse(R"({"inf": 1e999})", "t.json"); }, ErrorKind::Format, {"t.json", "not valid JSON"});
+  EXPECT_EQ(c.integer("f"), 64);
+  EXPECT_EQ(c.integer_in("f", 1, 64), 64);
+  expect_error([&] { c.integer_in("neg", 1, 64); }, ErrorKind::Format, {"'neg' is -2, outside 1 to 64"});
+  EXPECT_EQ(c.integer_in_or("zz", 5, 1, 64), 5);
+}
+
+TEST(Config, DeeplyNestedJsonIsRefused) {
+  expect_error(
+      [] { Config::parse(R"({"a": )" + std::string(10000, '[') + std::string(10000, ']') + "}", "deep.json"); },
+      ErrorKind::Format, {"deep.json", "nests deeper than 64 levels"});
+}
+
+// Each model's config reader refuses what would divide by zero, overflow or allocate absurdly later.
+TEST(Config, ModelConfigsRefuseUnusableSizes) {
+  const ModelSource m = open_model("synthetic:tiny");
+  auto with = [](const Config& base, const std::string& key, const nlohmann::json& value) {
+    nlohmann::json j = base.json();
+    j[key] = value;
+    return Config(j, base.where());
+  };
+  expect_error([&] { Qwen3Config::from(with(m.text_encoder, "num_attention_heads", 0)); }, ErrorKind::Format,
+               {"'num_attention_heads' is 0"});
+  expect_error([&] { Qwen3Config::from(with(m.text_encoder, "num_key_value_heads", 0)); }, ErrorKind::Format,
+               {"'num_key_value_heads' is 0"});
+  expect_error([&] { Qwen3Config::from(with(m.text_encoder, "num_hidden_layers", 1)); }, ErrorKind::Format,
+               {"'num_hidden_layers' is 1, outside 2 to 1024"});
+  expect_error([&] { DitConfig::from(with(m.transformer, "n_heads", 0)); }, ErrorKind::Format, {"'n_heads' is 0"});
+  expect_error([&] { DitConfig::from(with(m.transformer, "dim", int64_t(1) << 62)); }, ErrorKind::Format, {"'dim'"});
+  expect_error([&] { DitConfig::from(with(m.transformer, "all_patch_size", {0})); }, ErrorKind::Format,
+               {"all_patch_size 0"});
+  expect_error(
+      [&] {
+        DitConfig::from(with(m.transformer, "axes_dims", {int64_t(1) << 62, int64_t(1) << 62, 16}));
+      },
+      ErrorKind::Format, {"axes_dims"});
+  expect_error([&] { VaeConfig::from(with(m.vae, "block_out_channels", nlohmann::json::array())); }, ErrorKind::Format,
+               {"block_out_channels must list 1 to 8 blocks"});
+  expect_error([&] { VaeConfig::from(with(m.vae, "block_out_channels", std::vector<int>(40, 32))); }, ErrorKind::Format,
+               {"1 to 8 blocks"});
+  expect_error([&] { VaeConfig::from(with(m.vae, "norm_num_groups", 0)); }, ErrorKind::Format,
+               {"'norm_num_groups' is 0"});
+  expect_error([&] { VaeConfig::from(with(m.vae, "scaling_factor", 1e300)); }, ErrorKind::Format, {"scaling_factor"});
+  // The unmodified configs read as before.
+  EXPECT_EQ(DitConfig::from(m.transformer).head_dim, 32);
+  EXPECT_EQ(VaeConfig::from(m.vae).block_out_channels.size(), 4u);
+  EXPECT_EQ(Qwen3Config::from(m.text_encoder).kv_heads, 2);
 }

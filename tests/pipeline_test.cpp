@@ -98,6 +98,22 @@ TEST(FlowMatchScheduler, MatchesGoldenSigmasAndTimesteps) {
   }
 }
 
+// A stranger's scheduler config whose shift settings make sigmas that are not numbers or leave (0, 1]:
+// refused when the schedule is made, not discovered as a black image.
+TEST(FlowMatchScheduler, RefusesShiftsThatBreakTheSigmas) {
+  for (const char* bad : {R"({"shift": 0})", R"({"shift": -1.0})",
+                          R"({"use_dynamic_shifting": true, "base_image_seq_len": 256, "max_image_seq_len": 256})",
+                          R"({"use_dynamic_shifting": true, "max_shift": 1e300})", R"({"num_train_timesteps": 0})"}) {
+    try {
+      flow_match_schedule(Config::parse(bad, "scheduler_config.json"), 9, 4096);
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Format) << e.what();
+      EXPECT_NE(std::string(e.what()).find("scheduler_config.json"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(FlowMatchScheduler, NineStepTurboSchedule) {
   Config sched = Config::parse(R"({"shift": 3.0, "num_train_timesteps": 1000})", "test");
   FlowMatchSchedule s = flow_match_schedule(sched, 9, 4096);
@@ -211,6 +227,12 @@ TEST(TextToImage, RejectsBadRequests) {
   r.prompts = {"a", "b"};
   r.negative_prompts = {"x", "y", "z"};
   expect_invalid(r, "negative prompts");
+  r = {};
+  r.prompts = {std::string(kMaxPromptBytes + 1, 'a')};
+  expect_invalid(r, "prompt is 65537 bytes, above the limit of 65536 bytes");
+  r = {};
+  r.negative_prompts = {std::string("a\0b", 3)};
+  expect_invalid(r, "negative prompt contains a NUL character");
 }
 
 // A batch made of independent requests (one noise group each) gives every request the images it gets

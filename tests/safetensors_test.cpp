@@ -2,15 +2,19 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <iterator>
+#include <vector>
 
 #include "core/error.h"
 #include "test_util.h"
 
 using namespace zimage;
 using zimage::testing::golden_path;
+using zimage::testing::max_abs_diff;
 using zimage::testing::temp_path;
 
 namespace {
@@ -34,6 +38,25 @@ void expect_error(const std::string& path, ErrorKind kind, std::initializer_list
     FAIL() << "expected an error for " << path;
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+  }
+}
+
+// A whole file in memory, as the fuzz target feeds it.
+std::vector<uint8_t> file_bytes(const std::string& header, const std::string& data = "") {
+  std::vector<uint8_t> b;
+  for (int i = 0; i < 8; ++i) b.push_back(uint8_t(uint64_t(header.size()) >> (8 * i)));
+  b.insert(b.end(), header.begin(), header.end());
+  b.insert(b.end(), data.begin(), data.end());
+  return b;
+}
+
+void expect_bytes_error(const std::string& header, std::initializer_list<std::string> fragments) {
+  try {
+    SafetensorsFile::from_bytes(file_bytes(header), "mem.safetensors");
+    ADD_FAILURE() << "expected an error for " << header.substr(0, 200);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Format) << e.what();
     for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
   }
 }
@@ -100,7 +123,7 @@ TEST(Safetensors, ShapeDoesNotMatchRange) {
 TEST(Safetensors, HugeShapeDoesNotOverflow) {
   auto p = write_raw("overflow.safetensors",
                      R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0);
-  expect_error(p, ErrorKind::Format, {"tensor 'w'", "does not match"});
+  expect_error(p, ErrorKind::Format, {"tensor 'w'", "over the limit of 68719476736 bytes per tensor"});
 }
 
 TEST(Safetensors, OffsetsOutOfBounds) {
@@ -124,6 +147,72 @@ TEST(Safetensors, OverlappingRanges) {
 TEST(Safetensors, NegativeDimension) {
   auto p = write_raw("neg.safetensors", R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4);
   expect_error(p, ErrorKind::Format, {"tensor 'w'", "negative"});
+}
+
+TEST(Safetensors, FromBytesReadsWhatOpenReads) {
+  const std::string path = golden_path("text_encoder/tensors.safetensors");
+  std::ifstream in(path, std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto mem = SafetensorsFile::from_bytes(bytes, "mem");
+  auto file = SafetensorsFile::open(path);
+  ASSERT_EQ(mem->entries().size(), file->entries().size());
+  for (const auto& [name, e] : file->entries()) EXPECT_EQ(max_abs_diff(mem->get(name), file->get(name)), 0.0) << name;
+}
+
+// Limits: a 100 MB header could list a million tensors; 1 TB of shape fits in a 60-byte header.
+TEST(Safetensors, TensorCountAndBytesAreBounded) {
+  std::string many = "{";
+  for (size_t i = 0; i <= SafetensorsFile::kMaxTensors; ++i)
+    many += (i ? ",\"" : "\"") + std::to_string(i) + R"(":{"dtype":"U8","shape":[0],"data_offsets":[0,0]})";
+  many += "}";
+  expect_bytes_error(many, {"131073 tensors", "the limit of 131072"});
+  expect_bytes_error(R"({"w":{"dtype":"BF16","shape":[1048576,65537],"data_offsets":[0,0]}})",
+                     {"tensor 'w'", "[1048576, 65537] x bf16 is over the limit of 68719476736 bytes"});
+}
+
+// Found writing the fuzz target: an empty tensor with huge other dimensions passed (0 bytes match its
+// range), and numel() then overflowed int64 multiplying 2^62 by 4 before reaching the 0.
+TEST(Safetensors, EmptyTensorWithHugeDimensionsIsRefused) {
+  expect_bytes_error(R"({"w":{"dtype":"F32","shape":[4611686018427387904,4,0],"data_offsets":[0,0]}})",
+                     {"tensor 'w'", "over the limit"});
+}
+
+// Fuzzing finding (a seed from the golden files): converting an empty float32 tensor memcpy'd 0 bytes
+// to the null data pointer of the empty result, which is undefined behaviour.
+TEST(Safetensors, EmptyTensorsConvert) {
+  auto f = SafetensorsFile::from_bytes(
+      file_bytes(
+          R"({"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]},"h":{"dtype":"F16","shape":[0],"data_offsets":[0,0]}})"),
+      "mem");
+  EXPECT_EQ(f->get("e").to_f32().numel(), 0);
+  EXPECT_EQ(f->get("e").to_dtype(DType::BF16).numel(), 0);
+  EXPECT_TRUE(f->get("h").to_vector().empty());
+  // Fuzzing finding: an empty f64 tensor at offset 4 took the copy for misaligned tensors, a memcpy of 0
+  // bytes to the null data of an empty tensor.
+  std::string header =
+      R"({"p":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"e":{"dtype":"F64","shape":[0],"data_offsets":[4,4]}})";
+  header.resize((header.size() + 7) / 8 * 8, ' ');  // the data section 8-aligned, offset 4 is not
+  f = SafetensorsFile::from_bytes(file_bytes(header, "abcd"), "mem");
+  EXPECT_EQ(f->get("e").numel(), 0);
+  EXPECT_EQ(f->get("p").to_vector(), (std::vector<float>{97, 98, 99, 100}));
+}
+
+// Nothing pads the header to 8 bytes or aligns the offsets: such tensors are copied, not viewed misaligned.
+TEST(Safetensors, UnalignedTensorsAreCopiedToAlignedMemory) {
+  const float values[2] = {1.5f, -2.0f};
+  std::string data(1, '\0');  // one byte before the floats: offset 1
+  data.append(reinterpret_cast<const char*>(values), sizeof values);
+  auto bytes = file_bytes(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})", data);  // 57-byte header
+  auto f = SafetensorsFile::from_bytes(bytes, "mem");
+  Tensor w = f->get("w");
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(w.data()) % alignof(float), 0u);
+  EXPECT_EQ(w.to_vector(), (std::vector<float>{1.5f, -2.0f}));
+}
+
+// JSON nested a million deep parses, but copying or printing it would overflow the stack later.
+TEST(Safetensors, DeeplyNestedHeaderIsRefused) {
+  expect_bytes_error(R"({"w":)" + std::string(100000, '[') + std::string(100000, ']') + "}",
+                     {"nests deeper than 64 levels"});
 }
 
 TEST(Safetensors, MissingFile) { expect_error(temp_path("nope.safetensors"), ErrorKind::NotFound, {"nope"}); }
@@ -156,6 +245,40 @@ TEST(Checkpoint, MissingShard) {
     EXPECT_EQ(e.kind(), ErrorKind::NotFound);
     EXPECT_NE(std::string(e.what()).find("m-00002-of-00002.safetensors"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("'b'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Checkpoint, IndexShardsMustStayInTheFolder) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("escaping");
+  fs::create_directories(dir + "/sub");
+  write_safetensors(dir + "/s.safetensors", {{"a", Tensor::from_f32({2}, {1, 2})}});
+  for (const std::string shard :
+       {"../escaping/s.safetensors", "/etc/passwd", "sub/../s.safetensors", "", "s.safetensors\\u0000x"}) {
+    std::ofstream(dir + "/sub/m.safetensors.index.json", std::ios::trunc)
+        << R"({"weight_map":{"a":")" + shard + R"("}})";
+    try {
+      Checkpoint::open_dir(dir + "/sub");
+      ADD_FAILURE() << "accepted shard '" << shard << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("invalid shard"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// Found by an input written for the fuzz target: a shard name longer than the file system allows made
+// std::filesystem throw its own exception out of open_index instead of an Error.
+TEST(Checkpoint, OverlongShardNameIsAnError) {
+  namespace fs = std::filesystem;
+  std::string dir = temp_path("overlong");
+  fs::create_directories(dir);
+  std::ofstream(dir + "/m.safetensors.index.json") << R"({"weight_map":{"a":")" + std::string(300, 'x') + R"("}})";
+  try {
+    Checkpoint::open_dir(dir);
+    ADD_FAILURE() << "accepted a 300-character shard name";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::NotFound);
+    EXPECT_NE(std::string(e.what()).find("is missing (File name too long)"), std::string::npos) << e.what();
   }
 }
 

@@ -420,7 +420,9 @@ TEST(Server, RejectsBadRequestsWith400AndTheField) {
       {R"({"prompt": "a", "size": "9999999999x9999999999"})", "size", "width 9999999999 is far too large"},
       {R"({"prompt": "a", "size": "-64x64"})", "size", "width must be positive (got -64)"},
       {"{\"prompt\": \"\xff\"}", "", "not valid JSON"},  // not UTF-8
-      {std::string(20000, '[') + std::string(20000, ']'), "", "must be a JSON object"},
+      {std::string(20000, '[') + std::string(20000, ']'), "", "nests deeper than 64 levels"},
+      {R"({"prompt": ")" + std::string(70000, 'a') + R"("})", "prompt", "above the limit of 65536 bytes"},
+      {R"({"prompt": "a", "negative_prompt": "b\u0000c"})", "negative_prompt", "contains a NUL character"},
   };
   for (const auto& k : cases) {
     SCOPED_TRACE(k.body);

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
@@ -574,6 +575,54 @@ TEST(Tokenizer, MalformedFilesGiveFormatErrors) {
   expect_load_error(dir.string(), ErrorKind::Format, {"tokenizer_config.json", "<nope>"});
   std::ofstream((dir / "tokenizer_config.json").string()) << R"({"pad_token": {"content": "<pad>"}})";
   EXPECT_EQ(Tokenizer::load(dir.string()).pad_id(), 270);
+}
+
+// The in-memory entry point the fuzz target drives is the code behind load().
+TEST(Tokenizer, FromJsonIsWhatLoadReads) {
+  const json j = synthetic_tokenizer(true);
+  const Tokenizer mem = Tokenizer::from_json(j.dump(), "mem.json", R"({"pad_token": "<pad>"})", "mem_config.json");
+  EXPECT_EQ(mem.pad_id(), 270);
+  const Tokenizer file = Tokenizer::load(write_tokenizer("from_json.json", j));
+  for (const char* text : {"hello world", " <L>  tok café <R> x", "héllo\xff"})
+    EXPECT_EQ(mem.encode(text), file.encode(text)) << text;
+  try {
+    Tokenizer::from_json(j.dump(), "mem.json", "[1]", "mem_config.json");
+    ADD_FAILURE() << "accepted a tokenizer_config.json that is not an object";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mem_config.json"), std::string::npos) << e.what();
+  }
+}
+
+// Limits on what a stranger's file can make the loader do: the id tables are as long as the largest id,
+// and nesting is bounded before the tree is copied.
+TEST(Tokenizer, HostileFilesHitLimitsNotMemory) {
+  json j = synthetic_tokenizer(true);
+  j["model"]["vocab"]["zz"] = 2147483647;
+  expect_load_error(write_tokenizer("huge_id.json", j), ErrorKind::Format,
+                    {"model.vocab[\"zz\"] = 2147483647 is above the limit of 2097151"});
+  j = synthetic_tokenizer(true);
+  json deep = json::array();
+  for (int i = 0; i < 100; ++i) deep = json::array({deep});
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", deep}};
+  expect_load_error(write_tokenizer("deep.json", j), ErrorKind::Format, {"deep.json", "nests deeper than 64 levels"});
+}
+
+// Where prompts come in (server, CLI, pipeline), their size and content are checked before encoding.
+TEST(Tokenizer, PromptLimits) {
+  EXPECT_NO_THROW(check_prompt(std::string(kMaxPromptBytes, 'a'), "prompt"));
+  auto expect_invalid = [](const std::function<void()>& f, const std::string& fragment) {
+    try {
+      f();
+      ADD_FAILURE() << "expected InvalidArgument: " << fragment;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+  };
+  expect_invalid([] { check_prompt(std::string(kMaxPromptBytes + 1, 'a'), "prompt"); },
+                 "prompt is 65537 bytes, above the limit of 65536 bytes");
+  expect_invalid([] { check_prompt(std::string("a\0b", 3), "negative_prompt"); }, "negative_prompt contains a NUL");
+  expect_invalid([] { tokenize_prompts(qwen(), {"ok", std::string(100000, 'x')}, 16); }, "above the limit");
 }
 
 // ------------------------------------------------------------------------------------------------

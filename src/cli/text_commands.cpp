@@ -25,6 +25,7 @@ Command add_tokenize(CLI::App& app) {
   cmd->add_flag("--chat", o->chat, "Apply the Z-Image chat template first");
   cmd->add_option("--max-sequence-length", o->max_len, "Truncate to this many tokens (0: no limit)")->check(CLI::NonNegativeNumber);
   return {cmd, [o] {
+            check_prompt(o->text, "--text");
             Tokenizer tok = Tokenizer::load(open_model(o->model).tokenizer_dir);
             std::vector<int32_t> ids = tok.encode(o->chat ? zimage_chat_template(o->text) : o->text);
             if (o->max_len > 0 && int(ids.size()) > o->max_len) ids.resize(size_t(o->max_len));

@@ -147,7 +147,9 @@ uint8_t f32_to_f8e4m3(float f) {
 
 void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
-    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F32:
+      if (n) std::memcpy(dst, src, n * 4);  // an empty tensor has no data pointer, and memcpy(nullptr) is UB
+      return;
     case DType::F64: {
       auto s = static_cast<const double*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
@@ -188,7 +190,9 @@ void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
 
 void convert_from_f32(DType to, const float* src, void* dst, size_t n) {
   switch (to) {
-    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F32:
+      if (n) std::memcpy(dst, src, n * 4);  // an empty tensor has no data pointer, and memcpy(nullptr) is UB
+      return;
     case DType::F64: {
       auto d = static_cast<double*>(dst);
       for (size_t i = 0; i < n; ++i) d[i] = src[i];

@@ -1,9 +1,12 @@
 #include "io/config.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "core/error.h"
+#include "io/untrusted_json.h"
 
 namespace zimage {
 
@@ -16,8 +19,7 @@ Config Config::load(const std::string& path) {
 }
 
 Config Config::parse(const std::string& text, const std::string& where) {
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded()) throw Error(ErrorKind::Format, where + ": not valid JSON");
+  nlohmann::json j = parse_untrusted_json(text, where);
   if (!j.is_object()) throw Error(ErrorKind::Format, where + ": expected a JSON object");
   return Config(std::move(j), where);
 }
@@ -33,9 +35,24 @@ static Error type_error(const std::string& where, const std::string& key, const 
 
 int64_t Config::integer(const std::string& key) const {
   const auto& v = at(key);
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw type_error(where_, key, "an integer below 2^63");
   if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))) return int64_t(v.get<double>());
+  // Python writes some integers as floats (64.0). The range check comes first: converting a double
+  // outside int64's range is undefined behaviour.
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return int64_t(d);
+  }
   throw type_error(where_, key, "an integer");
+}
+
+int64_t Config::integer_in(const std::string& key, int64_t lo, int64_t hi) const {
+  const int64_t v = integer(key);
+  if (v < lo || v > hi)
+    throw Error(ErrorKind::Format, where_ + ": config key '" + key + "' is " + std::to_string(v) + ", outside " +
+                                       std::to_string(lo) + " to " + std::to_string(hi));
+  return v;
 }
 
 double Config::number(const std::string& key) const {
@@ -61,7 +78,9 @@ std::vector<int64_t> Config::integers(const std::string& key) const {
   if (!v.is_array()) throw type_error(where_, key, "a list of integers");
   std::vector<int64_t> out;
   for (const auto& e : v) {
-    if (!e.is_number_integer()) throw type_error(where_, key, "a list of integers");
+    if (!e.is_number_integer() ||
+        (e.is_number_unsigned() && e.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max())))
+      throw type_error(where_, key, "a list of integers");
     out.push_back(e.get<int64_t>());
   }
   return out;

@@ -21,7 +21,13 @@ class Config {
   bool boolean(const std::string& key) const;
   std::string string(const std::string& key) const;
   std::vector<int64_t> integers(const std::string& key) const;
+  // integer(key) within [lo, hi]: model sizes read from a stranger's file are bounded before anything
+  // is computed or allocated from them. Outside the range is a Format error naming it.
+  int64_t integer_in(const std::string& key, int64_t lo, int64_t hi) const;
   int64_t integer_or(const std::string& key, int64_t fallback) const { return has(key) ? integer(key) : fallback; }
+  int64_t integer_in_or(const std::string& key, int64_t fallback, int64_t lo, int64_t hi) const {
+    return has(key) ? integer_in(key, lo, hi) : fallback;
+  }
   double number_or(const std::string& key, double fallback) const { return has(key) ? number(key) : fallback; }
   bool boolean_or(const std::string& key, bool fallback) const { return has(key) ? boolean(key) : fallback; }
   Config child(const std::string& key) const;  // a nested object

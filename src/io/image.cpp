@@ -11,6 +11,7 @@
 #include <climits>
 #include <csetjmp>
 #include <cstdio>  // before jpeglib.h, which uses FILE
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -116,6 +117,18 @@ void png_write_memory(png_structp png, png_bytep src, size_t n) {
   if (!append_bytes(state->out, src, n)) png_error(png, "out of memory");
 }
 
+// libpng allocates a chunk's declared length before reading the chunk, even past its own 8 MB chunk limit
+// (which reading only warns about): 200 bytes claiming a 1.4 GB text chunk would get 1.4 GB. Its
+// allocations are capped instead, far above what a row of the largest image needs (1M pixels x 8 bytes);
+// libpng treats a refused one as out of memory and the truncated chunk then fails the read.
+constexpr size_t kMaxPngAllocation = size_t(64) << 20;
+
+png_voidp png_malloc_capped(png_structp, png_alloc_size_t size) {
+  return size <= kMaxPngAllocation ? std::malloc(size) : nullptr;
+}
+
+void png_free_plain(png_structp, png_voidp p) { std::free(p); }
+
 // Given so that libpng never falls back to its default flush, which treats the I/O pointer as a FILE*.
 void png_flush_memory(png_structp) {}
 
@@ -134,7 +147,8 @@ void png_start_read(PngState& state, const uint8_t* data, size_t size) {
            "invalid PNG data: the PNG signature is missing");
   state.data = data;
   state.size = size;
-  state.png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &state, png_on_error, png_on_warning);
+  state.png = png_create_read_struct_2(PNG_LIBPNG_VER_STRING, &state, png_on_error, png_on_warning, nullptr,
+                                       png_malloc_capped, png_free_plain);
   ZI_CHECK(state.png, ErrorKind::OutOfMemory, "out of memory starting the PNG decoder");
 }
 

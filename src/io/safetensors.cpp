@@ -15,11 +15,13 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "core/error.h"
 #include "core/log.h"
 #include "core/parallel.h"
+#include "io/untrusted_json.h"
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14; older C libraries lack the name
@@ -32,6 +34,10 @@ using json = nlohmann::json;
 
 static Error format_error(const std::string& path, const std::string& what) {
   return Error(ErrorKind::Format, path + ": " + what);
+}
+
+static Error too_short(const std::string& path, size_t size) {
+  return format_error(path, "file is " + std::to_string(size) + " bytes, too short for a safetensors header");
 }
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
@@ -47,9 +53,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     throw Error(ErrorKind::Io, path + ": not a regular file");
   }
   size_t size = size_t(st.st_size);
-  if (size < 8) {
+  if (size < 8) {  // mmap refuses an empty file
     ::close(fd);
-    throw format_error(path, "file is " + std::to_string(size) + " bytes, too short for a safetensors header");
+    throw too_short(path, size);
   }
   void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
@@ -60,8 +66,22 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   f->map_ = map;
   f->map_bytes_ = size;
   f->self_ = f;
+  f->parse(static_cast<const unsigned char*>(map), size);
+  return f;
+}
 
-  const auto* bytes = static_cast<const unsigned char*>(map);
+std::shared_ptr<SafetensorsFile> SafetensorsFile::from_bytes(std::vector<uint8_t> bytes, const std::string& name) {
+  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = name;
+  f->bytes_ = std::move(bytes);
+  f->self_ = f;
+  f->parse(f->bytes_.data(), f->bytes_.size());
+  return f;
+}
+
+void SafetensorsFile::parse(const unsigned char* bytes, size_t size) {
+  const std::string& path = path_;
+  if (size < 8) throw too_short(path, size);
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > kMaxHeaderBytes)
@@ -71,11 +91,14 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     throw format_error(path, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
                                  std::to_string(size) + " bytes)");
   const char* hdr = reinterpret_cast<const char*>(bytes + 8);
-  json j = json::parse(hdr, hdr + header_len, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw format_error(path, "header is not valid JSON");
+  json j = parse_untrusted_json(std::string_view(hdr, size_t(header_len)), path + ": the header");
   if (!j.is_object()) throw format_error(path, "header is not a JSON object");
+  const size_t tensors = j.size() - j.count("__metadata__");
+  if (tensors > kMaxTensors)
+    throw format_error(path, "header lists " + std::to_string(tensors) + " tensors, more than the limit of " +
+                                 std::to_string(kMaxTensors));
 
-  f->data_ = hdr + header_len;
+  data_ = hdr + header_len;
   size_t data_size = size - 8 - size_t(header_len);
 
   std::vector<std::pair<std::pair<size_t, size_t>, std::string>> ranges;
@@ -86,7 +109,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       if (!v.is_object()) throw format_error(path, "__metadata__ is not an object");
       for (auto m = v.begin(); m != v.end(); ++m) {
         if (!m.value().is_string()) throw format_error(path, "__metadata__ value '" + m.key() + "' is not a string");
-        f->metadata_[m.key()] = m.value().get<std::string>();
+        metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
@@ -100,16 +123,24 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       throw bad("data_offsets must be an array of two integers");
     SafetensorsEntry e;
     e.dtype = *dt;
-    // numel * element size, with overflow checks: a hostile header may claim absurd shapes.
-    unsigned __int128 bytes_needed = dtype_size(*dt);
+    // Bytes with overflow checks: a hostile header may claim absurd shapes. The product of the non-zero
+    // dimensions (saturated) bounds every partial product, so numel() cannot overflow even for an empty tensor.
+    unsigned __int128 nonzero = 1;
+    bool empty = false;
     for (const json& d : v["shape"]) {
       if (!d.is_number_unsigned()) throw bad("shape has a negative or non-integer dimension");
       uint64_t dim = d.get<uint64_t>();
       if (dim > uint64_t(std::numeric_limits<int64_t>::max())) throw bad("shape dimension too large");
       e.shape.push_back(int64_t(dim));
-      bytes_needed *= dim;
-      if (bytes_needed > (unsigned __int128)(size)) bytes_needed = (unsigned __int128)(size) + 1;  // saturate
+      if (dim == 0)
+        empty = true;
+      else
+        nonzero = std::min(nonzero * dim, (unsigned __int128)(kMaxTensorBytes) + 1);
     }
+    if (nonzero * dtype_size(*dt) > kMaxTensorBytes)
+      throw bad("shape " + shape_str(e.shape) + " x " + dtype_name(*dt) + " is over the limit of " +
+                std::to_string(kMaxTensorBytes) + " bytes per tensor");
+    const unsigned __int128 bytes_needed = empty ? 0 : nonzero * dtype_size(*dt);
     for (const json& o : v["data_offsets"])
       if (!o.is_number_unsigned()) throw bad("data_offsets must be non-negative integers");
     uint64_t b = v["data_offsets"][0].get<uint64_t>(), en = v["data_offsets"][1].get<uint64_t>();
@@ -123,7 +154,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     e.begin = size_t(b);
     e.end = size_t(en);
     ranges.push_back({{e.begin, e.end}, name});
-    f->entries_.emplace(name, std::move(e));
+    entries_.emplace(name, std::move(e));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i) {
@@ -133,7 +164,6 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     if (!empty && cur.first.first < prev.first.second)
       throw format_error(path, "tensors '" + prev.second + "' and '" + cur.second + "' have overlapping byte ranges");
   }
-  return f;
 }
 
 SafetensorsFile::~SafetensorsFile() {
@@ -144,10 +174,15 @@ Tensor SafetensorsFile::get(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw Error(ErrorKind::NotFound, path_ + ": no tensor named '" + name + "'");
   const SafetensorsEntry& e = it->second;
+  const char* bytes = data_ + e.begin;
+  if (e.end > e.begin && reinterpret_cast<uintptr_t>(bytes) % dtype_size(e.dtype) != 0) {
+    Tensor copy = Tensor::empty(e.shape, e.dtype);
+    std::memcpy(copy.data(), bytes, e.end - e.begin);
+    return copy;
+  }
   auto self = self_.lock();
   ZI_ASSERT(self);
-  return Tensor::wrap(const_cast<char*>(data_ + e.begin), e.shape, e.dtype, Device::Host,
-                      std::shared_ptr<void>(self, nullptr));
+  return Tensor::wrap(const_cast<char*>(bytes), e.shape, e.dtype, Device::Host, std::shared_ptr<void>(self, nullptr));
 }
 
 namespace {
@@ -224,10 +259,12 @@ Checkpoint Checkpoint::open_file(const std::string& path) {
 }
 
 Checkpoint Checkpoint::open_index(const std::string& index_path) {
-  std::ifstream in(index_path);
+  std::ifstream in(index_path, std::ios::binary);
   if (!in) throw Error(ErrorKind::NotFound, index_path + ": cannot open the checkpoint index");
-  json j = json::parse(in, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) throw format_error(index_path, "not a valid JSON object");
+  std::stringstream text;
+  text << in.rdbuf();
+  json j = parse_untrusted_json(text.str(), index_path);
+  if (!j.is_object()) throw format_error(index_path, "not a JSON object");
   if (!j.contains("weight_map") || !j["weight_map"].is_object())
     throw format_error(index_path, "missing the 'weight_map' object");
   Checkpoint c;
@@ -237,13 +274,17 @@ Checkpoint Checkpoint::open_index(const std::string& index_path) {
   for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
     if (!it.value().is_string()) throw format_error(index_path, "weight_map entry '" + it.key() + "' is not a string");
     std::string shard = it.value().get<std::string>();
-    if (shard.empty() || shard.find('/') != std::string::npos || shard.find("..") != std::string::npos)
+    // A file name in the index's folder, nothing else (a NUL would cut the name the OS sees).
+    if (shard.empty() || shard.find_first_of(std::string("/\0", 2)) != std::string::npos ||
+        shard.find("..") != std::string::npos)
       throw format_error(index_path, "weight_map entry '" + it.key() + "' names an invalid shard '" + shard + "'");
     auto s = shard_index.find(shard);
     if (s == shard_index.end()) {
       fs::path p = dir / shard;
-      if (!fs::exists(p))
-        throw Error(ErrorKind::NotFound, index_path + ": shard '" + shard + "' (holding '" + it.key() + "') is missing");
+      std::error_code ec;  // e.g. a name too long for the file system: an error to report, not an exception
+      if (!fs::exists(p, ec))
+        throw Error(ErrorKind::NotFound, index_path + ": shard '" + shard + "' (holding '" + it.key() +
+                                             "') is missing" + (ec ? " (" + ec.message() + ")" : ""));
       c.files_.push_back(SafetensorsFile::open(p.string()));
       s = shard_index.emplace(shard, c.files_.size() - 1).first;
     }

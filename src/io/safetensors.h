@@ -1,7 +1,8 @@
 // safetensors: the weight file format of diffusers and transformers checkpoints.
 // Layout: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
 // then the tensor bytes. Files are memory-mapped and tensors returned as zero-copy host views.
-// Everything read is validated; a violation is an Error naming the file and the tensor.
+// Everything read is validated; a violation is an Error naming the file and the tensor. Files come from
+// strangers (LoRAs, fine-tunes): the header's size, its tensor count and each tensor's bytes are bounded.
 #pragma once
 
 #include <cstdint>
@@ -27,8 +28,15 @@ class SafetensorsFile {
  public:
   // Largest header accepted (the reference implementation uses the same bound).
   static constexpr size_t kMaxHeaderBytes = 100u << 20;
+  // More tensors in one file than any released checkpoint has (Qwen3-4B: 398; the largest MoE shards:
+  // a few thousand), far fewer than a 100 MB header could list.
+  static constexpr size_t kMaxTensors = 1u << 17;
+  // 64 GiB: eight times the largest single tensor of a released model (a 256k x 16k bf16 embedding).
+  static constexpr uint64_t kMaxTensorBytes = uint64_t(1) << 36;
 
-  static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  static std::shared_ptr<SafetensorsFile> open(const std::string& path);  // memory-mapped
+  // The same parsing and checks over a whole file held in memory; `name` stands for the path in errors.
+  static std::shared_ptr<SafetensorsFile> from_bytes(std::vector<uint8_t> bytes, const std::string& name);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -37,7 +45,9 @@ class SafetensorsFile {
   const std::map<std::string, SafetensorsEntry>& entries() const { return entries_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
-  // A host view into the mapping (keeps the mapping alive). Throws NotFound naming the file.
+  // A host view into the file's bytes (keeps them alive). A tensor whose bytes are not aligned to its
+  // element size (legal: nothing in the format pads the header or the offsets) is copied to aligned
+  // memory instead. Throws NotFound naming the file.
   Tensor get(const std::string& name) const;
   size_t size_bytes() const { return map_bytes_; }
   // Brings bytes [offset, offset + len) of the file into memory: read from disk if they are not in the
@@ -46,9 +56,11 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  void parse(const unsigned char* bytes, size_t size);  // the header of the whole file `bytes`
   std::string path_;
-  void* map_ = nullptr;
+  void* map_ = nullptr;  // open(): the mapping
   size_t map_bytes_ = 0;
+  std::vector<uint8_t> bytes_;  // from_bytes(): the file
   const char* data_ = nullptr;  // start of the data section
   std::map<std::string, SafetensorsEntry> entries_;
   std::map<std::string, std::string> metadata_;

@@ -9,22 +9,26 @@
 
 namespace zimage {
 
+// Far above any text encoder's width or vocabulary, small enough that products of sizes cannot overflow.
+constexpr int64_t kMaxSize = int64_t(1) << 20;
+
 Qwen3Config Qwen3Config::from(const Config& c) {
   Qwen3Config q;
-  q.hidden = c.integer("hidden_size");
-  q.intermediate = c.integer("intermediate_size");
-  q.layers = c.integer("num_hidden_layers");
-  q.heads = c.integer("num_attention_heads");
-  q.kv_heads = c.integer_or("num_key_value_heads", q.heads);
-  q.head_dim = c.integer_or("head_dim", q.hidden / q.heads);
-  q.vocab = c.integer("vocab_size");
+  q.hidden = c.integer_in("hidden_size", 1, kMaxSize);
+  q.intermediate = c.integer_in("intermediate_size", 1, kMaxSize);
+  q.layers = c.integer_in("num_hidden_layers", 2, 1024);  // Z-Image reads the second-to-last layer
+  q.heads = c.integer_in("num_attention_heads", 1, 1024);
+  q.kv_heads = c.integer_in_or("num_key_value_heads", q.heads, 1, q.heads);
+  q.head_dim = c.integer_in_or("head_dim", q.hidden / q.heads, 1, kMaxSize);
+  q.vocab = c.integer_in("vocab_size", 1, kMaxSize);
   q.rms_eps = c.number_or("rms_norm_eps", 1e-6);
   // transformers 5 nests rope_theta under rope_parameters; older configs keep it at the top level.
   if (c.has("rope_parameters")) q.rope_theta = c.child("rope_parameters").number("rope_theta");
   else q.rope_theta = c.number("rope_theta");
   ZI_CHECK(q.heads % q.kv_heads == 0, ErrorKind::Format,
            c.where() + ": num_attention_heads must be a multiple of num_key_value_heads");
-  ZI_CHECK(q.layers >= 2, ErrorKind::Format, c.where() + ": Z-Image needs at least 2 text encoder layers");
+  ZI_CHECK(q.rms_eps > 0 && q.rope_theta > 0, ErrorKind::Format,
+           c.where() + ": rms_norm_eps and rope_theta must be positive");
   return q;
 }
 
@@ -137,7 +141,7 @@ std::vector<Tensor> Qwen3TextEncoder::encode(const Tensor& input_ids, const std:
   Tensor hidden = forward(ids, lengths, cfg_.layers - 1);  // hidden_states[-2]
   std::vector<Tensor> out;
   for (int64_t i = 0; i < b; ++i) {
-    std::vector<int32_t> rows(size_t(lengths[size_t(i)]));
+    std::vector<int32_t> rows(static_cast<size_t>(lengths[size_t(i)]));  // not size_t(...): clang reads a declaration
     for (size_t r = 0; r < rows.size(); ++r) rows[r] = int32_t(i * l + int64_t(r));
     out.push_back(be_.gather_rows(hidden, rows));
   }

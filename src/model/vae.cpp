@@ -40,36 +40,60 @@ void check_block_types(const Config& cfg, const std::string& key, const char* su
              cfg.where() + ": '" + key + "' entry " + t.dump() + " is not supported (only " + supported + ")");
 }
 
-// diffusers' defaults when the keys are absent (older SD checkpoints): quant convs and attention on.
-bool mid_block_attention(const Config& cfg) { return cfg.boolean_or("mid_block_add_attention", true); }
-bool quant_conv(const Config& cfg) { return cfg.boolean_or("use_quant_conv", true); }
-bool post_quant_conv(const Config& cfg) { return cfg.boolean_or("use_post_quant_conv", true); }
+// Far above any VAE's width, small enough that products of sizes cannot overflow.
+constexpr int64_t kMaxChannels = int64_t(1) << 20;
+// 2^(blocks - 1) is the downscale factor: 8 blocks already downscale 128x.
+constexpr size_t kMaxBlocks = 8;
 
 }  // namespace
 
-Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
-    : be_(be),
-      in_channels_(cfg.integer("in_channels")),
-      out_channels_(cfg.integer("out_channels")),
-      latent_channels_(cfg.integer("latent_channels")),
-      groups_(int(cfg.integer("norm_num_groups"))),
-      scaling_factor_(float(cfg.number("scaling_factor"))),
-      // SD-style VAEs have no shift (null or absent): 0.
-      shift_factor_(float(cfg.number_or("shift_factor", 0.0))) {
-  std::vector<int64_t> ch = cfg.integers("block_out_channels");
-  int64_t layers = cfg.integer("layers_per_block");
-  ZI_CHECK(!ch.empty() && layers >= 1 && groups_ >= 1, ErrorKind::Format,
-           cfg.where() + ": block_out_channels, layers_per_block and norm_num_groups must be positive");
-  for (int64_t c : ch)
-    ZI_CHECK(c > 0 && c % groups_ == 0, ErrorKind::Format,
-             cfg.where() + ": block channels " + std::to_string(c) + " not divisible by norm_num_groups " +
-                 std::to_string(groups_));
+VaeConfig VaeConfig::from(const Config& cfg) {
+  VaeConfig c;
+  c.in_channels = cfg.integer_in("in_channels", 1, kMaxChannels);
+  c.out_channels = cfg.integer_in("out_channels", 1, kMaxChannels);
+  c.latent_channels = cfg.integer_in("latent_channels", 1, kMaxChannels);
+  c.groups = cfg.integer_in("norm_num_groups", 1, kMaxChannels);
+  c.layers_per_block = cfg.integer_in("layers_per_block", 1, 64);
+  c.scaling_factor = cfg.number("scaling_factor");
+  // SD-style VAEs have no shift (null or absent): 0.
+  c.shift_factor = cfg.number_or("shift_factor", 0.0);
+  c.block_out_channels = cfg.integers("block_out_channels");
+  const auto& ch = c.block_out_channels;
+  ZI_CHECK(!ch.empty() && ch.size() <= kMaxBlocks, ErrorKind::Format,
+           cfg.where() + ": block_out_channels must list 1 to " + std::to_string(kMaxBlocks) + " blocks");
+  for (int64_t n : ch)
+    ZI_CHECK(n > 0 && n <= kMaxChannels && n % c.groups == 0, ErrorKind::Format,
+             cfg.where() + ": block channels " + std::to_string(n) + " not a positive multiple of norm_num_groups " +
+                 std::to_string(c.groups));
   if (cfg.has("act_fn"))
     ZI_CHECK(cfg.string("act_fn") == "silu", ErrorKind::Format, cfg.where() + ": only act_fn \"silu\" is supported");
-  ZI_CHECK(scaling_factor_ != 0.0f, ErrorKind::Format, cfg.where() + ": scaling_factor must not be 0");
+  // float: the factors are applied in float32.
+  ZI_CHECK(std::isfinite(float(c.scaling_factor)) && float(c.scaling_factor) != 0.0f, ErrorKind::Format,
+           cfg.where() + ": scaling_factor must be a finite non-zero number");
+  ZI_CHECK(std::isfinite(float(c.shift_factor)), ErrorKind::Format, cfg.where() + ": shift_factor must be finite");
   check_block_types(cfg, "down_block_types", "DownEncoderBlock2D", ch.size());
   check_block_types(cfg, "up_block_types", "UpDecoderBlock2D", ch.size());
-  const bool add_attention = mid_block_attention(cfg), quant = quant_conv(cfg), post_quant = post_quant_conv(cfg);
+  // diffusers' defaults when the keys are absent (older SD checkpoints): quant convs and attention on.
+  c.mid_block_add_attention = cfg.boolean_or("mid_block_add_attention", true);
+  c.use_quant_conv = cfg.boolean_or("use_quant_conv", true);
+  c.use_post_quant_conv = cfg.boolean_or("use_post_quant_conv", true);
+  return c;
+}
+
+Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws) : Vae(be, VaeConfig::from(cfg), ws) {}
+
+Vae::Vae(Backend& be, const VaeConfig& cfg, const WeightSource& ws)
+    : be_(be),
+      in_channels_(cfg.in_channels),
+      out_channels_(cfg.out_channels),
+      latent_channels_(cfg.latent_channels),
+      groups_(int(cfg.groups)),
+      scaling_factor_(float(cfg.scaling_factor)),
+      shift_factor_(float(cfg.shift_factor)) {
+  const std::vector<int64_t>& ch = cfg.block_out_channels;
+  const int64_t layers = cfg.layers_per_block;
+  const bool add_attention = cfg.mid_block_add_attention, quant = cfg.use_quant_conv,
+             post_quant = cfg.use_post_quant_conv;
   size_t nblocks = ch.size();
   downscale_ = 1 << (nblocks - 1);
   const Conv2dParams same3 = Conv2dParams::same(3), same1 = Conv2dParams::same(1);
@@ -111,10 +135,11 @@ Vae::Vae(Backend& be, const Config& cfg, const WeightSource& ws)
   decoder_.conv_out = load_conv(ws, "decoder.conv_out", ch[0], out_channels_, 3, same3);
 }
 
-std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
-  const std::vector<int64_t> ch = cfg.integers("block_out_channels");
+std::vector<WeightSpec> Vae::weight_specs(const Config& config) {
+  const VaeConfig cfg = VaeConfig::from(config);
+  const std::vector<int64_t>& ch = cfg.block_out_channels;
   const std::vector<int64_t> rev(ch.rbegin(), ch.rend());
-  const int64_t layers = cfg.integer("layers_per_block"), latent = cfg.integer("latent_channels");
+  const int64_t layers = cfg.layers_per_block, latent = cfg.latent_channels;
   const size_t nblocks = ch.size();
   std::vector<WeightSpec> s;
   auto conv = [&](const std::string& name, int64_t in, int64_t out, int64_t k) {
@@ -134,7 +159,7 @@ std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
   };
   auto mid = [&](const std::string& name, int64_t c) {
     resnet(name + ".resnets.0", c, c);
-    if (mid_block_attention(cfg)) {
+    if (cfg.mid_block_add_attention) {
       const std::string a = name + ".attentions.0";
       norm(a + ".group_norm", c);
       for (const char* p : {".to_q", ".to_k", ".to_v"}) s.push_back({a + p + ".weight", {c, c}});
@@ -144,7 +169,7 @@ std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
     }
     resnet(name + ".resnets.1", c, c);
   };
-  conv("encoder.conv_in", cfg.integer("in_channels"), ch[0], 3);
+  conv("encoder.conv_in", cfg.in_channels, ch[0], 3);
   for (size_t i = 0; i < nblocks; ++i) {
     const std::string name = "encoder.down_blocks." + std::to_string(i);
     const int64_t in = i == 0 ? ch[0] : ch[i - 1];
@@ -154,8 +179,8 @@ std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
   mid("encoder.mid_block", ch.back());
   norm("encoder.conv_norm_out", ch.back());
   conv("encoder.conv_out", ch.back(), 2 * latent, 3);
-  if (quant_conv(cfg)) conv("quant_conv", 2 * latent, 2 * latent, 1);
-  if (post_quant_conv(cfg)) conv("post_quant_conv", latent, latent, 1);
+  if (cfg.use_quant_conv) conv("quant_conv", 2 * latent, 2 * latent, 1);
+  if (cfg.use_post_quant_conv) conv("post_quant_conv", latent, latent, 1);
   conv("decoder.conv_in", latent, rev[0], 3);
   mid("decoder.mid_block", rev[0]);
   for (size_t i = 0; i < nblocks; ++i) {
@@ -165,7 +190,7 @@ std::vector<WeightSpec> Vae::weight_specs(const Config& cfg) {
     if (i + 1 < nblocks) conv(name + ".upsamplers.0.conv", rev[i], rev[i], 3);
   }
   norm("decoder.conv_norm_out", ch[0]);
-  conv("decoder.conv_out", ch[0], cfg.integer("out_channels"), 3);
+  conv("decoder.conv_out", ch[0], cfg.out_channels, 3);
   return s;
 }
 

@@ -26,6 +26,15 @@
 
 namespace zimage {
 
+// vae/config.json, checked: every size positive and bounded, so that nothing computed from it overflows.
+struct VaeConfig {
+  int64_t in_channels = 3, out_channels = 3, latent_channels = 16, groups = 32, layers_per_block = 2;
+  std::vector<int64_t> block_out_channels;
+  double scaling_factor = 1.0, shift_factor = 0.0;
+  bool mid_block_add_attention = true, use_quant_conv = true, use_post_quant_conv = true;
+  static VaeConfig from(const Config& c);
+};
+
 class Vae {
  public:
   Vae(Backend& be, const Config& cfg, const WeightSource& ws);
@@ -98,6 +107,7 @@ class Vae {
     Conv conv_out;
   };
 
+  Vae(Backend& be, const VaeConfig& cfg, const WeightSource& ws);
   Conv load_conv(const WeightSource& ws, const std::string& name, int64_t in, int64_t out, int k,
                  const Conv2dParams& p);
   Norm load_norm(const WeightSource& ws, const std::string& name, int64_t c);

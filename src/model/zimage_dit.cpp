@@ -13,6 +13,8 @@ namespace {
 constexpr float kQkNormEps = 1e-5f;     // diffusers builds the q/k RMSNorms with eps 1e-5 regardless of norm_eps
 constexpr float kFinalNormEps = 1e-6f;  // FinalLayer's LayerNorm
 constexpr int64_t kAdalnMax = 256;      // ADALN_EMBED_DIM
+// Far above any DiT's width, small enough that products of sizes cannot overflow.
+constexpr int64_t kMaxSize = int64_t(1) << 20;
 constexpr int64_t kTimeMlpHidden = 1024;
 constexpr int64_t kTimeFeatures = 256;
 constexpr float kTimeMaxPeriod = 10000.0f;
@@ -22,29 +24,37 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 DitConfig DitConfig::from(const Config& c) {
   DitConfig d;
-  d.dim = c.integer("dim");
-  d.heads = c.integer("n_heads");
+  d.dim = c.integer_in("dim", 1, kMaxSize);
+  d.heads = c.integer_in("n_heads", 1, 1024);
   ZI_CHECK(c.integer_or("n_kv_heads", d.heads) == d.heads, ErrorKind::Format,
            c.where() + ": n_kv_heads different from n_heads is not a Z-Image configuration");
   ZI_CHECK(d.dim % d.heads == 0, ErrorKind::Format, c.where() + ": dim is not a multiple of n_heads");
   d.head_dim = d.dim / d.heads;
-  d.layers = c.integer("n_layers");
-  d.refiner_layers = c.integer("n_refiner_layers");
-  d.in_channels = c.integer("in_channels");
+  d.layers = c.integer_in("n_layers", 1, 1024);
+  d.refiner_layers = c.integer_in("n_refiner_layers", 0, 1024);
+  d.in_channels = c.integer_in("in_channels", 1, kMaxSize);
   auto patches = c.integers("all_patch_size");
   auto f_patches = c.integers("all_f_patch_size");
   ZI_CHECK(patches.size() == 1 && f_patches.size() == 1 && f_patches[0] == 1, ErrorKind::Format,
            c.where() + ": only one patch size with f_patch_size 1 is supported");
+  ZI_CHECK(patches[0] >= 1 && patches[0] <= 64, ErrorKind::Format,
+           c.where() + ": all_patch_size " + std::to_string(patches[0]) + " is outside 1 to 64");
   d.patch = patches[0];
-  d.cap_feat_dim = c.integer("cap_feat_dim");
+  d.cap_feat_dim = c.integer_in("cap_feat_dim", 1, kMaxSize);
   d.ffn_hidden = int64_t(double(d.dim) / 3.0 * 8.0);
   d.adaln_dim = std::min(d.dim, kAdalnMax);
   d.axes_dims = c.integers("axes_dims");
-  ZI_CHECK(d.axes_dims.size() == 3 && d.axes_dims[0] + d.axes_dims[1] + d.axes_dims[2] == d.head_dim, ErrorKind::Format,
-           c.where() + ": axes_dims must be 3 values summing to the head dim");
+  // Each axis is checked before the sum, which could otherwise overflow.
+  const auto& axes = d.axes_dims;
+  bool axes_ok = axes.size() == 3;
+  for (int64_t a : axes) axes_ok = axes_ok && a > 0 && a <= d.head_dim && a % 2 == 0;  // RoPE rotates pairs
+  ZI_CHECK(axes_ok && axes[0] + axes[1] + axes[2] == d.head_dim, ErrorKind::Format,
+           c.where() + ": axes_dims must be 3 even values summing to the head dim");
   d.rope_theta = c.number("rope_theta");
   d.t_scale = c.number("t_scale");
   d.norm_eps = c.number("norm_eps");
+  ZI_CHECK(d.rope_theta > 0 && d.norm_eps > 0, ErrorKind::Format,
+           c.where() + ": rope_theta and norm_eps must be positive");
   ZI_CHECK(c.boolean_or("qk_norm", true), ErrorKind::Format, c.where() + ": qk_norm false is not supported");
   return d;
 }

@@ -24,8 +24,9 @@ static std::vector<float> torch_linspace(float start, float end, int steps) {
 }
 
 FlowMatchSchedule flow_match_schedule(const Config& cfg, int steps, int64_t image_seq_len) {
-  ZI_CHECK(steps >= 1, ErrorKind::InvalidArgument, "num_inference_steps must be at least 1 (got " + std::to_string(steps) + ")");
-  const float train_steps = float(cfg.integer_or("num_train_timesteps", 1000));
+  ZI_CHECK(steps >= 1, ErrorKind::InvalidArgument,
+           "num_inference_steps must be at least 1 (got " + std::to_string(steps) + ")");
+  const float train_steps = float(cfg.integer_in_or("num_train_timesteps", 1000, 1, 1000000));
   std::vector<float> s = torch_linspace(1.0f, 1.0f / float(steps), steps);  // Z-Image's default sigmas
   FlowMatchSchedule out;
   if (cfg.boolean_or("use_dynamic_shifting", false)) {
@@ -41,6 +42,13 @@ FlowMatchSchedule flow_match_schedule(const Config& cfg, int steps, int64_t imag
     const float shift = float(cfg.number_or("shift", 1.0));
     for (float& x : s) x = shift * x / (1.0f + (shift - 1.0f) * x);
   }
+  // A stranger's scheduler_config.json (a shift of 0 or -1, base_image_seq_len == max_image_seq_len)
+  // can make sigmas that are not numbers, or outside (0, 1]: the image would come out black or noise.
+  // (Rounding may put a valid first sigma an ulp above 1.)
+  for (float x : s)
+    ZI_CHECK(std::isfinite(x) && x > 0.0f && x <= 1.0f + 1e-5f, ErrorKind::Format,
+             cfg.where() + ": the shift settings give a sigma of " + std::to_string(x) +
+                 ", outside (0, 1]; check shift, base_shift, max_shift and the image_seq_len keys");
   for (float x : s) {
     out.sigmas.push_back(x);
     out.timesteps.push_back(x * train_steps);

@@ -85,6 +85,8 @@ GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
   if (r.negative_prompts.size() == 1 && r.prompts.size() > 1) r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
   if (r.negative_prompts.size() != r.prompts.size())
     throw bad("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " + std::to_string(r.prompts.size()) + " prompts");
+  for (const std::string& p : r.prompts) check_prompt(p, "prompt");
+  for (const std::string& p : r.negative_prompts) check_prompt(p, "negative prompt");
   return r;
 }
 

@@ -6,6 +6,10 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/error.h"
+#include "io/untrusted_json.h"
+#include "text/tokenizer.h"
+
 namespace zimage::server {
 
 namespace {
@@ -57,6 +61,15 @@ float get_float(const json& body, const char* name, float fallback) {
   return x;
 }
 
+// The tokenizer's limits on prompts, as a 400 naming the field.
+void check_text(const std::string& prompt, const char* name) {
+  try {
+    check_prompt(prompt, name);
+  } catch (const Error& e) {
+    reject(e.what(), name);
+  }
+}
+
 // "1024x768" -> {1024, 768} (width first, as OpenAI's size); "auto" -> the defaults.
 std::pair<int64_t, int64_t> parse_size(const std::string& s, const RequestPolicy& p) {
   if (s == "auto") return {p.default_width, p.default_height};
@@ -105,9 +118,9 @@ ImageRequest parse(std::string_view text, const RequestPolicy& p) {
     reject("the request body is empty: send a JSON object with at least a \"prompt\"", "");
   json body;
   try {
-    body = json::parse(text);
-  } catch (const json::exception& e) {
-    reject(std::string("the request body is not valid JSON: ") + e.what(), "");
+    body = parse_untrusted_json(text, "the request body");
+  } catch (const Error& e) {
+    reject(e.what(), "");
   }
   if (!body.is_object()) reject("the request body must be a JSON object", "");
   for (auto it = body.begin(); it != body.end(); ++it)
@@ -120,6 +133,8 @@ ImageRequest parse(std::string_view text, const RequestPolicy& p) {
   r.prompt = prompt->get<std::string>();
   if (r.prompt.empty()) reject("prompt must not be empty", "prompt");
   r.negative_prompt = get_string(body, "negative_prompt", "");
+  check_text(r.prompt, "prompt");
+  check_text(r.negative_prompt, "negative_prompt");
   r.model = get_string(body, "model", "");
   r.user = get_string(body, "user", "");
   r.n = int(get_int(body, "n", 1, 1, p.max_n));

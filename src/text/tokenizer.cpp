@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "io/untrusted_json.h"
 
 namespace zimage {
 
@@ -758,6 +759,9 @@ std::string read_file(const fs::path& path) {
   return std::move(ss).str();
 }
 
+// The largest token id accepted: eight times the largest vocabularies in use (~256k ids).
+constexpr int64_t kMaxTokenId = (int64_t(1) << 21) - 1;
+
 struct MergeSpec {
   std::string left, right;
 };
@@ -813,8 +817,7 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
         mode_ = Mode::Vocab;
         return true;
       }
-      open(json::object());
-      return true;
+      return open(json::object());
     }
     return mode_ == Mode::Vocab ? bad_vocab_entry() : bad_merge();
   }
@@ -835,8 +838,7 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
           mode_ = Mode::Merges;
           return true;
         }
-        open(json::array());
-        return true;
+        return open(json::array());
       case Mode::Merges:
         pair_.clear();
         mode_ = Mode::MergePair;
@@ -871,8 +873,11 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
     return false;
   }
   bool vocab_id(int64_t v) {
-    if (v < 0 || v > std::numeric_limits<int32_t>::max())
-      return stop("model.vocab[\"" + key_ + "\"] = " + std::to_string(v) + " is not a valid id");
+    if (v < 0) return stop("model.vocab[\"" + key_ + "\"] = " + std::to_string(v) + " is not a valid id");
+    // The id -> token tables are as long as the largest id: bounded, so that a tiny file cannot claim gigabytes.
+    if (v > kMaxTokenId)
+      return stop("model.vocab[\"" + key_ + "\"] = " + std::to_string(v) + " is above the limit of " +
+                  std::to_string(kMaxTokenId) + " for ids");
     vocab.emplace_back(std::move(key_), v);
     return true;
   }
@@ -904,11 +909,14 @@ class TokenizerJsonReader final : public nlohmann::json_sax<json> {
     slot = std::move(v);
     return &slot;
   }
-  void open(json container) {
+  bool open(json container) {
+    if (stack_.size() >= size_t(kMaxJsonDepth))
+      return stop("nests deeper than " + std::to_string(kMaxJsonDepth) + " levels");
     std::string name = stack_.empty() || stack_.back()->is_array() ? std::string() : key_;
     stack_.push_back(put(std::move(container)));
     names_.resize(stack_.size());
     names_.back() = std::move(name);
+    return true;
   }
 
   Mode mode_ = Mode::Dom;
@@ -1150,18 +1158,22 @@ Tokenizer Tokenizer::load(const std::string& tokenizer_dir_or_json) {
   std::error_code ec;
   if (fs::is_directory(json_path, ec)) json_path /= "tokenizer.json";
   if (!fs::exists(json_path, ec)) throw Error(ErrorKind::NotFound, json_path.string() + ": tokenizer file not found");
-  const std::string path = json_path.string();
   const fs::path config_path = json_path.parent_path() / "tokenizer_config.json";
+  const bool has_config = fs::exists(config_path, ec);
+  return from_json(read_file(json_path), json_path.string(), has_config ? read_file(config_path) : std::string(),
+                   config_path.string());
+}
 
+Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, const std::string& source, std::string_view config_json,
+                               const std::string& config_source) {
+  const std::string& path = source;
   auto impl = std::make_shared<Impl>();
   impl->path = path;
   Loader load(path);
 
   TokenizerJsonReader reader;
-  {
-    const std::string text = read_file(json_path);
-    if (!json::sax_parse(text, &reader)) load.fail(reader.error.empty() ? "not valid JSON" : reader.error);
-  }
+  if (!json::sax_parse(tokenizer_json.begin(), tokenizer_json.end(), &reader))
+    load.fail(reader.error.empty() ? "not valid JSON" : reader.error);
   const json& j = reader.root;
   if (!j.is_object()) load.fail("not a JSON object");
 
@@ -1219,10 +1231,10 @@ Tokenizer Tokenizer::load(const std::string& tokenizer_dir_or_json) {
 
   // Pad token: tokenizer_config.json's pad_token (a string or an AddedToken object), else the Qwen2 default.
   bool pad_declared = false;
-  if (fs::exists(config_path, ec)) {
-    const std::string cpath = config_path.string();
-    json c = json::parse(read_file(config_path), nullptr, false);
-    if (c.is_discarded() || !c.is_object()) throw Error(ErrorKind::Format, cpath + ": not a valid JSON object");
+  if (!config_json.empty()) {
+    const std::string& cpath = config_source;
+    json c = parse_untrusted_json(config_json, cpath);
+    if (!c.is_object()) throw Error(ErrorKind::Format, cpath + ": not a JSON object");
     if (auto it = c.find("pad_token"); it != c.end()) {
       pad_declared = true;
       std::optional<std::string> name;
@@ -1327,9 +1339,19 @@ std::string zimage_chat_template(std::string_view prompt) {
   return out;
 }
 
+void check_prompt(std::string_view prompt, const std::string& what) {
+  if (prompt.size() > kMaxPromptBytes)
+    throw Error(ErrorKind::InvalidArgument, what + " is " + std::to_string(prompt.size()) +
+                                                " bytes, above the limit of " + std::to_string(kMaxPromptBytes) +
+                                                " bytes (the text encoder reads at most a few thousand tokens)");
+  if (prompt.find('\0') != std::string_view::npos)
+    throw Error(ErrorKind::InvalidArgument, what + " contains a NUL character");
+}
+
 TokenizedBatch tokenize_prompts(const Tokenizer& tokenizer, const std::vector<std::string>& prompts, int64_t max_len) {
   if (max_len < 1)
     throw Error(ErrorKind::InvalidArgument, "max_sequence_length must be at least 1, got " + std::to_string(max_len));
+  for (const std::string& p : prompts) check_prompt(p, "prompt");
   const auto batch = int64_t(prompts.size());
   const int64_t pad = tokenizer.pad_id();
   TokenizedBatch out;

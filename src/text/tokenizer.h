@@ -35,6 +35,10 @@ class Tokenizer {
   // (the default of transformers' Qwen2Tokenizer). Throws NotFound for a missing file, Format for a
   // malformed one or one declaring a component this engine does not implement.
   static Tokenizer load(const std::string& tokenizer_dir_or_json);
+  // The same from the files' contents: `source` and `config_source` name them in messages; an empty
+  // `config_json` stands for no tokenizer_config.json.
+  static Tokenizer from_json(std::string_view tokenizer_json, const std::string& source,
+                             std::string_view config_json = {}, const std::string& config_source = {});
 
   // Ids of `text`; no special tokens are added, but added tokens written in the text are recognised.
   std::vector<int32_t> encode(std::string_view text) const;
@@ -68,9 +72,18 @@ struct TokenizedBatch {
   std::vector<bool> truncated;   // true where the templated prompt had more than max_len tokens
 };
 
+// The longest prompt accepted, in bytes. The text encoder reads at most max_sequence_length tokens
+// (4096 at most), which 64 KiB holds several times over; a longer prompt would only cost encoding time.
+constexpr size_t kMaxPromptBytes = size_t(64) << 10;
+
+// Checks a prompt where it comes in (a request, a flag, a file): at most kMaxPromptBytes, and no NUL
+// character, which the PNG text chunks recording the prompt cannot hold. Error(InvalidArgument)
+// naming `what` ("prompt", "negative_prompt") otherwise.
+void check_prompt(std::string_view prompt, const std::string& what);
+
 // Templates each prompt, encodes it, keeps its first max_len tokens and right-pads to max_len: what the
 // diffusers Z-Image pipeline gets from the tokenizer with padding="max_length", truncation=True.
-// Throws InvalidArgument when max_len < 1.
+// Throws InvalidArgument when max_len < 1 or a prompt fails check_prompt.
 TokenizedBatch tokenize_prompts(const Tokenizer& tokenizer, const std::vector<std::string>& prompts, int64_t max_len);
 
 }  // namespace zimage
