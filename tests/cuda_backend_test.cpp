@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <random>
 
 #include "backend/backend.h"
@@ -241,6 +242,24 @@ TEST_F(CudaOps, ImageToU8IsExactWithinOneLevel) {
   for (int64_t i = 0; i < x.numel(); ++i)
     worst = std::max(worst, std::abs(int(out.data_as<uint8_t>()[i]) - int(ref.data_as<uint8_t>()[i])));
   EXPECT_EQ(worst, 0);  // the inputs are bf16 values: both sides round the same float
+}
+
+// NaN and both infinities counted, huge finite values and -0 not, in float32 and bf16, over more
+// elements than one pass of the grid (the grid-stride loop), accumulating into the chosen slot.
+TEST_F(CudaOps, CountNonFinite) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  Tensor x = rnd({3, 1000003});
+  const std::vector<std::pair<int64_t, float>> specials = {{0, nan}, {17, inf}, {999999, -inf}, {2000000, nan},
+                                                           {3000002, inf}, {5, 1e38f}, {6, -1e38f}, {7, -0.0f}};
+  for (auto [i, v] : specials) x.f32()[i] = v;
+  for (DType dt : {DType::F32, DType::BF16}) {
+    Tensor counts = gpu_->upload(Tensor::zeros({3}, DType::I32), DType::I32);
+    Tensor xd = gpu_->upload(x, dt);
+    gpu_->count_non_finite(xd, counts, 1);
+    gpu_->count_non_finite(xd, counts, 1);
+    gpu_->count_non_finite(xd.narrow0(1, 1), counts, 2);  // the row holding 999999 and 2000000
+    EXPECT_EQ(gpu_->to_host_f32(counts).to_vector(), (std::vector<float>{0, 10, 2})) << dtype_name(dt);
+  }
 }
 
 TEST_F(CudaOps, TimestepEmbedding) {

@@ -275,13 +275,14 @@ struct SimulatedRanks {
   LocalWorld world;
   std::unique_ptr<MultiGpuPipeline> pipeline;
 
-  explicit SimulatedRanks(const ParallelConfig& c) : world(c.num_gpus) {
+  explicit SimulatedRanks(const ParallelConfig& c, const ModelSource& model = open_model(golden_path("tiny-zimage")))
+      : world(c.num_gpus) {
     std::vector<Backend*> raw;
     for (int r = 0; r < c.num_gpus; ++r) {
       backends.push_back(make_cpu_backend());
       raw.push_back(backends.back().get());
     }
-    pipeline = std::make_unique<MultiGpuPipeline>(raw, world, open_model(golden_path("tiny-zimage")), c);
+    pipeline = std::make_unique<MultiGpuPipeline>(raw, world, model, c);
   }
 };
 
@@ -364,4 +365,87 @@ TEST(TextToImage, LowMemoryModeGivesTheSameImage) {
   r.generator = GeneratorDevice::Cpu;
   GenerateResult want = tiny_pipeline().generate(r), got = streamed.generate(r);
   EXPECT_EQ(max_abs_diff(got.latents, want.latents), 0.0);
+}
+
+namespace {
+
+GenerateRequest small_request(float guidance = 2.0f) {
+  GenerateRequest r;
+  r.prompts = {"a lighthouse on a cliff"};
+  r.height = r.width = 32;
+  r.steps = 3;
+  r.guidance = guidance;
+  r.seed = 5;
+  r.generator = GeneratorDevice::Cpu;
+  return r;
+}
+
+// The stage the numerical guard names for `r` on `pipe`, with its message; "" when nothing threw.
+std::pair<std::string, std::string> non_finite_stage(ImageGenerator& pipe, const GenerateRequest& r) {
+  try {
+    pipe.generate(r);
+  } catch (const NonFiniteError& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Numerical);
+    return {e.stage(), e.what()};
+  }
+  return {"", ""};
+}
+
+}  // namespace
+
+TEST(NumericalGuards, CpuCountsNaNAndInfIntoTheSlot) {
+  auto be = make_cpu_backend();
+  Tensor x = Tensor::zeros({4, 5}, DType::F32);
+  x.f32()[0] = std::numeric_limits<float>::quiet_NaN();
+  x.f32()[7] = std::numeric_limits<float>::infinity();
+  x.f32()[19] = -std::numeric_limits<float>::infinity();
+  x.f32()[3] = std::numeric_limits<float>::max();
+  Tensor counts = Tensor::zeros({2}, DType::I32);
+  be->count_non_finite(x, counts, 1);
+  be->count_non_finite(x.narrow0(1, 2), counts, 1);  // rows 1-2 hold index 7 only
+  EXPECT_EQ(counts.to_f32().to_vector(), (std::vector<float>{0, 4}));
+}
+
+// A good generation counts no NaN/Inf anywhere; a damaged weight in each model fails the request with
+// an error naming the stage that produced the NaN, instead of returning a black image.
+TEST(NumericalGuards, NameTheStageThatProducedNaN) {
+  GenerateResult ok = tiny_pipeline().generate(small_request());
+  EXPECT_EQ(ok.non_finite.prompt_embeddings, 0);
+  EXPECT_EQ(ok.non_finite.latents, std::vector<int64_t>(3, 0));
+  EXPECT_EQ(ok.non_finite.image, 0);
+
+  struct Damage {
+    std::shared_ptr<WeightSource> ModelSource::*weights;
+    std::string tensor, stage, message;
+  };
+  // Every value of the prompt's and the (empty) negative prompt's embeddings, every latent, every pixel.
+  int64_t embedding_values = 0;
+  for (const Tensor& e : tiny_pipeline().encode_prompts({"a lighthouse on a cliff", ""}, 512)) embedding_values += e.numel();
+  for (const Damage& d : {Damage{&ModelSource::text_encoder_weights, "layers.0.mlp.down_proj.weight", "text_encoder",
+                                 "the text encoder produced " + std::to_string(embedding_values) +
+                                     " NaN/Inf values in the prompt embeddings"},
+                          Damage{&ModelSource::transformer_weights, "all_final_layer.2-1.linear.bias", "denoise",
+                                 "denoising produced 256 NaN/Inf values in the latents at step 1 of 3"},
+                          Damage{&ModelSource::vae_weights, "decoder.conv_out.bias", "vae_decode",
+                                 "the VAE decoder produced 3072 NaN/Inf values in the image"}}) {
+    ModelSource model = open_model(golden_path("tiny-zimage"));
+    model.*d.weights = zimage::testing::with_nan_tensor(model.*d.weights, d.tensor);
+    auto be = make_cpu_backend();
+    TextToImagePipeline damaged(*be, model);
+    auto [stage, message] = non_finite_stage(damaged, small_request());
+    EXPECT_EQ(stage, d.stage) << d.tensor;
+    EXPECT_NE(message.find(d.message), std::string::npos) << message;
+    // The result without the check carries the counts behind the error.
+    GenerateResult counted = damaged.generate_unchecked(small_request());
+    EXPECT_GT(counted.non_finite.prompt_embeddings + counted.non_finite.latents[0] + counted.non_finite.image, 0);
+  }
+}
+
+// On simulated ranks the error comes from the caller's thread, not from a rank: the ranks are not
+// torn down, and the next request gets the same clear error.
+TEST(NumericalGuards, SimulatedRanksReportTheStageAndGoOn) {
+  ModelSource model = open_model(golden_path("tiny-zimage"));
+  model.transformer_weights = zimage::testing::with_nan_tensor(model.transformer_weights, "all_final_layer.2-1.linear.bias");
+  SimulatedRanks ranks(parallel(2, true), model);
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(non_finite_stage(*ranks.pipeline, small_request()).first, "denoise") << i;
 }

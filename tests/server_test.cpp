@@ -585,6 +585,26 @@ TEST(Server, OutOfMemoryIs503AndTheServerKeepsServing) {
   EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), 1);
 }
 
+// A model whose VAE makes NaN (a damaged checkpoint): the request fails with 500 naming the stage
+// instead of answering a black image, /metrics counts it by stage, and the server goes on serving.
+TEST(Server, NonFiniteImageIs500NamingTheStageAndCounted) {
+  static std::unique_ptr<Backend> be = make_cpu_backend();
+  ModelSource model = open_model("synthetic:tiny");
+  model.vae_weights = zimage::testing::with_nan_tensor(model.vae_weights, "decoder.conv_out.bias");
+  static TextToImagePipeline damaged(*be, model);
+  TestServer s([](const GenerateRequest& r) { return r.prompts[0] == "damaged" ? damaged.generate(r) : tiny().generate(r); });
+  auto c = s.client();
+  expect_openai_error(post(*c, small("damaged")), 500, "numerical", "",
+                      "the VAE decoder produced 12288 NaN/Inf values in the image");
+  EXPECT_EQ(post(*c, small("fine")).status, 200);
+  std::string text = metrics_text(s);
+  EXPECT_EQ(metric(text, "zimage_non_finite_batches_total{stage=\"vae_decode\"}"), 1);
+  EXPECT_EQ(metric(text, "zimage_non_finite_batches_total{stage=\"denoise\"}"), 0);
+  EXPECT_EQ(metric(text, "zimage_non_finite_batches_total{stage=\"text_encoder\"}"), 0);
+  EXPECT_EQ(metric(text, "zimage_errors_total{kind=\"numerical\"}"), 1);
+  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 1);
+}
+
 // Three requests queued behind a held worker run as one batch of four images (guidance on, each with
 // its own negative prompt and seeds); each gets the same pixels as when it runs alone.
 TEST(Server, ImagesMadeInABatchEqualTheSameRequestsAlone) {

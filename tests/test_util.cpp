@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 
 #include "core/error.h"
 
@@ -51,6 +52,32 @@ double rel_l2_error(const Tensor& out, const Tensor& ref) {
   }
   if (std::isnan(num)) return INFINITY;
   return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+namespace {
+
+class NanWeights final : public WeightSource {
+ public:
+  NanWeights(std::shared_ptr<WeightSource> inner, std::string name) : inner_(std::move(inner)), name_(std::move(name)) {}
+  Tensor get(const std::string& name, const Shape& shape) const override {
+    Tensor t = inner_->get(name, shape);
+    if (name != name_) return t;
+    Tensor nan = Tensor::empty(t.shape(), DType::F32);
+    std::fill(nan.f32(), nan.f32() + nan.numel(), std::numeric_limits<float>::quiet_NaN());
+    return nan.to_dtype(t.dtype());
+  }
+  bool has(const std::string& name) const override { return inner_->has(name); }
+  std::string describe() const override { return inner_->describe() + " (" + name_ + " set to NaN)"; }
+
+ private:
+  std::shared_ptr<WeightSource> inner_;
+  std::string name_;
+};
+
+}  // namespace
+
+std::shared_ptr<WeightSource> with_nan_tensor(std::shared_ptr<WeightSource> inner, const std::string& name) {
+  return std::make_shared<NanWeights>(std::move(inner), name);
 }
 
 bool all_finite(const Tensor& t) {

@@ -3,12 +3,14 @@
 
 #include <functional>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
+#include "model/weights.h"
 
 namespace zimage::testing {
 
@@ -22,6 +24,9 @@ bool all_finite(const Tensor& t);
 
 // Expects fn() to throw an Error of `kind` whose message contains every fragment (a GoogleTest failure otherwise).
 void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> fragments);
+
+// The weights of `inner` with every value of tensor `name` NaN: a damaged checkpoint.
+std::shared_ptr<WeightSource> with_nan_tensor(std::shared_ptr<WeightSource> inner, const std::string& name);
 
 // The golden pipeline cases (folder names under tests/golden/cases), sorted.
 std::vector<std::string> golden_case_names();

@@ -157,6 +157,12 @@ class Backend {
   // latents [B, ...] f32; model_out [B or 2B, ...] with the positives first.
   virtual void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm,
                                float dt) = 0;
+
+  // ---- numerical guards ----
+  // counts[slot] += the number of NaN and Inf elements of x (float32 or the activation dtype); counts is
+  // an int32 tensor of this backend. Queued like every op: a caller reads the counts once, when the
+  // work is done, so the guard costs no synchronization.
+  virtual void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

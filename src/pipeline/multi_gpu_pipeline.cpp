@@ -45,9 +45,10 @@ GenerateResult MultiGpuPipeline::generate(const GenerateRequest& request, const 
   const GenerateRequest resolved = resolve(request);
   GenerateResult out;
   world_.run([&](int r) {
-    GenerateResult res = ranks_[size_t(r)]->generate(resolved, r == 0 ? progress : nullptr);
+    GenerateResult res = ranks_[size_t(r)]->generate_unchecked(resolved, r == 0 ? progress : nullptr);
     if (r == 0) out = std::move(res);
   });
+  check_finite(out.non_finite);  // here too, so that a NaN fails the request and not the ranks
   return out;
 }
 

@@ -135,7 +135,32 @@ Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector
   return forward(latents, t, caps);
 }
 
+void check_finite(const NonFiniteCounts& c) {
+  auto values = [](int64_t n) { return std::to_string(n) + (n == 1 ? " NaN/Inf value" : " NaN/Inf values"); };
+  if (c.prompt_embeddings)
+    throw NonFiniteError("text_encoder", "the text encoder produced " + values(c.prompt_embeddings) +
+                                             " in the prompt embeddings; no image was made (are the text "
+                                             "encoder's weights intact?)");
+  for (size_t i = 0; i < c.latents.size(); ++i)
+    if (c.latents[i])
+      throw NonFiniteError("denoise", "denoising produced " + values(c.latents[i]) + " in the latents at step " +
+                                          std::to_string(i + 1) + " of " + std::to_string(c.latents.size()) +
+                                          "; no image was made (too large a guidance_scale, or damaged "
+                                          "transformer weights?)");
+  if (c.image)
+    throw NonFiniteError("vae_decode", "the VAE decoder produced " + values(c.image) +
+                                           " in the image from finite latents; no image was made (are the VAE's "
+                                           "weights intact?)");
+}
+
 GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, const std::function<void(int, int)>& progress) {
+  GenerateResult res = generate_unchecked(request, progress);
+  check_finite(res.non_finite);
+  return res;
+}
+
+GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& request,
+                                                       const std::function<void(int, int)>& progress) {
   const GenerateRequest r = resolve(request);
   GenerateResult res;
   const int steps = *r.steps;
@@ -151,6 +176,11 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
   std::vector<Tensor> pos = encode_prompts(r.prompts, r.max_sequence_length, &res.prompt_truncated);
   std::vector<Tensor> neg;
   if (cfg) neg = encode_prompts(r.negative_prompts, r.max_sequence_length);
+  // Numerical guards: NaN/Inf counts per stage, read once at the end (slot 0: prompt embeddings,
+  // 1..steps: latents after each step, steps + 1: the decoded image).
+  Tensor non_finite = be_.upload(Tensor::zeros({steps + 2}, DType::I32), DType::I32);
+  for (const auto& e : pos) be_.count_non_finite(e, non_finite, 0);
+  for (const auto& e : neg) be_.count_non_finite(e, non_finite, 0);
   Backend::Mark m_text = be_.mark();
   std::vector<Tensor> caps, neg_caps;
   for (size_t i = 0; i < pos.size(); ++i)
@@ -189,6 +219,7 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
                            : dit_forward(latents, std::vector<float>(size_t(b), t), caps, false);
     m_dit.push_back(be_.mark());
     be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
+    be_.count_non_finite(latents, non_finite, 1 + i);
     m_step.push_back(be_.mark());
     if (progress) {  // reports steps done, not steps queued: only then does the loop wait for the device
       be_.wait(m_step.back());
@@ -201,11 +232,16 @@ GenerateResult TextToImagePipeline::generate(const GenerateRequest& request, con
 
   // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.
   Tensor image = vae_.decode(latents);
+  be_.count_non_finite(image, non_finite, steps + 1);
   Backend::Mark m_vae = be_.mark();
   Tensor u8 = be_.image_to_u8(image);
   Backend::Mark m_u8 = be_.mark();
   res.latents = be_.to_host_f32(latents);
   res.images = be_.to_host_u8(u8);
+  const std::vector<float> counts = be_.to_host_f32(non_finite).to_vector();
+  res.non_finite.prompt_embeddings = int64_t(counts[0]);
+  res.non_finite.latents.assign(counts.begin() + 1, counts.end() - 1);
+  res.non_finite.image = int64_t(counts.back());
 
   res.times.text_encoder_ms = be_.elapsed_ms(m_start, m_text);
   for (int i = 0; i < steps; ++i) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "model/model_source.h"
 #include "model/qwen3.h"
 #include "model/vae.h"
@@ -51,6 +52,13 @@ struct StageTimes {
   std::vector<double> dit_ms;     // per DiT forward
 };
 
+// How many NaN/Inf values each stage produced (counted on the device as the stages ran).
+struct NonFiniteCounts {
+  int64_t prompt_embeddings = 0;       // the text encoder's output, every prompt of the call
+  std::vector<int64_t> latents;        // the latents after each denoising step
+  int64_t image = 0;                   // the VAE's decoded image
+};
+
 struct GenerateResult {
   Tensor images;   // uint8 [B, H, W, 3] (host)
   Tensor latents;  // float32 [B, 16, H/8, W/8] final latents (host)
@@ -58,7 +66,23 @@ struct GenerateResult {
   float guidance = 0;
   std::vector<bool> prompt_truncated;
   StageTimes times;
+  NonFiniteCounts non_finite;
 };
+
+// A stage produced NaN or Inf: the images would be black or noise, so the request fails instead.
+// stage() is the stage's name in /metrics: "text_encoder", "denoise" or "vae_decode".
+class NonFiniteError : public Error {
+ public:
+  NonFiniteError(std::string stage, const std::string& message)
+      : Error(ErrorKind::Numerical, message), stage_(std::move(stage)) {}
+  const std::string& stage() const { return stage_; }
+
+ private:
+  std::string stage_;
+};
+
+// Throws NonFiniteError naming the first stage whose output holds a NaN or Inf.
+void check_finite(const NonFiniteCounts& counts);
 
 struct PipelineLimits {
   int64_t max_pixels = int64_t(2048) * 2048;  // per image
@@ -101,6 +125,10 @@ class TextToImagePipeline final : public ImageGenerator {
   GenerateRequest resolve(GenerateRequest r) const override;
   GenerateResult generate(const GenerateRequest& request,
                           const std::function<void(int, int)>& progress = nullptr) override;
+  // generate() without the final check_finite (the counts are in the result): a multi-GPU generation
+  // checks on the caller's thread, where an error does not abort the ranks' communicators.
+  GenerateResult generate_unchecked(const GenerateRequest& request,
+                                    const std::function<void(int, int)>& progress = nullptr);
 
   // Prompt embeddings: one [len_i, hidden] backend tensor per prompt.
   std::vector<Tensor> encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,

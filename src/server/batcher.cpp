@@ -169,6 +169,10 @@ void Batcher::run_batch(const std::vector<std::shared_ptr<Job>>& batch) {
       job->finish(std::move(r));
     }
     return;
+  } catch (const NonFiniteError& e) {
+    metrics_.add_non_finite(e.stage());
+    failed.error_kind = e.kind();
+    failed.error = e.what();
   } catch (const Error& e) {
     failed.error_kind = e.kind();
     failed.error = e.what();

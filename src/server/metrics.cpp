@@ -57,7 +57,10 @@ Metrics::Metrics()
     : batch_images_({1, 2, 4, 8, 16, 32, 64}),
       request_seconds_(seconds_buckets()),
       queue_wait_seconds_(seconds_buckets()) {
-  for (const char* stage : {"text_encoder", "denoise", "vae_decode"}) stage_seconds_.emplace(stage, seconds_buckets());
+  for (const char* stage : {"text_encoder", "denoise", "vae_decode"}) {
+    stage_seconds_.emplace(stage, seconds_buckets());
+    non_finite_by_stage_[stage] = 0;  // every stage from the start: a counter that appears late hides its rate
+  }
 }
 
 void Metrics::set_ready(bool ready) {
@@ -110,6 +113,11 @@ void Metrics::add_error(const std::string& kind) {
   errors_by_kind_[kind]++;
 }
 
+void Metrics::add_non_finite(const std::string& stage) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  non_finite_by_stage_[stage]++;
+}
+
 void Metrics::set_device_memory(const MemoryStats& stats) {
   std::lock_guard<std::mutex> lock(mutex_);
   memory_ = stats;
@@ -135,6 +143,10 @@ std::string Metrics::render() const {
   sample(out, "zimage_images_generated_total", "", double(images_));
   header(out, "zimage_errors_total", "counter", "Error answers, by OpenAI error code.");
   for (const auto& [kind, n] : errors_by_kind_) sample(out, "zimage_errors_total", "kind=\"" + kind + "\"", double(n));
+  header(out, "zimage_non_finite_batches_total", "counter",
+         "Batches failed because a pipeline stage produced NaN or Inf values, by stage.");
+  for (const auto& [stage, n] : non_finite_by_stage_)
+    sample(out, "zimage_non_finite_batches_total", "stage=\"" + stage + "\"", double(n));
   header(out, "zimage_batch_images", "histogram", "Images per batch run by the worker.");
   batch_images_.render(out, "zimage_batch_images", "");
   header(out, "zimage_stage_seconds", "histogram", "Pipeline stage time per batch.");

@@ -1,7 +1,7 @@
 // What the server tells operators, in Prometheus' text format (GET /metrics): readiness, queue depth,
 // requests in flight, the size of every batch, latency histograms per pipeline stage (per batch) and
-// per request (queue wait, end to end), images generated, cancelled requests, errors by kind and the
-// device memory the engine holds. Updated from the HTTP threads and the batch worker; one lock.
+// per request (queue wait, end to end), images generated, cancelled requests, errors by kind, batches
+// failed by a NaN/Inf per stage and the device memory the engine holds. Updated from the HTTP threads and the batch worker; one lock.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,8 @@ class Metrics {
   void add_images(int64_t n);
   void add_cancelled();                     // a queued request dropped before it ran (client gone, timeout)
   void add_error(const std::string& kind);  // an error answer, by its OpenAI error code
+  // A batch failed by the numerical guards: `stage` (text_encoder, denoise, vae_decode) produced NaN/Inf.
+  void add_non_finite(const std::string& stage);
   void set_device_memory(const MemoryStats& stats);
 
   std::string render() const;
@@ -55,6 +57,7 @@ class Metrics {
   int64_t in_flight_ = 0, images_ = 0, cancelled_ = 0;
   std::map<int, int64_t> requests_by_status_;
   std::map<std::string, int64_t> errors_by_kind_;
+  std::map<std::string, int64_t> non_finite_by_stage_;
   MemoryStats memory_;
   Histogram batch_images_, request_seconds_, queue_wait_seconds_;
   std::map<std::string, Histogram> stage_seconds_;  // text_encoder, denoise, vae_decode

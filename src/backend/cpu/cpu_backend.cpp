@@ -4,6 +4,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 
@@ -448,7 +449,8 @@ class CpuBackend final : public Backend {
     const float* xp = x.f32();
     auto* yp = y.data_as<uint8_t>();
     for (int64_t i = 0; i < x.numel(); ++i) {
-      float v = std::clamp(xp[i] / 2.0f + 0.5f, 0.0f, 1.0f) * 255.0f;
+      // NaN maps to 0, as on the GPU (converting a NaN to an integer is undefined).
+      const float v = std::isnan(xp[i]) ? 0.0f : std::clamp(xp[i] / 2.0f + 0.5f, 0.0f, 1.0f) * 255.0f;
       yp[i] = uint8_t(std::nearbyint(v));  // default rounding mode: ties to even, as numpy's round
     }
     return y;
@@ -538,6 +540,16 @@ class CpuBackend final : public Backend {
       float* l = lp + i * per;
       for (int64_t j = 0; j < per; ++j) l[j] += dt * -pred[size_t(j)];
     }
+  }
+
+  void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) override {
+    check_f32(x, "count_non_finite");
+    ZI_ASSERT(counts.dtype() == DType::I32 && slot >= 0 && slot < counts.numel());
+    const float* xp = x.f32();
+    int64_t n = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) n += std::isfinite(xp[i]) ? 0 : 1;
+    int32_t& c = counts.data_as<int32_t>()[slot];
+    c = int32_t(std::min<int64_t>(int64_t(c) + n, INT32_MAX));
   }
 };
 

@@ -442,6 +442,20 @@ class CudaBackend final : public Backend {
     cuda::cfg_euler_step(latents.data_as<float>(), model_out.data_as<float>(), b, per, guidance, cfg_norm, dt, stream_);
   }
 
+  void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) override {
+    auto scope = profile("count_non_finite");
+    check(x, "count_non_finite");
+    check(counts, "count_non_finite");
+    ZI_ASSERT(counts.dtype() == DType::I32 && slot >= 0 && slot < counts.numel());
+    int* count = counts.data_as<int32_t>() + slot;
+    if (x.dtype() == DType::F32) {
+      cuda::count_non_finite_f32(x.data_as<float>(), x.numel(), count, stream_);
+    } else {
+      check_bf16(x, "count_non_finite");
+      cuda::count_non_finite_bf16(cbf(x), x.numel(), count, stream_);
+    }
+  }
+
  private:
   static void check(const Tensor& t, const char* op) {
     ZI_CHECK(t.device() == Device::Cuda && t.is_contiguous(), ErrorKind::Internal,
