@@ -14,6 +14,7 @@
 // d = 512). Plans, or the decision to fall back, are cached per shape.
 #include "backend/cuda/attention.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -60,9 +61,17 @@ bool is_allocation_failure(cudnnStatus_t s) {
 
 struct Attention::Plan {
   bool cudnn = false;                       // false: flash_attention runs this shape
-  std::vector<Descriptor> descriptors;      // what the execution plan was built from, kept alive with it
+  std::vector<Descriptor> descriptors;      // what the execution plans were built from, kept alive with them
   cudnnBackendDescriptor_t exec = nullptr;  // the execution plan (owned by `descriptors`)
   int64_t workspace_bytes = 0;
+  // Every engine config of the heuristics that finalized, until the first run times them and keeps the
+  // fastest in `exec` (the heuristics' first choice is not always the fastest: measure, as for GEMMs).
+  struct Candidate {
+    cudnnBackendDescriptor_t exec;
+    int64_t workspace_bytes;
+    int64_t engine;  // cuDNN's global engine index, for the log
+  };
+  std::vector<Candidate> candidates;
   int32_t* lengths = nullptr;  // device [2 * batch]: query lengths, then key lengths
 
   Plan() = default;
@@ -194,9 +203,9 @@ std::string build_cudnn_plan(Attention::Plan& plan, cudnnHandle_t handle, int64_
              "heuristics results");
   if (!pb.ok()) return pb.failure();
 
-  // The heuristics rank the configs; take the first one that finalizes into an execution plan.
+  // Every config that finalizes into an execution plan is a candidate; the first run times them.
   std::string last_refusal = "no engine config finalized";
-  for (int64_t i = 0; i < got && !plan.exec; ++i) {
+  for (int64_t i = 0; i < got; ++i) {
     cudnnBackendDescriptor_t candidate = nullptr;
     cudnnStatus_t s = cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &candidate);
     if (is_allocation_failure(s))
@@ -217,21 +226,44 @@ std::string build_cudnn_plan(Attention::Plan& plan, cudnnHandle_t handle, int64_
                      " of " + std::to_string(got) + ")";
       continue;
     }
-    plan.exec = candidate;
+    Attention::Plan::Candidate c{candidate, 0, -1};
+    int64_t count = 0;
+    if (cudnnBackendGetAttribute(candidate, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &count,
+                                 &c.workspace_bytes) != CUDNN_STATUS_SUCCESS)
+      continue;
+    cudnnBackendDescriptor_t engine = nullptr;
+    if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &engine) == CUDNN_STATUS_SUCCESS) {
+      Descriptor owned_engine(engine);
+      if (cudnnBackendGetAttribute(config, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &count,
+                                   &engine) == CUDNN_STATUS_SUCCESS)
+        cudnnBackendGetAttribute(engine, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &count, &c.engine);
+    }
+    plan.candidates.push_back(c);
     plan.descriptors.push_back(std::move(owned));
   }
-  if (!plan.exec) return last_refusal;
-
-  int64_t count = 0;
-  pb.check(cudnnBackendGetAttribute(plan.exec, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &count,
-                                    &plan.workspace_bytes),
-           "workspace size");
-  if (!pb.ok()) {
-    plan.exec = nullptr;
-    return pb.failure();
-  }
+  if (plan.candidates.empty()) return last_refusal;
+  plan.exec = plan.candidates[0].exec;
+  plan.workspace_bytes = plan.candidates[0].workspace_bytes;
+  if (plan.candidates.size() == 1) plan.candidates.clear();
   plan.cudnn = true;
   return "";
+}
+
+// Runs `exec` on the pointers of `uids`; the status, not an exception (a candidate may fail at run time).
+cudnnStatus_t execute_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t exec, const int64_t* uids, void* const* pointers,
+                           int64_t n, void* workspace) {
+  cudnnBackendDescriptor_t raw = nullptr;
+  cudnnStatus_t s = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &raw);
+  if (s != CUDNN_STATUS_SUCCESS) return s;
+  Descriptor pack(raw);
+  s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
+  if (s == CUDNN_STATUS_SUCCESS)
+    s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, pointers);
+  if (s == CUDNN_STATUS_SUCCESS)
+    s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(raw);
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendExecute(handle, exec, raw);
+  return s;
 }
 
 std::string shape_text(int64_t batch, int64_t seq, int hq, int hkv, int d, bool causal, bool padded) {
@@ -305,22 +337,51 @@ void Attention::run(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int 
 
   if (padded) write_sequence_lengths(key_len, seq, q_len, kv_len, stream);
   ZI_CUDNN_CHECK(cudnnSetStream(cudnn_, stream));
-  void* workspace = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes), stream) : nullptr;
   float scale_value = scale;  // by value: read when the plan is executed
   bf16* base = const_cast<bf16*>(qkv);
-  int64_t uids[7] = {kQ, kK, kV, kO, kScale, kSeqQ, kSeqKV};
-  void* pointers[7] = {base, base + int64_t(hq) * d, base + int64_t(hq + hkv) * d, out, &scale_value, q_len, kv_len};
+  const int64_t uids[7] = {kQ, kK, kV, kO, kScale, kSeqQ, kSeqKV};
+  void* const pointers[7] = {base, base + int64_t(hq) * d, base + int64_t(hq + hkv) * d, out, &scale_value, q_len, kv_len};
   const int64_t n = padded ? 7 : 5;
+  if (!plan.candidates.empty()) choose_fastest(plan, uids, pointers, n, shape_text(batch, seq, hq, hkv, d, causal, padded),
+                                               stream);
+  void* workspace = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes), stream) : nullptr;
+  ZI_CUDNN_CHECK(execute_plan(cudnn_, plan.exec, uids, pointers, n, workspace));
+}
 
-  cudnnBackendDescriptor_t raw = nullptr;
-  ZI_CUDNN_CHECK(cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &raw));
-  Descriptor pack(raw);
-  ZI_CUDNN_CHECK(cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids));
-  ZI_CUDNN_CHECK(
-      cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, pointers));
-  ZI_CUDNN_CHECK(cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace));
-  ZI_CUDNN_CHECK(cudnnBackendFinalize(raw));
-  ZI_CUDNN_CHECK(cudnnBackendExecute(cudnn_, plan.exec, raw));
+void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n,
+                               const std::string& shape, cudaStream_t stream) {
+  // One warm-up and three timed runs per candidate on the call's own buffers (the output is written
+  // again by the real run that follows). Blocks: it happens once per shape, during warm-up.
+  int64_t most = 0;
+  for (const auto& c : plan.candidates) most = std::max(most, c.workspace_bytes);
+  void* workspace = most > 0 ? workspace_.get(size_t(most), stream) : nullptr;
+  cudaEvent_t begin = nullptr, end = nullptr;
+  ZI_CUDA_CHECK(cudaEventCreate(&begin));
+  ZI_CUDA_CHECK(cudaEventCreate(&end));
+  std::string report;
+  float best_ms = 0;
+  for (const auto& c : plan.candidates) {
+    constexpr int kRuns = 3;
+    cudnnStatus_t s = execute_plan(cudnn_, c.exec, uids, pointers, n, workspace);
+    ZI_CUDA_CHECK(cudaEventRecord(begin, stream));
+    for (int i = 0; i < kRuns && s == CUDNN_STATUS_SUCCESS; ++i) s = execute_plan(cudnn_, c.exec, uids, pointers, n, workspace);
+    ZI_CUDA_CHECK(cudaEventRecord(end, stream));
+    ZI_CUDA_CHECK(cudaEventSynchronize(end));
+    float ms = 0;
+    ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
+    ms /= kRuns;
+    report += " engine " + std::to_string(c.engine) + ": " +
+              (s == CUDNN_STATUS_SUCCESS ? std::to_string(ms) + " ms" : std::string(cudnnGetErrorString(s))) + ";";
+    if (s == CUDNN_STATUS_SUCCESS && (best_ms == 0 || ms < best_ms)) {
+      best_ms = ms;
+      plan.exec = c.exec;
+      plan.workspace_bytes = c.workspace_bytes;
+    }
+  }
+  cudaEventDestroy(begin);
+  cudaEventDestroy(end);
+  plan.candidates.clear();
+  log_info("attention (" + shape + "): cuDNN candidates timed:" + report + " kept the fastest");
 }
 
 }  // namespace zimage::cuda

@@ -7,6 +7,7 @@
 
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +26,10 @@ class Attention {
   struct Plan;  // a cached cuDNN execution plan, or a marker that the fallback kernel handles the shape
 
  private:
+  // Times each candidate plan of a new shape on the call's buffers and keeps the fastest.
+  void choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n, const std::string& shape,
+                      cudaStream_t stream);
+
   cudnnHandle_t cudnn_;
   Workspace& workspace_;
   std::map<std::tuple<int64_t, int64_t, int, int, int, bool, bool>, std::unique_ptr<Plan>> plans_;
