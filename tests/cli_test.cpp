@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "io/image.h"
@@ -214,4 +215,30 @@ TEST(Cli, SaveModelBadInputExitsWithCode2) {
   }
   EXPECT_FALSE(std::filesystem::exists(temp_path("never")));
   EXPECT_TRUE(std::filesystem::exists(busy + "/keep.txt"));
+}
+
+// A checkpoint damaged on disk (the VAE's last bias all NaN): generate fails with the stage named and
+// exit code 1, and writes no image instead of a black one.
+TEST(Cli, NaNWeightsOnDiskFailTheGenerationNamingTheStage) {
+  const std::string dir = temp_path("nan_vae_model");
+  std::filesystem::copy(golden_path("tiny-zimage"), dir, std::filesystem::copy_options::recursive);
+  const std::string file = dir + "/vae/diffusion_pytorch_model.safetensors";
+  const SafetensorsEntry e = SafetensorsFile::open(file)->entries().at("decoder.conv_out.bias");
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  char nan_bytes[8];
+  convert_from_f32(e.dtype, &nan, nan_bytes, 1);  // NaN in the file's dtype (bf16 here)
+  const size_t width = dtype_size(e.dtype);
+  uint64_t header_len = 0;
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.read(reinterpret_cast<char*>(&header_len), 8);  // little-endian u64, as on every machine we build for
+  f.seekp(std::streamoff(8 + header_len + e.begin));
+  for (size_t i = e.begin; i < e.end; i += width) f.write(nan_bytes, std::streamsize(width));
+  f.close();
+
+  const std::string png = temp_path("nan.png");
+  ProcessResult r = run("generate --model " + dir + " --prompt 'a red fox' --height 32 --width 32 --output-path " + png);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("the VAE decoder produced 3072 NaN/Inf values in the image"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(png));
+  std::filesystem::remove_all(dir);
 }
