@@ -145,7 +145,7 @@ TEST(Cli, TokenizeMatchesGoldenChat) {
 TEST(Cli, EncodePromptMatchesGoldenEmbeddings) {
   std::string out = temp_path("embeds.safetensors");
   ProcessResult r = run("encode-prompt --model " + golden_path("tiny-zimage") +
-              " --prompt 'a cat holding a sign that says hello' --max-sequence-length 64 --out " + out);
+              " --prompt 'a cat holding a sign that says hello' --max-sequence-length 64 --backend cpu --out " + out);
   ASSERT_EQ(r.code, 0) << r.out;
   auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
   EXPECT_LE(max_abs_diff(SafetensorsFile::open(out)->get("prompt_embeds.0"), golden->get("prompt_embeds.0")), 1e-4);

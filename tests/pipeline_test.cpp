@@ -449,3 +449,18 @@ TEST(NumericalGuards, SimulatedRanksReportTheStageAndGoOn) {
   SimulatedRanks ranks(parallel(2, true), model);
   for (int i = 0; i < 2; ++i) EXPECT_EQ(non_finite_stage(*ranks.pipeline, small_request()).first, "denoise") << i;
 }
+
+// A NaN image from huge but finite latents (an enormous guidance_scale overflows the VAE's bf16 math on
+// the GPU) says so, instead of blaming the VAE's weights.
+TEST(NumericalGuards, HugeLatentsAreNamedAsTheCause) {
+  NonFiniteCounts c;
+  c.latents = {0, 0};
+  c.image = 12288;
+  c.latents_max_abs = 3.1e37f;
+  zimage::testing::expect_error([&] { check_finite(c); }, ErrorKind::Numerical,
+                                {"12288 NaN/Inf values in the image", "reach 3.1e+37 in magnitude", "guidance_scale"});
+  c.latents_max_abs = 3.5f;
+  zimage::testing::expect_error([&] { check_finite(c); }, ErrorKind::Numerical, {"weights intact"});
+  c.image = 0;
+  check_finite(c);  // nothing non-finite: no error
+}

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -147,6 +148,15 @@ void check_finite(const NonFiniteCounts& c) {
                                           std::to_string(i + 1) + " of " + std::to_string(c.latents.size()) +
                                           "; no image was made (too large a guidance_scale, or damaged "
                                           "transformer weights?)");
+  // Latents from noise stay within a few units; far beyond, the VAE's bf16/float32 convolutions overflow.
+  constexpr float kLatentRange = 1e4f;
+  if (c.image && c.latents_max_abs > kLatentRange) {
+    char magnitude[32];
+    std::snprintf(magnitude, sizeof magnitude, "%.3g", double(c.latents_max_abs));
+    throw NonFiniteError("vae_decode", "the VAE decoder produced " + values(c.image) +
+                                           " in the image: the final latents are finite but reach " + magnitude +
+                                           " in magnitude; no image was made (too large a guidance_scale?)");
+  }
   if (c.image)
     throw NonFiniteError("vae_decode", "the VAE decoder produced " + values(c.image) +
                                            " in the image from finite latents; no image was made (are the VAE's "
@@ -242,6 +252,9 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
   res.non_finite.prompt_embeddings = int64_t(counts[0]);
   res.non_finite.latents.assign(counts.begin() + 1, counts.end() - 1);
   res.non_finite.image = int64_t(counts.back());
+  if (res.non_finite.image)
+    for (int64_t i = 0; i < res.latents.numel(); ++i)
+      res.non_finite.latents_max_abs = std::max(res.non_finite.latents_max_abs, std::fabs(res.latents.f32()[i]));
 
   res.times.text_encoder_ms = be_.elapsed_ms(m_start, m_text);
   for (int i = 0; i < steps; ++i) {
