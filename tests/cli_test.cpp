@@ -144,8 +144,9 @@ TEST(Cli, TokenizeMatchesGoldenChat) {
 
 TEST(Cli, EncodePromptMatchesGoldenEmbeddings) {
   std::string out = temp_path("embeds.safetensors");
-  ProcessResult r = run("encode-prompt --model " + golden_path("tiny-zimage") +
-              " --prompt 'a cat holding a sign that says hello' --max-sequence-length 64 --backend cpu --out " + out);
+  ProcessResult r =
+      run("encode-prompt --model " + golden_path("tiny-zimage") +
+          " --prompt 'a cat holding a sign that says hello' --max-sequence-length 64 --backend cpu --out " + out);
   ASSERT_EQ(r.code, 0) << r.out;
   auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
   EXPECT_LE(max_abs_diff(SafetensorsFile::open(out)->get("prompt_embeds.0"), golden->get("prompt_embeds.0")), 1e-4);
@@ -236,7 +237,8 @@ TEST(Cli, NaNWeightsOnDiskFailTheGenerationNamingTheStage) {
   f.close();
 
   const std::string png = temp_path("nan.png");
-  ProcessResult r = run("generate --model " + dir + " --prompt 'a red fox' --height 32 --width 32 --output-path " + png);
+  ProcessResult r =
+      run("generate --model " + dir + " --prompt 'a red fox' --height 32 --width 32 --output-path " + png);
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("the VAE decoder produced 3072 NaN/Inf values in the image"), std::string::npos) << r.out;
   EXPECT_FALSE(std::filesystem::exists(png));

@@ -249,8 +249,8 @@ TEST_F(CudaOps, ImageToU8IsExactWithinOneLevel) {
 TEST_F(CudaOps, CountNonFinite) {
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   Tensor x = rnd({3, 1000003});
-  const std::vector<std::pair<int64_t, float>> specials = {{0, nan}, {17, inf}, {999999, -inf}, {2000000, nan},
-                                                           {3000002, inf}, {5, 1e38f}, {6, -1e38f}, {7, -0.0f}};
+  const std::vector<std::pair<int64_t, float>> specials = {{0, nan},       {17, inf},  {999999, -inf}, {2000000, nan},
+                                                           {3000002, inf}, {5, 1e38f}, {6, -1e38f},    {7, -0.0f}};
   for (auto [i, v] : specials) x.f32()[i] = v;
   for (DType dt : {DType::F32, DType::BF16}) {
     Tensor counts = gpu_->upload(Tensor::zeros({3}, DType::I32), DType::I32);

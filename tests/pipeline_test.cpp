@@ -420,7 +420,8 @@ TEST(NumericalGuards, NameTheStageThatProducedNaN) {
   };
   // Every value of the prompt's and the (empty) negative prompt's embeddings, every latent, every pixel.
   int64_t embedding_values = 0;
-  for (const Tensor& e : tiny_pipeline().encode_prompts({"a lighthouse on a cliff", ""}, 512)) embedding_values += e.numel();
+  for (const Tensor& e : tiny_pipeline().encode_prompts({"a lighthouse on a cliff", ""}, 512))
+    embedding_values += e.numel();
   for (const Damage& d : {Damage{&ModelSource::text_encoder_weights, "layers.0.mlp.down_proj.weight", "text_encoder",
                                  "the text encoder produced " + std::to_string(embedding_values) +
                                      " NaN/Inf values in the prompt embeddings"},
@@ -445,7 +446,8 @@ TEST(NumericalGuards, NameTheStageThatProducedNaN) {
 // torn down, and the next request gets the same clear error.
 TEST(NumericalGuards, SimulatedRanksReportTheStageAndGoOn) {
   ModelSource model = open_model(golden_path("tiny-zimage"));
-  model.transformer_weights = zimage::testing::with_nan_tensor(model.transformer_weights, "all_final_layer.2-1.linear.bias");
+  model.transformer_weights =
+      zimage::testing::with_nan_tensor(model.transformer_weights, "all_final_layer.2-1.linear.bias");
   SimulatedRanks ranks(parallel(2, true), model);
   for (int i = 0; i < 2; ++i) EXPECT_EQ(non_finite_stage(*ranks.pipeline, small_request()).first, "denoise") << i;
 }

@@ -592,7 +592,8 @@ TEST(Server, NonFiniteImageIs500NamingTheStageAndCounted) {
   ModelSource model = open_model("synthetic:tiny");
   model.vae_weights = zimage::testing::with_nan_tensor(model.vae_weights, "decoder.conv_out.bias");
   static TextToImagePipeline damaged(*be, model);
-  TestServer s([](const GenerateRequest& r) { return r.prompts[0] == "damaged" ? damaged.generate(r) : tiny().generate(r); });
+  TestServer s(
+      [](const GenerateRequest& r) { return r.prompts[0] == "damaged" ? damaged.generate(r) : tiny().generate(r); });
   auto c = s.client();
   expect_openai_error(post(*c, small("damaged")), 500, "numerical", "",
                       "the VAE decoder produced 12288 NaN/Inf values in the image");

@@ -58,7 +58,8 @@ namespace {
 
 class NanWeights final : public WeightSource {
  public:
-  NanWeights(std::shared_ptr<WeightSource> inner, std::string name) : inner_(std::move(inner)), name_(std::move(name)) {}
+  NanWeights(std::shared_ptr<WeightSource> inner, std::string name)
+      : inner_(std::move(inner)), name_(std::move(name)) {}
   Tensor get(const std::string& name, const Shape& shape) const override {
     Tensor t = inner_->get(name, shape);
     if (name != name_) return t;

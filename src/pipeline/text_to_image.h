@@ -54,10 +54,10 @@ struct StageTimes {
 
 // How many NaN/Inf values each stage produced (counted on the device as the stages ran).
 struct NonFiniteCounts {
-  int64_t prompt_embeddings = 0;       // the text encoder's output, every prompt of the call
-  std::vector<int64_t> latents;        // the latents after each denoising step
-  int64_t image = 0;                   // the VAE's decoded image
-  float latents_max_abs = 0;           // the final latents' largest magnitude, filled when `image` > 0
+  int64_t prompt_embeddings = 0;  // the text encoder's output, every prompt of the call
+  std::vector<int64_t> latents;   // the latents after each denoising step
+  int64_t image = 0;              // the VAE's decoded image
+  float latents_max_abs = 0;      // the final latents' largest magnitude, filled when `image` > 0
 };
 
 struct GenerateResult {

@@ -1,7 +1,8 @@
 // What the server tells operators, in Prometheus' text format (GET /metrics): readiness, queue depth,
 // requests in flight, the size of every batch, latency histograms per pipeline stage (per batch) and
 // per request (queue wait, end to end), images generated, cancelled requests, errors by kind, batches
-// failed by a NaN/Inf per stage and the device memory the engine holds. Updated from the HTTP threads and the batch worker; one lock.
+// failed by a NaN/Inf per stage and the device memory the engine holds. Updated from the HTTP threads
+// and the batch worker; one lock.
 #pragma once
 
 #include <cstdint>

@@ -249,23 +249,6 @@ std::string build_cudnn_plan(Attention::Plan& plan, cudnnHandle_t handle, int64_
   return "";
 }
 
-// Runs `exec` on the pointers of `uids`; the status, not an exception (a candidate may fail at run time).
-cudnnStatus_t execute_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t exec, const int64_t* uids, void* const* pointers,
-                           int64_t n, void* workspace) {
-  cudnnBackendDescriptor_t raw = nullptr;
-  cudnnStatus_t s = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &raw);
-  if (s != CUDNN_STATUS_SUCCESS) return s;
-  Descriptor pack(raw);
-  s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
-  if (s == CUDNN_STATUS_SUCCESS)
-    s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, pointers);
-  if (s == CUDNN_STATUS_SUCCESS)
-    s = cudnnBackendSetAttribute(raw, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
-  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(raw);
-  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendExecute(handle, exec, raw);
-  return s;
-}
-
 std::string shape_text(int64_t batch, int64_t seq, int hq, int hkv, int d, bool causal, bool padded) {
   return "batch " + std::to_string(batch) + ", seq " + std::to_string(seq) + ", heads " + std::to_string(hq) + "/" +
          std::to_string(hkv) + ", d " + std::to_string(d) + (causal ? ", causal" : "") +
@@ -340,12 +323,13 @@ void Attention::run(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int 
   float scale_value = scale;  // by value: read when the plan is executed
   bf16* base = const_cast<bf16*>(qkv);
   const int64_t uids[7] = {kQ, kK, kV, kO, kScale, kSeqQ, kSeqKV};
-  void* const pointers[7] = {base, base + int64_t(hq) * d, base + int64_t(hq + hkv) * d, out, &scale_value, q_len, kv_len};
+  void* const pointers[7] = {base,  base + int64_t(hq) * d, base + int64_t(hq + hkv) * d, out, &scale_value, q_len,
+                             kv_len};
   const int64_t n = padded ? 7 : 5;
-  if (!plan.candidates.empty()) choose_fastest(plan, uids, pointers, n, shape_text(batch, seq, hq, hkv, d, causal, padded),
-                                               stream);
+  if (!plan.candidates.empty())
+    choose_fastest(plan, uids, pointers, n, shape_text(batch, seq, hq, hkv, d, causal, padded), stream);
   void* workspace = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes), stream) : nullptr;
-  ZI_CUDNN_CHECK(execute_plan(cudnn_, plan.exec, uids, pointers, n, workspace));
+  ZI_CUDNN_CHECK(cudnn_execute(cudnn_, plan.exec, uids, pointers, n, workspace));
 }
 
 void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n,
@@ -362,9 +346,10 @@ void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* poi
   float best_ms = 0;
   for (const auto& c : plan.candidates) {
     constexpr int kRuns = 3;
-    cudnnStatus_t s = execute_plan(cudnn_, c.exec, uids, pointers, n, workspace);
+    cudnnStatus_t s = cudnn_execute(cudnn_, c.exec, uids, pointers, n, workspace);
     ZI_CUDA_CHECK(cudaEventRecord(begin, stream));
-    for (int i = 0; i < kRuns && s == CUDNN_STATUS_SUCCESS; ++i) s = execute_plan(cudnn_, c.exec, uids, pointers, n, workspace);
+    for (int i = 0; i < kRuns && s == CUDNN_STATUS_SUCCESS; ++i)
+      s = cudnn_execute(cudnn_, c.exec, uids, pointers, n, workspace);
     ZI_CUDA_CHECK(cudaEventRecord(end, stream));
     ZI_CUDA_CHECK(cudaEventSynchronize(end));
     float ms = 0;

@@ -325,23 +325,10 @@ std::vector<Candidate> candidates(Descriptors& ds, cudnnHandle_t handle, Desc gr
   return out;
 }
 
-// One execution through a fresh variant pack (the pointers change per call; building one is cheap).
 cudnnStatus_t execute(cudnnHandle_t handle, Desc exec, bool with_bias, const Pointers& p, void* workspace) {
   const int64_t uids[4] = {kUidX, kUidW, kUidY, kUidBias};
   void* ptrs[4] = {const_cast<bf16*>(p.x), const_cast<bf16*>(p.w), p.y, const_cast<bf16*>(p.bias)};
-  const int64_t n = with_bias ? 4 : 3;
-  Desc pack = nullptr;
-  cudnnStatus_t st = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack);
-  if (st != CUDNN_STATUS_SUCCESS) return st;
-  st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
-  if (st == CUDNN_STATUS_SUCCESS)
-    st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, ptrs);
-  if (st == CUDNN_STATUS_SUCCESS)
-    st = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
-  if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendFinalize(pack);
-  if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendExecute(handle, exec, pack);
-  cudnnBackendDestroyDescriptor(pack);
-  return st;
+  return cudnn_execute(handle, exec, uids, ptrs, with_bias ? 4 : 3, workspace);
 }
 
 class EventPair {

@@ -25,6 +25,22 @@ void throw_cuda_error(const char* what, const std::string& detail, const char* f
               std::string("CUDA error in ") + what + ": " + detail + " (" + file + ":" + std::to_string(line) + ")");
 }
 
+cudnnStatus_t cudnn_execute(cudnnHandle_t handle, cudnnBackendDescriptor_t plan, const int64_t* uids,
+                            void* const* pointers, int64_t n, void* workspace) {
+  cudnnBackendDescriptor_t pack = nullptr;
+  cudnnStatus_t s = cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack);
+  if (s != CUDNN_STATUS_SUCCESS) return s;
+  s = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
+  if (s == CUDNN_STATUS_SUCCESS)
+    s = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, pointers);
+  if (s == CUDNN_STATUS_SUCCESS)
+    s = cudnnBackendSetAttribute(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendFinalize(pack);
+  if (s == CUDNN_STATUS_SUCCESS) s = cudnnBackendExecute(handle, plan, pack);
+  cudnnBackendDestroyDescriptor(pack);
+  return s;
+}
+
 Workspace::~Workspace() {
   if (ptr_) cudaFree(ptr_);
 }

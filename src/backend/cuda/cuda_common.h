@@ -46,6 +46,12 @@ using bf16 = __nv_bfloat16;
 
 inline unsigned grid_for(int64_t n, int block) { return unsigned((n + block - 1) / block); }
 
+// Runs a finalized cuDNN execution plan on the tensors `uids` at `pointers` through a fresh variant pack
+// (the pointers change per call; building one is cheap). Returns the status rather than throwing: a
+// caller timing candidate plans treats a failure as "not this one".
+cudnnStatus_t cudnn_execute(cudnnHandle_t handle, cudnnBackendDescriptor_t plan, const int64_t* uids,
+                            void* const* pointers, int64_t n, void* workspace);
+
 }  // namespace zimage::cuda
 
 namespace zimage::cuda {
