@@ -46,6 +46,12 @@ using bf16 = __nv_bfloat16;
 
 inline unsigned grid_for(int64_t n, int block) { return unsigned((n + block - 1) / block); }
 
+// Where the engine times candidate algorithms (cuBLASLt GEMMs, cuDNN attention), another candidate
+// replaces the library's first choice only when it takes less than this fraction of the best time so
+// far: near-equal candidates would otherwise swap with timing noise from one process to the next, and
+// with them the bf16 roundings, so the same seed would not give the same image twice.
+constexpr float kClearlyFaster = 0.9f;
+
 // Runs a finalized cuDNN execution plan on the tensors `uids` at `pointers` through a fresh variant pack
 // (the pointers change per call; building one is cheap). Returns the status rather than throwing: a
 // caller timing candidate plans treats a failure as "not this one".
