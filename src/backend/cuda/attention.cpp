@@ -335,8 +335,8 @@ void Attention::run(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int 
 void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n,
                                const std::string& shape, cudaStream_t stream) {
   // One warm-up and three timed runs per candidate on the call's own buffers (the output is written
-  // again by the real run that follows); the heuristics' order wins ties (kClearlyFaster). Blocks: it
-  // happens once per shape, during warm-up.
+  // again by the real run that follows); the heuristics' order wins ties and launch-bound shapes
+  // (kClearlyFaster, kMinTimedMs). Blocks: it happens once per shape, during warm-up.
   int64_t most = 0;
   for (const auto& c : plan.candidates) most = std::max(most, c.workspace_bytes);
   void* workspace = most > 0 ? workspace_.get(size_t(most), stream) : nullptr;
@@ -363,11 +363,12 @@ void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* poi
       plan.exec = c.exec;
       plan.workspace_bytes = c.workspace_bytes;
     }
+    if (&c == &plan.candidates.front() && best_ms > 0 && best_ms < kMinTimedMs) break;  // launch-bound
   }
   cudaEventDestroy(begin);
   cudaEventDestroy(end);
   plan.candidates.clear();
-  log_info("attention (" + shape + "): cuDNN candidates timed:" + report + " kept the fastest (by 10%)");
+  log_info("attention (" + shape + "): cuDNN candidates timed:" + report + " kept the first unless another was 10% faster");
 }
 
 }  // namespace zimage::cuda

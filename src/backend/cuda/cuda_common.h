@@ -51,6 +51,9 @@ inline unsigned grid_for(int64_t n, int block) { return unsigned((n + block - 1)
 // far: near-equal candidates would otherwise swap with timing noise from one process to the next, and
 // with them the bf16 roundings, so the same seed would not give the same image twice.
 constexpr float kClearlyFaster = 0.9f;
+// And only when the first choice takes at least this long (ms per run): a shorter kernel is launch-bound,
+// so its timings measure noise, and the first choice stays (the tiny test models, one-row GEMMs).
+constexpr float kMinTimedMs = 0.05f;
 
 // Runs a finalized cuDNN execution plan on the tensors `uids` at `pointers` through a fresh variant pack
 // (the pointers change per call; building one is cheap). Returns the status rather than throwing: a
