@@ -365,7 +365,8 @@ float time_plan(cudnnHandle_t handle, const Candidate& c, bool with_bias, const 
 }
 
 // Builds the plan for one call shape, timing the candidates on the call's own buffers (y is overwritten
-// by the real execution afterwards). While the stream is being captured into a CUDA graph nothing can be
+// by the real execution afterwards); the heuristic's order wins ties and launch-bound shapes
+// (kClearlyFaster, kMinTimedMs). While the stream is being captured into a CUDA graph nothing can be
 // timed, and the heuristic's first choice is taken.
 std::unique_ptr<Conv2d::Plan> build_plan(cudnnHandle_t handle, Workspace& workspace, const ConvShape& s,
                                          const Pointers& p, cudaStream_t stream) {
@@ -391,10 +392,11 @@ std::unique_ptr<Conv2d::Plan> build_plan(cudnnHandle_t handle, Workspace& worksp
       for (size_t i = 0; i < cands.size(); ++i) {
         float ms = time_plan(handle, cands[i], fuse_bias, p, ws, stream, ev);
         timings += " #" + std::to_string(cands[i].engine) + "=" + (ms < 0 ? std::string("failed") : std::to_string(ms));
-        if (ms >= 0 && (best_ms < 0 || ms < best_ms)) {
+        if (ms >= 0 && (best_ms < 0 || ms < best_ms * kClearlyFaster)) {
           best_ms = ms;
           best = i;
         }
+        if (i == 0 && ms >= 0 && ms < kMinTimedMs) break;  // launch-bound: keep the first
       }
       if (best_ms < 0) continue;  // none ran: try the next graph
     }
