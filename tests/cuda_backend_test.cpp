@@ -170,6 +170,8 @@ TEST_F(CudaOps, Attention) {
       {2, 4128, 30, 30, 128, false, {4128, 4096}, "DiT CFG batch, key padding"},
       {2, 128, 32, 8, 128, true, {100, 128}, "Qwen3 GQA causal + padding"},
       {1, 4096, 1, 1, 512, false, {4096}, "VAE mid-block 512^2 (d=512)"},
+      {1, 8300, 1, 1, 512, false, {8300}, "GEMM attention, 3 query chunks"},
+      {2, 1000, 2, 1, 512, false, {1000, 700}, "GEMM attention, GQA, key padding"},
       {2, 96, 2, 2, 32, false, {96, 64}, "tiny DiT"},
       {2, 24, 4, 2, 16, true, {5, 24}, "tiny Qwen3"},
       {1, 48, 1, 1, 64, false, {48}, "tiny VAE"},

@@ -1,8 +1,10 @@
 // Softmax attention on the GPU over a packed QKV projection, as Backend::attention defines it.
 // The fast path is cuDNN's fused SDPA through the graph (backend) API, reading q, k, v in place from
 // the packed buffer, with per-item key lengths (key padding) and an optional causal mask; execution
-// plans are built once per shape and cached. Where cuDNN refuses a shape (head dim above its limit,
-// e.g. the VAE's single 512-wide head), a FlashAttention-style kernel of our own runs instead.
+// plans are built once per shape and cached. Where cuDNN refuses a shape (the causal text encoder), a
+// FlashAttention-style kernel of our own runs instead. Non-causal heads wider than 256 (the VAE's single
+// 512-wide head over every latent pixel) run as two cuBLAS GEMMs per chunk of queries around a row softmax,
+// several times faster there than cuDNN.
 #pragma once
 
 #include <map>
@@ -30,7 +32,13 @@ class Attention {
   void choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n, const std::string& shape,
                       cudaStream_t stream);
 
+  // Non-causal heads wider than 256 (the VAE's single head of 512 over every latent pixel): per chunk of
+  // queries, S = scale Q K^T in float32, P = softmax(S) in bf16, O = P V, with cuBLAS GEMMs.
+  void run_gemm_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale,
+                          const std::vector<int>& key_len, cudaStream_t stream);
+
   cudnnHandle_t cudnn_;
+  cublasHandle_t cublas_ = nullptr;  // created on the first GEMM attention
   Workspace& workspace_;
   std::map<std::tuple<int64_t, int64_t, int, int, int, bool, bool>, std::unique_ptr<Plan>> plans_;
 };
@@ -40,6 +48,10 @@ class Attention {
 // array of `batch` int32.
 void flash_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale,
                      bool causal, const int32_t* key_len, cudaStream_t stream);
+
+// p[r, j] = bf16(softmax_j(s[r, j])) for j < n, each of `rows` rows (float32 s and bf16 p share the row
+// stride ld): the softmax between the two GEMMs of the GEMM attention.
+void softmax_rows_to_bf16(const float* s, bf16* p, int64_t rows, int64_t n, int64_t ld, cudaStream_t stream);
 
 // Writes q_len[i] = seq (q_len may be null) and kv_len[i] = key_len[i] on `stream` (device int32 arrays of
 // key_len.size()). The values travel as kernel arguments, so the write is stream-ordered and is captured with its

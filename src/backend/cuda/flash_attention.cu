@@ -1,13 +1,14 @@
 // The fallback attention kernel: FlashAttention-2 on the tensor cores (mma.sync m16n8k16 bf16 -> f32) for the
-// shapes cuDNN's fused SDPA does not take here: the text encoder (causal, GQA) and the VAE mid-block (one head
-// of d = 512). Reference: CpuBackend::attention (src/backend/cpu/cpu_backend.cpp).
+// shapes cuDNN's fused SDPA does not take here: the text encoder (causal, GQA). Also the row softmax of the
+// GEMM attention that wide non-causal heads (the VAE mid-block's d = 512) take (attention.cpp). Reference:
+// CpuBackend::attention (src/backend/cpu/cpu_backend.cpp).
 //
 // Math, per item b, query head h (kv head h / (hq/hkv)), query i:
 //   valid keys j: j < key_len[b] (and j <= i when causal)
 //   out[b, i, h, :] = sum_j softmax_j(scale * q_i . k_j) v_j          (float32 softmax and accumulation)
-// Work: 4 * B * Hq * S * S * D FLOPs (about half of it with the causal mask): 5.5e11 for the VAE at 2048x2048
-// (S = 16384, D = 512). Compute-bound: every K/V tile read from L2 is used by a whole block of queries
-// (32 or 64 FLOPs per byte), so the bound is the mma.sync rate; not yet measured.
+// Work: 4 * B * Hq * S * S * D FLOPs (about half of it with the causal mask): 5.9e9 for the text encoder on a
+// 100-token prompt (32 query heads of 128, 36 layers), half of it masked. Compute-bound: every K/V tile read from L2 is
+// used by a whole block of queries (32 or 64 FLOPs per byte), so the bound is the mma.sync rate; not yet measured.
 //
 // Structure: one block per (query tile, head, item). Each warp owns 16 query rows and a slice of the head dim
 // (kSplit slices; one for d <= 128, four of 128 for d = 512 so that each warp's output stays in registers):
@@ -348,6 +349,49 @@ void flash_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int
     launch<Head256>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
   else
     launch<Head512>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+}
+
+namespace {
+
+// Row softmax for the GEMM attention (attention.cpp): one block per row of the float32 scores, an online
+// pass for the row's max and sum, then a second pass (mostly L2 hits) writing exp(s - max) / sum in bf16.
+// Reads 8 bytes and writes 2 per score: memory bound (the VAE at 2048^2: 65536^2 scores, 43 GB moved,
+// ~10 ms at ~4.2 TB/s).
+constexpr int kSoftmaxThreads = 1024;
+
+__device__ __forceinline__ void combine(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  l = (m == -INFINITY ? 0.0f : l * __expf(m - mx)) + (m2 == -INFINITY ? 0.0f : l2 * __expf(m2 - mx));
+  m = mx;
+}
+
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    softmax_rows_kernel(const float* __restrict__ s, bf16* __restrict__ p, int64_t n, int64_t ld) {
+  const float* row = s + int64_t(blockIdx.x) * ld;
+  bf16* out = p + int64_t(blockIdx.x) * ld;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) combine(m, l, row[i], 1.0f);
+  for (int off = 16; off > 0; off >>= 1)
+    combine(m, l, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, l, off));
+  __shared__ float wm[32], wl[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) wm[warp] = m, wl[warp] = l;
+  __syncthreads();
+  m = lane < int(blockDim.x / 32) ? wm[lane] : -INFINITY;
+  l = lane < int(blockDim.x / 32) ? wl[lane] : 0.0f;
+  for (int off = 16; off > 0; off >>= 1)
+    combine(m, l, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, l, off));
+  const float inv = 1.0f / l;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = __float2bfloat16(__expf(row[i] - m) * inv);
+}
+
+}  // namespace
+
+void softmax_rows_to_bf16(const float* s, bf16* p, int64_t rows, int64_t n, int64_t ld, cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return;
+  ZI_ASSERT(rows <= INT32_MAX);
+  softmax_rows_kernel<<<unsigned(rows), kSoftmaxThreads, 0, stream>>>(s, p, n, ld);
+  ZI_CUDA_LAUNCH_CHECK();
 }
 
 void write_sequence_lengths(const std::vector<int>& key_len, int64_t seq, int32_t* q_len, int32_t* kv_len,
