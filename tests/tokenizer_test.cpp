@@ -60,13 +60,8 @@ double thread_cpu_seconds() {
 
 // Expects loading `path` to fail with an Error of `kind` whose message holds every fragment.
 void expect_load_error(const std::string& path, ErrorKind kind, std::initializer_list<std::string> fragments) {
-  try {
-    Tokenizer::load(path);
-    ADD_FAILURE() << "expected an error loading " << path;
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
-  }
+  SCOPED_TRACE(path);
+  zimage::testing::expect_error([&] { Tokenizer::load(path); }, kind, fragments);
 }
 
 // --- A small byte-level BPE tokenizer built in the test, to exercise options Qwen's file does not use. ---
@@ -153,12 +148,7 @@ TEST(Tokenizer, LoadsQwenTokenizer) {
   EXPECT_EQ(t.token_id("<|im_end|>"), 151645);
   EXPECT_EQ(t.token_id("assistant"), 77091);
   EXPECT_EQ(t.token_id("Ċ"), 198);  // "\n" in the byte alphabet
-  try {
-    t.token_id("no such token");
-    ADD_FAILURE() << "expected NotFound";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::NotFound);
-  }
+  zimage::testing::expect_error([&] { t.token_id("no such token"); }, ErrorKind::NotFound, {});
 }
 
 TEST(Tokenizer, LoadsFromFolderOrFile) {
@@ -325,12 +315,7 @@ TEST(Tokenizer, TruncationIsFlagged) {
   EXPECT_FALSE(exact.truncated[0]);
   EXPECT_EQ(exact.lengths[0], 11);
 
-  try {
-    tokenize_prompts(qwen(), {"x"}, 0);
-    ADD_FAILURE() << "expected InvalidArgument";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-  }
+  zimage::testing::expect_error([] { tokenize_prompts(qwen(), {"x"}, 0); }, ErrorKind::InvalidArgument, {});
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -379,12 +364,8 @@ TEST(Tokenizer, DecodeOfPartialCharacterAndBadId) {
     EXPECT_NE(s.find("\uFFFD"), std::string::npos);
     EXPECT_EQ(s.find(rare), std::string::npos);
   }
-  try {
-    qwen().decode({151935});  // inside the embedding table but not a token
-    ADD_FAILURE() << "expected InvalidArgument";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-  }
+  // Inside the embedding table but not a token.
+  zimage::testing::expect_error([] { qwen().decode({151935}); }, ErrorKind::InvalidArgument, {});
 }
 
 TEST(Tokenizer, PathologicalInputs) {
@@ -611,13 +592,7 @@ TEST(Tokenizer, HostileFilesHitLimitsNotMemory) {
 TEST(Tokenizer, PromptLimits) {
   EXPECT_NO_THROW(check_prompt(std::string(kMaxPromptBytes, 'a'), "prompt"));
   auto expect_invalid = [](const std::function<void()>& f, const std::string& fragment) {
-    try {
-      f();
-      ADD_FAILURE() << "expected InvalidArgument: " << fragment;
-    } catch (const Error& e) {
-      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
+    zimage::testing::expect_error(f, ErrorKind::InvalidArgument, {fragment});
   };
   expect_invalid([] { check_prompt(std::string(kMaxPromptBytes + 1, 'a'), "prompt"); },
                  "prompt is 65537 bytes, above the limit of 65536 bytes");
