@@ -384,41 +384,28 @@ void Attention::run_gemm_attention(const bf16* qkv, bf16* out, int64_t batch, in
 
 void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* pointers, int64_t n,
                                const std::string& shape, cudaStream_t stream) {
-  // One warm-up and three timed runs per candidate on the call's own buffers (the output is written
-  // again by the real run that follows); the heuristics' order wins ties and launch-bound shapes
-  // (kClearlyFaster, kMinTimedMs). Blocks: it happens once per shape, during warm-up.
   int64_t most = 0;
   for (const auto& c : plan.candidates) most = std::max(most, c.workspace_bytes);
   void* workspace = most > 0 ? workspace_.get(size_t(most), stream) : nullptr;
-  cudaEvent_t begin = nullptr, end = nullptr;
-  ZI_CUDA_CHECK(cudaEventCreate(&begin));
-  ZI_CUDA_CHECK(cudaEventCreate(&end));
+  std::vector<float> times;
+  const int best = fastest_candidate(
+      int(plan.candidates.size()), stream,
+      [&](int i) {
+        return cudnn_execute(cudnn_, plan.candidates[size_t(i)].exec, uids, pointers, n, workspace) ==
+               CUDNN_STATUS_SUCCESS;
+      },
+      &times);
   std::string report;
-  float best_ms = 0;
-  for (const auto& c : plan.candidates) {
-    constexpr int kRuns = 3;
-    cudnnStatus_t s = cudnn_execute(cudnn_, c.exec, uids, pointers, n, workspace);
-    ZI_CUDA_CHECK(cudaEventRecord(begin, stream));
-    for (int i = 0; i < kRuns && s == CUDNN_STATUS_SUCCESS; ++i)
-      s = cudnn_execute(cudnn_, c.exec, uids, pointers, n, workspace);
-    ZI_CUDA_CHECK(cudaEventRecord(end, stream));
-    ZI_CUDA_CHECK(cudaEventSynchronize(end));
-    float ms = 0;
-    ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, begin, end));
-    ms /= kRuns;
-    report += " engine " + std::to_string(c.engine) + ": " +
-              (s == CUDNN_STATUS_SUCCESS ? std::to_string(ms) + " ms" : std::string(cudnnGetErrorString(s))) + ";";
-    if (s == CUDNN_STATUS_SUCCESS && (best_ms == 0 || ms < best_ms * kClearlyFaster)) {
-      best_ms = ms;
-      plan.exec = c.exec;
-      plan.workspace_bytes = c.workspace_bytes;
-    }
-    if (&c == &plan.candidates.front() && best_ms > 0 && best_ms < kMinTimedMs) break;  // launch-bound
+  for (size_t i = 0; i < times.size(); ++i)
+    report += " engine " + std::to_string(plan.candidates[i].engine) + ": " +
+              (times[i] < 0 ? std::string("failed") : std::to_string(times[i]) + " ms") + ";";
+  if (best >= 0) {
+    plan.exec = plan.candidates[size_t(best)].exec;
+    plan.workspace_bytes = plan.candidates[size_t(best)].workspace_bytes;
   }
-  cudaEventDestroy(begin);
-  cudaEventDestroy(end);
   plan.candidates.clear();
-  log_info("attention (" + shape + "): cuDNN candidates timed:" + report + " kept the first unless another was 10% faster");
+  log_info("attention (" + shape + "): cuDNN candidates timed:" + report + " kept candidate " +
+           (best >= 0 ? std::to_string(best) : std::string("0 (none ran)")));
 }
 
 }  // namespace zimage::cuda

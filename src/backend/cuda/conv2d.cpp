@@ -56,7 +56,6 @@ constexpr int64_t kMaxElements = INT32_MAX;
 constexpr int64_t kMaxWorkspaceBytes = int64_t(128) << 20;
 constexpr size_t kMaxCandidates = 4;
 constexpr double kBuildBudgetMs = 300.0;
-constexpr int kTimedRuns = 3;
 
 enum : int64_t { kUidX = 1, kUidW = 2, kUidY = 3, kUidBias = 4, kUidAcc = 5 };
 
@@ -331,43 +330,9 @@ cudnnStatus_t execute(cudnnHandle_t handle, Desc exec, bool with_bias, const Poi
   return cudnn_execute(handle, exec, uids, ptrs, with_bias ? 4 : 3, workspace);
 }
 
-class EventPair {
- public:
-  EventPair() {
-    ZI_CUDA_CHECK(cudaEventCreate(&a));
-    cudaError_t e = cudaEventCreate(&b);
-    if (e != cudaSuccess) {
-      cudaEventDestroy(a);
-      ZI_CUDA_CHECK(e);
-    }
-  }
-  EventPair(const EventPair&) = delete;
-  EventPair& operator=(const EventPair&) = delete;
-  ~EventPair() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-  cudaEvent_t a = nullptr, b = nullptr;
-};
-
-// Mean GPU milliseconds of one execution after a warm-up; < 0 when the plan does not run.
-float time_plan(cudnnHandle_t handle, const Candidate& c, bool with_bias, const Pointers& p, void* workspace,
-                cudaStream_t stream, EventPair& ev) {
-  if (execute(handle, c.exec, with_bias, p, workspace) != CUDNN_STATUS_SUCCESS) return -1.0f;
-  ZI_CUDA_CHECK(cudaEventRecord(ev.a, stream));
-  for (int r = 0; r < kTimedRuns; ++r)
-    if (execute(handle, c.exec, with_bias, p, workspace) != CUDNN_STATUS_SUCCESS) return -1.0f;
-  ZI_CUDA_CHECK(cudaEventRecord(ev.b, stream));
-  ZI_CUDA_CHECK(cudaEventSynchronize(ev.b));
-  float ms = 0.0f;
-  ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, ev.a, ev.b));
-  return ms / kTimedRuns;
-}
-
 // Builds the plan for one call shape, timing the candidates on the call's own buffers (y is overwritten
-// by the real execution afterwards); the heuristic's order wins ties and launch-bound shapes
-// (kClearlyFaster, kMinTimedMs). While the stream is being captured into a CUDA graph nothing can be
-// timed, and the heuristic's first choice is taken.
+// by the real execution afterwards) by fastest_candidate's rule. While the stream is being captured into a
+// CUDA graph nothing can be timed, and the heuristic's first choice is taken.
 std::unique_ptr<Conv2d::Plan> build_plan(cudnnHandle_t handle, Workspace& workspace, const ConvShape& s,
                                          const Pointers& p, cudaStream_t stream) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -387,18 +352,16 @@ std::unique_ptr<Conv2d::Plan> build_plan(cudnnHandle_t handle, Workspace& worksp
       int64_t ws_max = 0;
       for (const Candidate& c : cands) ws_max = std::max(ws_max, c.workspace_bytes);
       void* ws = ws_max > 0 ? workspace.get(size_t(ws_max), stream) : nullptr;
-      EventPair ev;
-      float best_ms = -1.0f;
-      for (size_t i = 0; i < cands.size(); ++i) {
-        float ms = time_plan(handle, cands[i], fuse_bias, p, ws, stream, ev);
-        timings += " #" + std::to_string(cands[i].engine) + "=" + (ms < 0 ? std::string("failed") : std::to_string(ms));
-        if (ms >= 0 && (best_ms < 0 || ms < best_ms * kClearlyFaster)) {
-          best_ms = ms;
-          best = i;
-        }
-        if (i == 0 && ms >= 0 && ms < kMinTimedMs) break;  // launch-bound: keep the first
-      }
-      if (best_ms < 0) continue;  // none ran: try the next graph
+      std::vector<float> times;
+      const int fastest = fastest_candidate(
+          int(cands.size()), stream,
+          [&](int i) { return execute(handle, cands[size_t(i)].exec, fuse_bias, p, ws) == CUDNN_STATUS_SUCCESS; },
+          &times);
+      for (size_t i = 0; i < times.size(); ++i)
+        timings += " #" + std::to_string(cands[i].engine) + "=" +
+                   (times[i] < 0 ? std::string("failed") : std::to_string(times[i]));
+      if (fastest < 0) continue;  // none ran: try the next graph
+      best = size_t(fastest);
     }
     for (size_t i = 0; i < cands.size(); ++i)
       if (i != best) plan->descs.destroy(cands[i].exec);

@@ -41,6 +41,41 @@ cudnnStatus_t cudnn_execute(cudnnHandle_t handle, cudnnBackendDescriptor_t plan,
   return s;
 }
 
+int fastest_candidate(int n, cudaStream_t stream, const std::function<bool(int)>& run, std::vector<float>* times) {
+  constexpr int kTimedRuns = 3;
+  constexpr float kClearlyFaster = 0.9f, kMinTimedMs = 0.05f;
+  cudaEvent_t begin = nullptr, end = nullptr;
+  ZI_CUDA_CHECK(cudaEventCreate(&begin));
+  const cudaError_t e = cudaEventCreate(&end);
+  if (e != cudaSuccess) {
+    cudaEventDestroy(begin);
+    ZI_CUDA_CHECK(e);
+  }
+  int best = -1;
+  float best_ms = 0;
+  cudaError_t status = cudaSuccess;
+  for (int i = 0; i < n && status == cudaSuccess; ++i) {
+    bool ok = run(i);  // warm-up
+    status = cudaEventRecord(begin, stream);
+    for (int r = 0; r < kTimedRuns && ok; ++r) ok = run(i);
+    if (status == cudaSuccess) status = cudaEventRecord(end, stream);
+    if (status == cudaSuccess) status = cudaEventSynchronize(end);
+    float ms = 0;
+    if (status == cudaSuccess) status = cudaEventElapsedTime(&ms, begin, end);
+    ms /= kTimedRuns;
+    if (times) times->push_back(ok ? ms : -1.0f);
+    if (ok && (best < 0 || ms < best_ms * kClearlyFaster)) {
+      best = i;
+      best_ms = ms;
+    }
+    if (best == 0 && i == 0 && best_ms < kMinTimedMs) break;
+  }
+  cudaEventDestroy(begin);
+  cudaEventDestroy(end);
+  ZI_CUDA_CHECK(status);
+  return best;
+}
+
 Workspace::~Workspace() {
   if (ptr_) cudaFree(ptr_);
 }

@@ -8,7 +8,9 @@
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 
@@ -47,14 +49,16 @@ using bf16 = __nv_bfloat16;
 
 inline unsigned grid_for(int64_t n, int block) { return unsigned((n + block - 1) / block); }
 
-// Where the engine times candidate algorithms (cuBLASLt GEMMs, cuDNN attention), another candidate
-// replaces the library's first choice only when it takes less than this fraction of the best time so
-// far: near-equal candidates would otherwise swap with timing noise from one process to the next, and
-// with them the bf16 roundings, so the same seed would not give the same image twice.
-constexpr float kClearlyFaster = 0.9f;
-// And only when the first choice takes at least this long (ms per run): a shorter kernel is launch-bound,
-// so its timings measure noise, and the first choice stays (the tiny test models, one-row GEMMs).
-constexpr float kMinTimedMs = 0.05f;
+// Times the candidate algorithms of one call shape (cuBLASLt GEMMs, cuDNN attention and convolutions) on
+// `stream`: run(i) enqueues candidate i on the call's own buffers and says whether it could; one warm-up
+// and three timed runs each. Blocks (once per shape, during warm-up). Returns the index to keep: the
+// library's first choice unless another takes less than 0.9 of the best time so far -- near-equal
+// candidates would otherwise swap with timing noise from one process to the next, and with them the bf16
+// roundings, so the same seed would not give the same image twice -- and the first without timing the
+// rest when it runs under 0.05 ms (launch-bound: its timings measure noise). -1 when none runs.
+// `times` (optional) gets one entry per candidate timed: ms per run, < 0 for one that failed.
+int fastest_candidate(int n, cudaStream_t stream, const std::function<bool(int)>& run,
+                      std::vector<float>* times = nullptr);
 
 // Runs a finalized cuDNN execution plan on the tensors `uids` at `pointers` through a fresh variant pack
 // (the pointers change per call; building one is cheap). Returns the status rather than throwing: a

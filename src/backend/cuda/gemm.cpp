@@ -5,7 +5,6 @@ namespace zimage::cuda {
 namespace {
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 constexpr int kCandidates = 8;  // heuristic algorithms timed once per shape
-constexpr int kTimingReps = 3;
 }  // namespace
 
 struct Gemm::Plan {
@@ -20,40 +19,18 @@ struct Gemm::Plan {
   }
 };
 
-// Times each candidate on the call's own buffers (the output is rewritten by the real call after)
-// and keeps the fastest (by kClearlyFaster, above kMinTimedMs); the heuristic's first choice is not always the best at our
-// shapes.
+// The fastest candidate by fastest_candidate's rule, timed on the call's own buffers (the output is
+// rewritten by the real call after); the heuristic's first choice is not always the best at our shapes.
 cublasLtMatmulAlgo_t Gemm::fastest(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x,
                                    const bf16* w, bf16* y, cudaStream_t stream) {
   if (found == 1) return results[0].algo;
-  cudaEvent_t start, stop;
-  ZI_CUDA_CHECK(cudaEventCreate(&start));
-  ZI_CUDA_CHECK(cudaEventCreate(&stop));
   const float alpha = 1.0f, beta = 0.0f;
   void* ws = workspace_.get(kWorkspaceBytes, stream);
-  int best = 0;
-  float best_ms = 1e30f;
-  for (int i = 0; i < found; ++i) {
-    auto run = [&] {
-      return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
-                            kWorkspaceBytes, stream);
-    };
-    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a candidate that fails is skipped
-    ZI_CUDA_CHECK(cudaEventRecord(start, stream));
-    for (int r = 0; r < kTimingReps; ++r) run();
-    ZI_CUDA_CHECK(cudaEventRecord(stop, stream));
-    ZI_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    ZI_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i == 0 ? ms < best_ms : ms < best_ms * kClearlyFaster) {
-      best_ms = ms;
-      best = i;
-    }
-    if (i == 0 && best == 0 && best_ms < kMinTimedMs * kTimingReps) break;  // launch-bound: keep the first
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return results[best].algo;
+  const int best = fastest_candidate(found, stream, [&](int i) {
+    return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
+                          kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS;
+  });
+  return results[best < 0 ? 0 : best].algo;
 }
 
 Gemm::Gemm(cublasLtHandle_t lt, Workspace& workspace) : lt_(lt), workspace_(workspace) {}
