@@ -14,6 +14,7 @@
 
 using namespace zimage;
 using zimage::testing::all_finite;
+using zimage::testing::max_abs_diff;
 using zimage::testing::rel_l2_error;
 
 namespace {
@@ -283,4 +284,54 @@ TEST_F(CudaOps, CfgEulerStep) {
   cpu_->cfg_euler_step_(lc, out, 0.0f, 0.0f, -0.2f);
   gpu_->cfg_euler_step_(lg, g32(out), 0.0f, 0.0f, -0.2f);
   expect_close(lg, lc, "euler step without CFG", 1e-6);
+}
+
+// A batch of items gives each item the bits it gets alone: a CFG pair run as one batch of two on one
+// GPU must make the same image as the two branches on two GPUs (issue 9), and a server batch the same
+// images as its requests alone. GEMMs: the rows of each item of a batched call against a call on that
+// item's rows alone, at the DiT's shapes (time MLP and modulations with 1 vs 2 rows, two captions' rows,
+// refiners of 32-row captions, image rows at 1024^2) and the text encoder's. Attention: each item of a
+// batch of 2 against the item alone at its own length, as the DiT runs it (captions padded to 32 vs 64).
+TEST_F(CudaOps, BatchedItemsEqualItemsAlone) {
+  struct LinearCase {
+    int64_t m0, m1, k, n;
+    bool bias;
+  } linears[] = {{1, 1, 256, 1024, true},          {1, 1, 1024, 256, true},          {1, 1, 256, 3840 * 4 * 32, true},
+                 {18, 7, 2560, 3840, true},        {4096, 4096, 64, 3840, true},     {32, 32, 3840, 11520, false},
+                 {32, 32, 10240, 3840, false},     {4128, 4128, 3840, 11520, false}, {4128, 4128, 3840, 3840, false},
+                 {4128, 4160, 3840, 20480, false}, {4128, 4128, 10240, 3840, false}, {4096, 4096, 3840, 64, true},
+                 {22, 77, 2560, 19456, false},     {22, 77, 9728, 2560, false},      {22, 77, 2560, 6144, false}};
+  for (const auto& c : linears) {
+    Tensor x = g(rnd({c.m0 + c.m1, c.k})), w = g(rnd({c.n, c.k}, 1.0f / std::sqrt(float(c.k)))),
+           b = g(rnd({c.n}, 0.1f));
+    const Tensor* bias = c.bias ? &b : nullptr;
+    Tensor both = gpu_->to_host_f32(gpu_->linear(x, w, bias));
+    Tensor first = gpu_->to_host_f32(gpu_->linear(x.narrow0(0, c.m0), w, bias));
+    Tensor second = gpu_->to_host_f32(gpu_->linear(x.narrow0(c.m0, c.m1), w, bias));
+    const double d0 = max_abs_diff(both.narrow0(0, c.m0), first), d1 = max_abs_diff(both.narrow0(c.m0, c.m1), second);
+    std::printf("  linear [%lld + %lld rows] x %lld x %lld: batched vs alone max diff %.3g, %.3g\n", (long long)c.m0,
+                (long long)c.m1, (long long)c.k, (long long)c.n, d0, d1);
+    EXPECT_EQ(d0, 0.0) << c.m0 << "+" << c.m1 << " rows, K " << c.k << ", N " << c.n;
+    EXPECT_EQ(d1, 0.0) << c.m0 << "+" << c.m1 << " rows, K " << c.k << ", N " << c.n;
+  }
+  struct AttentionCase {
+    int64_t s;
+    int h, d;
+    std::vector<int> key_len;
+  } attentions[] = {{4128, 30, 128, {4128, 4128}}, {4160, 30, 128, {4160, 4128}}, {64, 30, 128, {32, 64}}};
+  for (const auto& c : attentions) {
+    const int64_t width = int64_t(3 * c.h) * c.d;
+    Tensor qkv = g(rnd({2, c.s, width}));
+    const float scale = 1.0f / std::sqrt(float(c.d));
+    Tensor both = gpu_->to_host_f32(gpu_->attention(qkv, c.h, c.h, c.d, scale, false, c.key_len));
+    for (int64_t i = 0; i < 2; ++i) {
+      const int64_t len = c.key_len[size_t(i)];
+      Tensor mine = qkv.reshape({2 * c.s, width}).narrow0(i * c.s, len).reshape({1, len, width});
+      Tensor alone = gpu_->to_host_f32(gpu_->attention(mine, c.h, c.h, c.d, scale, false, {int(len)}));
+      const double d = max_abs_diff(both.reshape({2 * c.s, int64_t(c.h) * c.d}).narrow0(i * c.s, len), alone);
+      std::printf("  attention item %lld of a batch of 2 (seq %lld) vs alone (seq %lld): max diff %.3g\n", (long long)i,
+                  (long long)c.s, (long long)len, d);
+      EXPECT_EQ(d, 0.0) << "seq " << c.s << " item " << i;
+    }
+  }
 }

@@ -48,6 +48,24 @@ TEST(CudaNccl, OneRankWorld) {
   EXPECT_LE(err, 1e-3);
 }
 
+// Two backends made on one thread (the second makes its GPU current) and used in turn from it: every op
+// runs on its backend's own GPU, whatever GPU the thread has current.
+TEST(CudaNccl, BackendsOfTwoGpusWorkFromOneThread) {
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << cuda_device_count();
+  auto be0 = make_cuda_backend(0);
+  auto be1 = make_cuda_backend(1);
+  auto cpu = make_cpu_backend();
+  Tensor x = Tensor::from_f32({2, 3}, {1, 2, 3, 4, 5, 6}), w = Tensor::from_f32({2, 3}, {1, 0, -1, 0.5f, 0.5f, 0.5f});
+  Tensor want = cpu->linear(x, w);
+  for (int round = 0; round < 2; ++round)
+    for (Backend* be : {be0.get(), be1.get()}) {
+      Backend::Mark from = be->mark();
+      Tensor y = be->to_host_f32(be->silu(be->linear(be->upload(x), be->upload(w))));
+      EXPECT_GE(be->elapsed_ms(from, be->mark()), 0.0) << be->name();
+      EXPECT_LE(rel_l2_error(y, cpu->silu(want)), 1e-2) << be->name();
+    }
+}
+
 TEST(CudaNccl, TwoGpusMatchOne) {
   if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << cuda_device_count();
   ModelSource m = open_model(golden_path("tiny-zimage"));
@@ -103,15 +121,13 @@ TEST(CudaNccl, TwoGpusMatchOneAtFullSize) {
     return r;
   };
   ModelSource m = open_model("synthetic:turbo");
-  // One GPU first: a backend is used from a thread whose current device is its own, and creating the
-  // second backend makes GPU 1 current on this thread.
   auto be0 = make_cuda_backend(0);
+  auto be1 = make_cuda_backend(1);
   std::vector<GenerateResult> want;
   {
     TextToImagePipeline one(*be0, m);
     for (const Run& run : runs) want.push_back(one.generate(request(run)));
   }
-  auto be1 = make_cuda_backend(1);
   for (bool cfg_parallel : {false, true}) {
     ParallelConfig c;
     c.num_gpus = 2;

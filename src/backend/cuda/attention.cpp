@@ -314,6 +314,11 @@ void Attention::run(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int 
     ZI_ASSERT(len >= 1 && len <= seq);
     padded = padded || len != seq;
   }
+  // Non-causal attention takes the key lengths whenever cuDNN can (9.15+), padded keys or not: the
+  // graph without them rounds differently, and an item must get the same bits alone as in a batch
+  // beside a longer item (a CFG pair whose captions pad to different lengths, a server batch).
+  static const bool lengths_supported = cudnnGetVersion() >= 91500;
+  if (!causal && lengths_supported) padded = true;
 
   if (!causal && d > kMaxFusedHeadDim) {
     run_gemm_attention(qkv, out, batch, seq, hq, hkv, d, scale, key_len, stream);

@@ -101,6 +101,29 @@ const bf16* cbf(const Tensor& t) { return static_cast<const bf16*>(t.data()); }
 bf16* mbf(const Tensor& t) { return static_cast<bf16*>(t.data()); }
 const bf16* cbf_or_null(const Tensor* t) { return t ? cbf(*t) : nullptr; }
 
+// Makes `device` the calling thread's current GPU for a scope and gives the caller's back after. Every
+// entry point of a backend opens one, so a backend works from any thread whatever GPU it has current
+// (one thread may hold a backend per GPU: the multi-GPU pipeline and its tests create them in turn).
+// cudaGetDevice reads thread-local state: tens of nanoseconds per op.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    ZI_CUDA_CHECK(cudaGetDevice(&caller_));
+    if (caller_ == device)
+      caller_ = -1;
+    else
+      ZI_CUDA_CHECK(cudaSetDevice(device));
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  ~DeviceScope() {
+    if (caller_ >= 0) cudaSetDevice(caller_);
+  }
+
+ private:
+  int caller_ = -1;
+};
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -118,6 +141,7 @@ class CudaBackend final : public Backend {
     conv_ = std::make_unique<Conv2d>(cudnn_, workspace_);
   }
   ~CudaBackend() override {
+    DeviceScope on(device_);
     cudaStreamSynchronize(stream_);
     for (int k = 0; k < 2; ++k)
       if (staging_[k]) {
@@ -143,6 +167,7 @@ class CudaBackend final : public Backend {
   void reset_peak_memory() override { alloc_->reset_peak(); }
 
   Mark mark() override {
+    DeviceScope on(device_);
     auto* ev = new cudaEvent_t;
     ZI_CUDA_CHECK(cudaEventCreate(ev));
     ZI_CUDA_CHECK(cudaEventRecord(*ev, stream_));
@@ -177,6 +202,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor empty(const Shape& shape, DType dtype) override {
+    DeviceScope on(device_);
     size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
     auto mem = alloc_->allocate(std::max<size_t>(bytes, 1));
     // ZIMAGE_POISON=1 fills new buffers with 0xff (NaN in f32 and bf16): tests use it to prove that
@@ -186,6 +212,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor upload(const Tensor& host, DType dtype) override {
+    DeviceScope on(device_);
     ZI_ASSERT(host.device() == Device::Host);
     Tensor src = host.is_contiguous() ? host : host.clone();
     if (src.dtype() != dtype) src = src.to_dtype(dtype);
@@ -194,6 +221,7 @@ class CudaBackend final : public Backend {
     return t;
   }
   Tensor upload_rows(const std::vector<Tensor>& parts, DType dtype) override {
+    DeviceScope on(device_);
     ZI_ASSERT(!parts.empty());
     const int64_t k = parts[0].dim(-1);
     int64_t rows = 0;
@@ -520,6 +548,7 @@ class CudaBackend final : public Backend {
   }
 
   void copy_to_host(const Tensor& t, Tensor& host) {
+    DeviceScope on(device_);
     check(t, "copy to host");
     if (t.nbytes()) ZI_CUDA_CHECK(cudaMemcpyAsync(host.data(), t.data(), t.nbytes(), cudaMemcpyDeviceToHost, stream_));
     synchronize();
@@ -572,14 +601,15 @@ class CudaBackend final : public Backend {
     return t;
   }
 
-  // While profiling, every op records an event pair around its launches.
+  // Every op opens one: the backend's GPU current for the op, and while profiling an event pair around
+  // the op's launches.
   struct OpRecord {
     std::string op;
     Mark begin, end;
   };
   class OpScope {
    public:
-    OpScope(CudaBackend& be, std::string op) : be_(be.profiling_ ? &be : nullptr) {
+    OpScope(CudaBackend& be, std::string op) : on_(be.device_), be_(be.profiling_ ? &be : nullptr) {
       if (be_) rec_ = {std::move(op), be.mark(), nullptr};
     }
     OpScope(const OpScope&) = delete;
@@ -591,6 +621,7 @@ class CudaBackend final : public Backend {
     }
 
    private:
+    DeviceScope on_;
     CudaBackend* be_;
     OpRecord rec_;
   };

@@ -1,10 +1,55 @@
 #include "backend/cuda/gemm.h"
 
+#include <string>
+
+#include "core/log.h"
+
 namespace zimage::cuda {
 
 namespace {
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 constexpr int kCandidates = 8;  // heuristic algorithms timed once per shape
+
+// The configuration of a cuBLASLt algorithm, for the debug log: which kernel family, tile and stages,
+// and whether it splits K (a split-K GEMM sums K in parts, so its rows can depend on the batch).
+std::string algo_text(const cublasLtMatmulAlgo_t& algo) {
+  auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr) {
+    uint32_t v = 0;
+    size_t written = 0;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof v, &written);
+    return std::to_string(v);
+  };
+  return "algo " + get(CUBLASLT_ALGO_CONFIG_ID) + " tile " + get(CUBLASLT_ALGO_CONFIG_TILE_ID) + " stages " +
+         get(CUBLASLT_ALGO_CONFIG_STAGES_ID) + " split-k " + get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM) + " reduction " +
+         get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME) + " cluster " + get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
+}
+
+// Rewrites the candidates that split K into their one-pass form (the same tile summing all of K) and
+// drops those cuBLASLt then rejects; returns how many remain. A split-K GEMM sums K in parts whose
+// number depends on M, so a row's bits would depend on how many rows share the call: without it, an
+// item's rows come out the same alone as in a batch (a CFG pair on one GPU matches the two branches on
+// two GPUs; a server batch matches its requests alone). Costs nothing measurable at the DiT's sizes.
+int without_split_k(cublasLtHandle_t lt, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                    cublasLtMatrixLayout_t c, cublasLtMatmulHeuristicResult_t* results, int found,
+                    size_t max_workspace) {
+  int kept = 0;
+  for (int i = 0; i < found; ++i) {
+    cublasLtMatmulHeuristicResult_t r = results[i];
+    uint32_t splits = 1;
+    size_t written = 0;
+    cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof splits, &written);
+    if (splits > 1) {
+      const uint32_t one = 1, none = CUBLASLT_REDUCTION_SCHEME_NONE;
+      cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &one, sizeof one);
+      cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &none, sizeof none);
+      if (cublasLtMatmulAlgoCheck(lt, desc, a, b, c, c, &r.algo, &r) != CUBLAS_STATUS_SUCCESS ||
+          r.workspaceSize > max_workspace)
+        continue;
+    }
+    results[kept++] = r;
+  }
+  return kept;
+}
 }  // namespace
 
 struct Gemm::Plan {
@@ -67,11 +112,14 @@ void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64
     cublasStatus_t st =
         cublasLtMatmulAlgoGetHeuristic(lt_, p->desc, p->a, p->b, p->c, p->c, pref, kCandidates, results, &found);
     cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS) found = without_split_k(lt_, p->desc, p->a, p->b, p->c, results, found, ws);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
       throw Error(ErrorKind::Backend, "cuBLASLt has no algorithm for a bf16 GEMM of M=" + std::to_string(m) +
                                           " N=" + std::to_string(n) + " K=" + std::to_string(k));
     if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     p->algo = fastest(*p, results, found, x, w, y, stream);
+    log_debug("GEMM M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + ": " +
+              algo_text(p->algo));
     it = plans_.emplace(key, std::move(p)).first;
   }
   Plan& p = *it->second;
