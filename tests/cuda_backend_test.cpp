@@ -266,9 +266,9 @@ TEST_F(CudaOps, CountNonFinite) {
 }
 
 TEST_F(CudaOps, TimestepEmbedding) {
-  std::vector<float> t = {0.0f, 1000.0f, 873.5f, 125.0f};  // t * t_scale, as the DiT passes it
-  expect_close(gpu_->timestep_embedding(t, 256, 10000.0f), cpu_->timestep_embedding(t, 256, 10000.0f),
-               "timestep_embedding 4x256");
+  Tensor t = Tensor::from_f32({4}, {0.0f, 1.0f, 0.8735f, 0.125f});  // DiT times; t_scale 1000 as the DiT passes it
+  expect_close(gpu_->timestep_embedding(g32(t), 1000.0f, 256, 10000.0f),
+               cpu_->timestep_embedding(t, 1000.0f, 256, 10000.0f), "timestep_embedding 4x256");
 }
 
 TEST_F(CudaOps, CfgEulerStep) {
@@ -334,4 +334,32 @@ TEST_F(CudaOps, BatchedItemsEqualItemsAlone) {
       EXPECT_EQ(d, 0.0) << "seq " << c.s << " item " << i;
     }
   }
+}
+
+// make_graph: the first call runs the function, the second records it, later calls replay it with
+// their own inputs (device t, device row indices, a GEMM, elementwise work and a fresh allocation in
+// between); every call returns what the ops give when called directly, bit for bit, and a new tensor.
+TEST_F(CudaOps, GraphRunsThenRecordsThenReplays) {
+  Tensor w = g(rnd({64, 48}, 0.2f)), pick = gpu_->upload_i32({2, 0, -1, 1}), first = gpu_->upload_i32({0, 0, 0, 0});
+  auto fn = [&](const std::vector<Tensor>& in) {
+    Tensor y = gpu_->silu(gpu_->linear(gpu_->gather_rows(in[0], pick), w));                           // [4, 64]
+    gpu_->add_(y, gpu_->gather_rows(gpu_->timestep_embedding(in[1], 1000.0f, 64, 10000.0f), first));  // t on every row
+    return y;
+  };
+  auto graph = gpu_->make_graph(fn);
+  std::vector<Tensor> outs;
+  for (int call = 0; call < 4; ++call) {
+    std::vector<Tensor> in = {g(rnd({3, 48})), g32(Tensor::from_f32({1}, {0.1f * float(call + 1)}))};
+    Tensor want = gpu_->to_host_f32(fn(in));
+    Tensor got = (*graph)(in);
+    EXPECT_EQ(graph->recorded(), call >= 1) << "call " << call;
+    EXPECT_EQ(max_abs_diff(gpu_->to_host_f32(got), want), 0.0) << "call " << call;
+    outs.push_back(got);
+  }
+  EXPECT_NE(max_abs_diff(gpu_->to_host_f32(outs[2]), gpu_->to_host_f32(outs[3])), 0.0);  // not overwritten
+  zimage::testing::expect_error(
+      [&] {
+        (*graph)({g(rnd({5, 48})), g32(Tensor::from_f32({1}, {0.5f}))});
+      },
+      ErrorKind::Internal, {"recorded graph", "[5, 48]"});
 }

@@ -23,7 +23,7 @@ TEST(DitLayout, PadsToMultiplesOf32) {
 }
 
 TEST(TimestepFeatures, CosThenSin) {
-  Tensor f = make_cpu_backend()->timestep_embedding({0.0f, 500.0f}, 256, 10000.0f);
+  Tensor f = make_cpu_backend()->timestep_embedding(Tensor::from_f32({2}, {0.0f, 0.5f}), 1000.0f, 256, 10000.0f);
   EXPECT_FLOAT_EQ(f.f32()[0], 1.0f);    // cos(0)
   EXPECT_FLOAT_EQ(f.f32()[128], 0.0f);  // sin(0)
   EXPECT_NEAR(f.f32()[256], std::cos(500.0), 1e-6);

@@ -27,6 +27,32 @@ Tensor Backend::upload_rows(const std::vector<Tensor>& parts, DType dtype) {
   return upload(packed, dtype);
 }
 
+Tensor Backend::gather_rows(const Tensor& src, const std::vector<int32_t>& idx) {
+  const int64_t rows = src.numel() / src.dim(-1);
+  for (int32_t i : idx) ZI_ASSERT(i >= -1 && i < rows);
+  return gather_rows(src, upload_i32(idx));
+}
+
+Tensor Backend::upload_i32(const std::vector<int32_t>& values) {
+  Tensor host = Tensor::empty({int64_t(values.size())}, DType::I32);
+  if (!values.empty()) std::memcpy(host.data(), values.data(), values.size() * sizeof(int32_t));
+  return upload(host, DType::I32);
+}
+
+namespace {
+// A graph that runs its function on every call: the backends without recorded graphs.
+class EagerGraph final : public Backend::Graph {
+ public:
+  explicit EagerGraph(Backend::GraphFn fn) : fn_(std::move(fn)) {}
+  Tensor operator()(const std::vector<Tensor>& inputs) override { return fn_(inputs); }
+
+ private:
+  Backend::GraphFn fn_;
+};
+}  // namespace
+
+std::unique_ptr<Backend::Graph> Backend::make_graph(GraphFn fn) { return std::make_unique<EagerGraph>(std::move(fn)); }
+
 // Host-clock marks: right for backends whose ops complete before they return (the CPU backend).
 Backend::Mark Backend::mark() { return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now()); }
 

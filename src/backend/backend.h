@@ -9,6 +9,7 @@
 // Ops ending in '_' modify their first argument in place.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,8 +84,12 @@ class Backend {
 
   // ---- row gathers ----
   // out[i] = src[idx[i]] (rows of src, any leading dims flattened); idx[i] = -1 gives a zero row.
-  // Builds padded sequences, concatenations and embedding lookups in one pass.
-  virtual Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) = 0;
+  // Builds padded sequences, concatenations and embedding lookups in one pass. idx: an int32 tensor of
+  // this backend (a layout's row maps are uploaded once and reused by every step).
+  virtual Tensor gather_rows(const Tensor& src, const Tensor& idx) = 0;
+  // The same with host indices (checked against src here), uploaded for this call.
+  Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx);
+  Tensor upload_i32(const std::vector<int32_t>& values);
   // Rows of a and then rows of b (same row width).
   virtual Tensor concat_rows(const Tensor& a, const Tensor& b) = 0;
   // Columns [start, start+len) of a [rows, N] tensor, as a new contiguous tensor.
@@ -146,9 +151,11 @@ class Backend {
   virtual Tensor unpatchify(const Tensor& tokens, int c, int h, int w, int p) = 0;
 
   // ---- time conditioning ----
-  // Sinusoidal features of diffusers' TimestepEmbedder for each t (host values): [N, dim] in the
-  // activation dtype, [cos(t*f_k) | sin(t*f_k)] with f_k = exp(-ln(max_period) * k / (dim/2)), float32 math.
-  virtual Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) = 0;
+  // Sinusoidal features of diffusers' TimestepEmbedder for each t_i * t_scale, t a float32 [N] tensor of
+  // this backend (read on the device: a recorded graph replays with new t): [N, dim] in the activation
+  // dtype, [cos(a*f_k) | sin(a*f_k)] with a = t_i * t_scale, f_k = exp(-ln(max_period) * k / (dim/2)),
+  // float32 math.
+  virtual Tensor timestep_embedding(const Tensor& t, float t_scale, int dim, float max_period) = 0;
 
   // ---- sampler ----
   // One flow-match Euler step with classifier-free guidance, in float32:
@@ -163,6 +170,23 @@ class Backend {
   // an int32 tensor of this backend. Queued like every op: a caller reads the counts once, when the
   // work is done, so the guard costs no synchronization.
   virtual void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) = 0;
+
+  // ---- recorded op sequences ----
+  // make_graph(fn) returns a callable that computes fn(inputs). On CUDA the first call runs fn (ops
+  // choose their algorithms, buffers and workspaces), the second records what fn queues into a CUDA
+  // graph, and later calls copy their inputs into the graph's and replay it: one launch instead of one
+  // per op. fn must be the same sequence of ops for inputs of the same shapes and use only this
+  // backend's device tensors: no host-to-device copies (upload, host-index gather_rows), no reads back,
+  // no collectives. Each call returns a new tensor. Backends without graphs (CPU), and CUDA while op
+  // profiling is on, run fn on every call.
+  using GraphFn = std::function<Tensor(const std::vector<Tensor>&)>;
+  class Graph {
+   public:
+    virtual ~Graph() = default;
+    virtual Tensor operator()(const std::vector<Tensor>& inputs) = 0;
+    virtual bool recorded() const { return false; }  // replays a recorded graph
+  };
+  virtual std::unique_ptr<Graph> make_graph(GraphFn fn);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -28,6 +28,9 @@ void add_device_options(CLI::App* cmd, DeviceOptions& o) {
   cmd->add_flag("--low-memory", o.low_memory,
                 "Keep the text encoder in host memory and stream its layers to the device per prompt "
                 "(peak 13.8 instead of 20.6 GiB at 1024x1024; ~0.33 s more per request from model files)");
+  cmd->add_flag("--cuda-graphs", o.cuda_graphs,
+                "Replay each denoising step as a recorded CUDA graph (one device): H200, 512x512 1% faster, 1024x1024 "
+                "equal; reserves one forward's activations per graph (+1.3 GiB at 1024x1024)");
 }
 
 ParallelConfig check_device_options(const DeviceOptions& o, const ModelSource& model) {
@@ -47,6 +50,7 @@ void Engine::synchronize() {
 
 Engine make_engine(const DeviceOptions& o, const ParallelConfig& par, const ModelSource& model, PipelineLimits limits) {
   limits.low_memory = o.low_memory;
+  limits.cuda_graphs = o.cuda_graphs;
   Engine e;
   if (par.num_gpus == 1) {
     e.backends.push_back(make_backend(o.backend));

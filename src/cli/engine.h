@@ -23,6 +23,7 @@ struct DeviceOptions {
   int num_gpus = 1, ulysses_degree = 0;  // 0: derived from --num-gpus
   bool cfg_parallel = false;
   bool low_memory = false;  // PipelineLimits::low_memory
+  bool cuda_graphs = false;  // PipelineLimits::cuda_graphs
 };
 
 // --backend, --num-gpus, --ulysses-degree, --cfg-parallel, --low-memory.

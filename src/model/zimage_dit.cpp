@@ -247,16 +247,26 @@ void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Te
 // Everything about a call that depends only on its token layout (and, sharded, on the rank): the row
 // maps that build the padded sequences, and the RoPE tables (uploaded once). The denoising loop repeats
 // one layout every step.
-const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sharding* sp) {
+std::shared_ptr<const ZImageDit::LayoutPlan> ZImageDit::plan_for(const Tensor& latents, const std::vector<Tensor>& caps,
+                                                                 const Sharding* sp) {
+  const auto& c = cfg_;
+  ZI_ASSERT(latents.ndim() == 4 && latents.dim(1) == c.in_channels && int64_t(caps.size()) == latents.dim(0));
+  std::vector<int64_t> cap_lengths;
+  for (const auto& cap : caps) {
+    ZI_ASSERT(cap.ndim() == 2 && cap.dim(1) == c.cap_feat_dim);
+    cap_lengths.push_back(cap.dim(0));
+  }
+  const DitLayout lay = dit_layout(latents.dim(0), latents.dim(2), latents.dim(3), c.patch, cap_lengths);
   const int rank = sp ? sp->comm.rank() : 0;
   // A sharded call of degree 1 differs from forward() (its output is gathered): sp is part of the key.
   std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 0, rank};
   key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
-  if (plan_ && plan_->key == key) return *plan_;
-  const auto& c = cfg_;
+  if (plan_ && plan_->key == key) return plan_;
   const int64_t n = lay.items, ni = lay.image_tokens;
-  auto p = std::make_unique<LayoutPlan>();
+  auto p = std::make_shared<LayoutPlan>();
   p->key = key;
+  p->layout = lay;
+  std::vector<int32_t> x_idx, cap_idx, u_idx, final_idx, gather_idx;
   // One rank holds every image token, then pad tokens up to image_padded; a sharded rank holds its
   // band's tokens (in row-major order over the band), then pad tokens up to the plan's local_len.
   const int64_t nip = sp ? sp->plan.local_len : lay.image_padded;
@@ -275,7 +285,7 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sha
   for (int64_t i = 0; i < n; ++i)
     for (int64_t r = 0; r < nip; ++r) {
       int64_t g = grid_token(r);
-      p->x_idx.push_back(g >= 0 ? int32_t(i * ni + g) : int32_t(n * ni));
+      x_idx.push_back(g >= 0 ? int32_t(i * ni + g) : int32_t(n * ni));
       x_pos.push_back(g >= 0 ? std::array<int64_t, 3>{lay.cap_padded[size_t(i)] + 1, g / lay.grid_w, g % lay.grid_w}
                              : std::array<int64_t, 3>{0, 0, 0});
     }
@@ -285,7 +295,7 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sha
   for (int64_t i = 0; i < n; ++i) {
     int64_t len = lay.cap_len[size_t(i)], padded = lay.cap_padded[size_t(i)];
     for (int64_t r = 0; r < lay.cap_max; ++r) {
-      p->cap_idx.push_back(r < len ? int32_t(cap_base + r) : r < padded ? int32_t(cap_rows) : -1);
+      cap_idx.push_back(r < len ? int32_t(cap_base + r) : r < padded ? int32_t(cap_rows) : -1);
       cap_pos.push_back(r < padded ? std::array<int64_t, 3>{1 + r, 0, 0} : std::array<int64_t, 3>{0, 0, 0});
     }
     cap_base += len;
@@ -297,18 +307,18 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sha
     int64_t cp = lay.cap_padded[size_t(i)];
     for (int64_t r = 0; r < um; ++r) {
       if (r < nip) {
-        p->u_idx.push_back(int32_t(i * nip + r));
+        u_idx.push_back(int32_t(i * nip + r));
         u_pos.push_back(x_pos[size_t(i * nip + r)]);
       } else if (r < nip + cp) {
-        p->u_idx.push_back(int32_t(n * nip + i * lay.cap_max + (r - nip)));
+        u_idx.push_back(int32_t(n * nip + i * lay.cap_max + (r - nip)));
         u_pos.push_back(cap_pos[size_t(i * lay.cap_max + (r - nip))]);
       } else {
-        p->u_idx.push_back(-1);
+        u_idx.push_back(-1);
         u_pos.push_back({0, 0, 0});
       }
     }
     p->u.key_len.push_back(int(nip + cp));
-    for (int64_t r = 0; r < nip; ++r) p->final_idx.push_back(int32_t(i * um + r));  // the final layer's rows
+    for (int64_t r = 0; r < nip; ++r) final_idx.push_back(int32_t(i * um + r));  // the final layer's rows
   }
   p->x.key_len.assign(size_t(n), int(nip));
   if (sp) {
@@ -319,8 +329,13 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sha
     p->u.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, lay.cap_max, lay.cap_padded));
     const auto owners = sp->plan.token_owners();
     for (int64_t i = 0; i < n; ++i)
-      for (const auto& [s, k] : owners) p->gather_idx.push_back(int32_t((s * n + i) * nip + k));
+      for (const auto& [s, k] : owners) gather_idx.push_back(int32_t((s * n + i) * nip + k));
   }
+  p->x_idx = be_.upload_i32(x_idx);
+  p->cap_idx = be_.upload_i32(cap_idx);
+  p->u_idx = be_.upload_i32(u_idx);
+  p->final_idx = be_.upload_i32(final_idx);
+  if (sp) p->gather_idx = be_.upload_i32(gather_idx);
   auto upload = [&](const std::vector<std::array<int64_t, 3>>& pos, Stage& st) {
     RopeTables t = rope_tables_3d(pos, c.axes_dims, c.rope_theta);
     st.cos = be_.upload(t.cos, DType::F32);
@@ -330,42 +345,48 @@ const ZImageDit::LayoutPlan& ZImageDit::plan_for(const DitLayout& lay, const Sha
   upload(cap_pos, p->cap);
   upload(u_pos, p->u);
   plan_ = std::move(p);
-  return *plan_;
+  return plan_;
+}
+
+std::shared_ptr<const ZImageDit::LayoutPlan> ZImageDit::layout_plan(const Tensor& latents,
+                                                                    const std::vector<Tensor>& caps) {
+  return plan_for(latents, caps, nullptr);
 }
 
 Tensor ZImageDit::forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps) {
-  return run(latents, t, caps, nullptr);
+  ZI_ASSERT(int64_t(t.size()) == latents.dim(0));
+  return run(*plan_for(latents, caps, nullptr), latents,
+             be_.upload(Tensor::from_f32({int64_t(t.size())}, t), DType::F32), caps, nullptr);
+}
+
+Tensor ZImageDit::forward(const LayoutPlan& plan, const Tensor& latents, const Tensor& t,
+                          const std::vector<Tensor>& caps) {
+  return run(plan, latents, t, caps, nullptr);
 }
 
 Tensor ZImageDit::forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
                                   const SequenceParallelPlan& plan, Communicator& comm) {
-  ZI_ASSERT(latents.ndim() == 4);
+  ZI_ASSERT(latents.ndim() == 4 && int64_t(t.size()) == latents.dim(0));
   ZI_ASSERT(plan.degree == comm.size() && plan.heads == cfg_.heads && plan.grid_h == latents.dim(2) / cfg_.patch &&
             plan.grid_w == latents.dim(3) / cfg_.patch);
   const Sharding sp{plan, comm};
-  return run(latents, t, caps, &sp);
+  return run(*plan_for(latents, caps, &sp), latents, be_.upload(Tensor::from_f32({int64_t(t.size())}, t), DType::F32),
+             caps, &sp);
 }
 
-Tensor ZImageDit::run(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
+Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tensor& t, const std::vector<Tensor>& caps,
                       const Sharding* sp) {
   const auto& c = cfg_;
-  ZI_ASSERT(latents.ndim() == 4 && latents.dim(1) == c.in_channels);
-  const int64_t n = latents.dim(0), lh = latents.dim(2), lw = latents.dim(3);
-  ZI_ASSERT(int64_t(t.size()) == n && int64_t(caps.size()) == n);
-  std::vector<int64_t> cap_lengths;
-  for (const auto& cap : caps) {
-    ZI_ASSERT(cap.ndim() == 2 && cap.dim(1) == c.cap_feat_dim);
-    cap_lengths.push_back(cap.dim(0));
-  }
-  const DitLayout lay = dit_layout(n, lh, lw, c.patch, cap_lengths);
-  const LayoutPlan& plan = plan_for(lay, sp);
+  const DitLayout& lay = plan.layout;
+  const int64_t n = lay.items, lh = latents.dim(2), lw = latents.dim(3);
+  ZI_ASSERT(latents.ndim() == 4 && latents.dim(0) == n && lh == lay.grid_h * c.patch && lw == lay.grid_w * c.patch);
+  ZI_ASSERT(t.numel() == n && int64_t(caps.size()) == n);
+  for (int64_t i = 0; i < n; ++i) ZI_ASSERT(caps[size_t(i)].dim(0) == lay.cap_len[size_t(i)]);
   Communicator* comm = sp ? &sp->comm : nullptr;
   const int64_t ni = lay.image_tokens, nip = plan.image_rows, um = nip + lay.cap_max;
 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
-  std::vector<float> scaled_t(t.size());
-  for (size_t i = 0; i < t.size(); ++i) scaled_t[i] = t[i] * float(c.t_scale);
-  Tensor tf = be_.timestep_embedding(scaled_t, int(kTimeFeatures), kTimeMaxPeriod);
+  Tensor tf = be_.timestep_embedding(t, float(c.t_scale), int(kTimeFeatures), kTimeMaxPeriod);
   Tensor adaln = be_.linear(be_.silu(be_.linear(tf, t_mlp0_w_, &t_mlp0_b_)), t_mlp2_w_, &t_mlp2_b_);
   Tensor mod = be_.linear(adaln, mod_w_, &mod_b_);
 

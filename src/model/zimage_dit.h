@@ -52,6 +52,14 @@ class ZImageDit {
   // latents [N, C, h, w] (float32 or activation dtype), t[N] the DiT time ((1000 - timestep) / 1000),
   // caps[N] caption features [len_i, cap_feat_dim]. Returns the raw model output [N, C, h, w] float32.
   Tensor forward(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps);
+
+  // Row maps and RoPE tables of one token layout (batch, latent size, caption lengths), on the device.
+  struct LayoutPlan;
+  // The plan for these arguments (the last one is kept: a request's steps share it).
+  std::shared_ptr<const LayoutPlan> layout_plan(const Tensor& latents, const std::vector<Tensor>& caps);
+  // forward() with t as a float32 [N] backend tensor and the plan of the arguments' layout: device work
+  // only, what a recorded graph replays (it holds the plan: the replays read its tensors).
+  Tensor forward(const LayoutPlan& plan, const Tensor& latents, const Tensor& t, const std::vector<Tensor>& caps);
   // The same call on rank comm.rank() of a sequence-parallel group: every rank passes the same arguments
   // and `plan` (for this latent grid, degree comm.size() and this model's heads); each computes its own
   // image tokens, and every rank returns the whole output, equal to forward()'s.
@@ -67,27 +75,16 @@ class ZImageDit {
     const SequenceParallelPlan& plan;
     Communicator& comm;
   };
-  // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,
-  // and key lengths per item on one rank, or the Ulysses row maps when sharded.
-  struct Stage {
-    Tensor cos, sin;
-    std::vector<int> key_len;
-    std::unique_ptr<UlyssesLayout> ulysses;
-  };
-  struct LayoutPlan {
-    std::vector<int64_t> key;  // items, grid h, grid w, degree, rank, caption lengths
-    int64_t image_rows = 0;    // image rows per item on this rank: image_padded, or the plan's local_len
-    std::vector<int32_t> x_idx, cap_idx, u_idx, final_idx;
-    std::vector<int32_t> gather_idx;  // sharded: every rank's final rows [U, n, image_rows] -> [n, N] in grid order
-    Stage x, cap, u;
-  };
-  Tensor run(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps, const Sharding* sp);
-  const LayoutPlan& plan_for(const DitLayout& lay, const Sharding* sp);
+  Tensor run(const LayoutPlan& plan, const Tensor& latents, const Tensor& t, const std::vector<Tensor>& caps,
+             const Sharding* sp);
+  std::shared_ptr<const LayoutPlan> plan_for(const Tensor& latents, const std::vector<Tensor>& caps,
+                                             const Sharding* sp);
   struct Modulation {  // one block's adaLN chunks [B, dim]; none (on = false) in the context refiner
     Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
     bool on = false;
   };
   Modulation modulation(const Block& b, const Tensor* mod);
+  struct Stage;
   void run_blocks(const std::vector<Block>& blocks, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm);
   Block load_block(const WeightSource& ws, const std::string& prefix);
 
@@ -98,7 +95,24 @@ class ZImageDit {
   Tensor final_mod_w_, final_mod_b_, final_w_, final_b_;
   Tensor mod_w_, mod_b_;  // every modulated block's adaLN Linear(A -> 4*dim) stacked: one GEMM per call
   std::vector<Block> noise_refiner_, context_refiner_, layers_;
-  std::unique_ptr<LayoutPlan> plan_;  // of the last call: a request's steps all share it
+  std::shared_ptr<const LayoutPlan> plan_;  // of the last call: a request's steps all share it
+};
+
+// What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,
+// and key lengths per item on one rank, or the Ulysses row maps when sharded.
+struct ZImageDit::Stage {
+  Tensor cos, sin;
+  std::vector<int> key_len;
+  std::unique_ptr<UlyssesLayout> ulysses;
+};
+
+struct ZImageDit::LayoutPlan {
+  std::vector<int64_t> key;  // items, grid h, grid w, degree, rank, caption lengths
+  DitLayout layout;
+  int64_t image_rows = 0;                   // image rows per item on this rank: image_padded, or the plan's local_len
+  Tensor x_idx, cap_idx, u_idx, final_idx;  // int32 row maps (gather_rows) on the device
+  Tensor gather_idx;  // sharded: every rank's final rows [U, n, image_rows] -> [n, N] in grid order
+  Stage x, cap, u;
 };
 
 }  // namespace zimage

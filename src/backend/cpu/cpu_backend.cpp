@@ -82,14 +82,17 @@ class CpuBackend final : public Backend {
     return y;
   }
 
-  Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) override {
+  using Backend::gather_rows;
+  Tensor gather_rows(const Tensor& src, const Tensor& index) override {
     ZI_ASSERT(src.device() == Device::Host && src.is_contiguous());
-    int64_t d = src.dim(-1), r = rows_of(src);
+    ZI_ASSERT(index.dtype() == DType::I32 && index.device() == Device::Host && index.is_contiguous());
+    int64_t d = src.dim(-1), r = rows_of(src), n = index.numel();
     size_t row_bytes = size_t(d) * dtype_size(src.dtype());
-    Tensor out = Tensor::empty({int64_t(idx.size()), d}, src.dtype());
+    Tensor out = Tensor::empty({n, d}, src.dtype());
     auto* o = static_cast<char*>(out.data());
     const auto* s = static_cast<const char*>(src.data());
-    for (size_t i = 0; i < idx.size(); ++i) {
+    const int32_t* idx = index.data_as<int32_t>();
+    for (int64_t i = 0; i < n; ++i) {
       ZI_ASSERT(idx[i] >= -1 && idx[i] < r);
       if (idx[i] < 0) std::memset(o + i * row_bytes, 0, row_bytes);
       else std::memcpy(o + i * row_bytes, s + size_t(idx[i]) * row_bytes, row_bytes);
@@ -493,17 +496,18 @@ class CpuBackend final : public Backend {
     return y;
   }
 
-  Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) override {
+  Tensor timestep_embedding(const Tensor& t, float t_scale, int dim, float max_period) override {
+    check_f32(t, "timestep_embedding");
     int half = dim / 2;
-    Tensor out = Tensor::zeros({int64_t(t.size()), dim}, DType::F32);
-    // Float32 arithmetic in torch's order: freqs = exp(-ln(P) * k / half), args = t * freqs.
+    Tensor out = Tensor::zeros({t.numel(), dim}, DType::F32);
+    // Float32 arithmetic in torch's order: freqs = exp(-ln(P) * k / half), args = (t * t_scale) * freqs.
     float neg_log = float(-std::log(double(max_period)));
-    for (size_t i = 0; i < t.size(); ++i)
+    for (int64_t i = 0; i < t.numel(); ++i)
       for (int k = 0; k < half; ++k) {
         float freq = std::exp(neg_log * float(k) / float(half));
-        float arg = t[i] * freq;
-        out.f32()[int64_t(i) * dim + k] = float(std::cos(double(arg)));
-        out.f32()[int64_t(i) * dim + half + k] = float(std::sin(double(arg)));
+        float arg = (t.f32()[i] * t_scale) * freq;
+        out.f32()[i * dim + k] = float(std::cos(double(arg)));
+        out.f32()[i * dim + half + k] = float(std::sin(double(arg)));
       }
     return out;
   }

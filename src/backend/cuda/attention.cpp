@@ -348,7 +348,7 @@ void Attention::run(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int 
   const int64_t n = padded ? 7 : 5;
   if (!plan.candidates.empty())
     choose_fastest(plan, uids, pointers, n, shape_text(batch, seq, hq, hkv, d, causal, padded), stream);
-  void* workspace = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes), stream) : nullptr;
+  void* workspace = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes)) : nullptr;
   ZI_CUDNN_CHECK(cudnn_execute(cudnn_, plan.exec, uids, pointers, n, workspace));
 }
 
@@ -361,7 +361,7 @@ void Attention::run_gemm_attention(const bf16* qkv, bf16* out, int64_t batch, in
   // 64 rows. The VAE at 1024^2 (16384 keys): 2048 queries per chunk; at 2048^2 (65536 keys): 512.
   const int64_t chunk = std::min(seq, std::max<int64_t>(64, kScoreBytes / (4 * seq) / 64 * 64));
   const size_t score_bytes = size_t(chunk * seq) * 4, prob_bytes = size_t(chunk * seq) * 2;
-  char* scratch = static_cast<char*>(workspace_.get(score_bytes + prob_bytes, stream));
+  char* scratch = static_cast<char*>(workspace_.get(score_bytes + prob_bytes));
   float* scores = reinterpret_cast<float*>(scratch);
   bf16* probs = reinterpret_cast<bf16*>(scratch + score_bytes);
   const float one = 1.0f, zero = 0.0f;
@@ -391,7 +391,7 @@ void Attention::choose_fastest(Plan& plan, const int64_t* uids, void* const* poi
                                const std::string& shape, cudaStream_t stream) {
   int64_t most = 0;
   for (const auto& c : plan.candidates) most = std::max(most, c.workspace_bytes);
-  void* workspace = most > 0 ? workspace_.get(size_t(most), stream) : nullptr;
+  void* workspace = most > 0 ? workspace_.get(size_t(most)) : nullptr;
   std::vector<float> times;
   const int best = fastest_candidate(
       int(plan.candidates.size()), stream,

@@ -351,7 +351,7 @@ std::unique_ptr<Conv2d::Plan> build_plan(cudnnHandle_t handle, Workspace& worksp
     if (cands.size() > 1 && capture == cudaStreamCaptureStatusNone) {
       int64_t ws_max = 0;
       for (const Candidate& c : cands) ws_max = std::max(ws_max, c.workspace_bytes);
-      void* ws = ws_max > 0 ? workspace.get(size_t(ws_max), stream) : nullptr;
+      void* ws = ws_max > 0 ? workspace.get(size_t(ws_max)) : nullptr;
       std::vector<float> times;
       const int fastest = fastest_candidate(
           int(cands.size()), stream,
@@ -446,7 +446,7 @@ void Conv2d::run(const bf16* x, int64_t n, int64_t h, int64_t w, int64_t c, cons
     if (it == plans_.end()) it = plans_.emplace(key, build_plan(cudnn_, workspace_, s, ptrs, stream)).first;
     const Plan& plan = *it->second;
 
-    void* ws = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes), stream) : nullptr;
+    void* ws = plan.workspace_bytes > 0 ? workspace_.get(size_t(plan.workspace_bytes)) : nullptr;
     ZI_CUDNN_CHECK(execute(cudnn_, plan.exec, plan.bias_fused, ptrs, ws));
     if (bias && !plan.bias_fused) add_bias_nhwc(ptrs.y, bias, nb * ho * wo, o, stream);
   }

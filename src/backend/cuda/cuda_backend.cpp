@@ -78,16 +78,15 @@ int fastest_candidate(int n, cudaStream_t stream, const std::function<bool(int)>
 
 Workspace::~Workspace() {
   if (ptr_) cudaFree(ptr_);
+  for (void* p : retired_) cudaFree(p);
 }
 
-void* Workspace::get(size_t bytes, cudaStream_t stream) {
+void* Workspace::get(size_t bytes) {
   if (bytes <= bytes_) return ptr_;
-  if (ptr_) {
-    ZI_CUDA_CHECK(cudaStreamSynchronize(stream));
-    ZI_CUDA_CHECK(cudaFree(ptr_));
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
+  // A grown workspace keeps its old buffer until the backend goes: recorded graphs replay into it.
+  if (ptr_) retired_.push_back(ptr_);
+  ptr_ = nullptr;
+  bytes_ = 0;
   ZI_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
   bytes_ = bytes;
   return ptr_;
@@ -122,6 +121,33 @@ class DeviceScope {
 
  private:
   int caller_ = -1;
+};
+
+class CudaBackend;
+
+// Backend::Graph on CUDA (backend.h): the first call runs fn, the second records it into a CUDA graph
+// over buffers reserved for it (DeviceAllocator::Pool), later calls copy their inputs into the
+// recorded ones and replay. What a replay saves is the host's launch work: ~1000 kernels and library
+// calls per DiT forward become one cudaGraphLaunch.
+class CudaGraph final : public Backend::Graph {
+ public:
+  CudaGraph(CudaBackend& be, Backend::GraphFn fn) : be_(be), fn_(std::move(fn)) {}
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  ~CudaGraph() override;
+  Tensor operator()(const std::vector<Tensor>& inputs) override;
+  bool recorded() const override { return exec_ != nullptr; }
+
+ private:
+  void record();
+
+  CudaBackend& be_;
+  Backend::GraphFn fn_;
+  int64_t calls_ = 0;
+  std::shared_ptr<DeviceAllocator::Pool> pool_;
+  std::vector<Tensor> inputs_;  // the recorded inputs: a replay reads these addresses
+  Tensor output_;               // and writes this one
+  cudaGraphExec_t exec_ = nullptr;
 };
 
 class CudaBackend final : public Backend {
@@ -284,16 +310,17 @@ class CudaBackend final : public Backend {
     return y;
   }
 
-  Tensor gather_rows(const Tensor& src, const std::vector<int32_t>& idx) override {
+  using Backend::gather_rows;
+  Tensor gather_rows(const Tensor& src, const Tensor& idx) override {
     auto scope = profile("gather_rows");
     check(src, "gather_rows");
-    int64_t d = src.dim(-1), r = rows_of(src);
-    for (int32_t i : idx) ZI_ASSERT(i >= -1 && i < r);
-    Tensor out = empty({int64_t(idx.size()), d}, src.dtype());
-    if (idx.empty()) return out;
-    Tensor dev_idx = upload_i32(idx);
-    cuda::gather_rows(src.data(), dev_idx.data_as<int32_t>(), out.data(), int64_t(idx.size()),
-                      d * int64_t(dtype_size(src.dtype())), stream_);
+    check(idx, "gather_rows indices");
+    ZI_ASSERT(idx.dtype() == DType::I32);
+    const int64_t d = src.dim(-1), n = idx.numel();
+    Tensor out = empty({n, d}, src.dtype());
+    if (n)
+      cuda::gather_rows(src.data(), idx.data_as<int32_t>(), out.data(), n, d * int64_t(dtype_size(src.dtype())),
+                        stream_);
     return out;
   }
 
@@ -501,13 +528,12 @@ class CudaBackend final : public Backend {
     return y;
   }
 
-  Tensor timestep_embedding(const std::vector<float>& t, int dim, float max_period) override {
+  Tensor timestep_embedding(const Tensor& t, float t_scale, int dim, float max_period) override {
     auto scope = profile("timestep_embedding");
-    Tensor dev_t = empty({int64_t(t.size())}, DType::F32);
-    if (!t.empty())  // staged by the driver before returning: see upload
-      ZI_CUDA_CHECK(cudaMemcpyAsync(dev_t.data(), t.data(), t.size() * 4, cudaMemcpyHostToDevice, stream_));
-    Tensor y = empty({int64_t(t.size()), dim}, DType::BF16);
-    cuda::timestep_embedding(dev_t.data_as<float>(), mbf(y), int64_t(t.size()), dim, max_period, stream_);
+    check(t, "timestep_embedding");
+    ZI_ASSERT(t.dtype() == DType::F32);
+    Tensor y = empty({t.numel(), dim}, DType::BF16);
+    cuda::timestep_embedding(t.data_as<float>(), t_scale, mbf(y), t.numel(), dim, max_period, stream_);
     return y;
   }
 
@@ -520,6 +546,8 @@ class CudaBackend final : public Backend {
     ZI_ASSERT(model_out.numel() == (guidance > 0 ? 2 : 1) * latents.numel());
     cuda::cfg_euler_step(latents.data_as<float>(), model_out.data_as<float>(), b, per, guidance, cfg_norm, dt, stream_);
   }
+
+  std::unique_ptr<Graph> make_graph(GraphFn fn) override { return std::make_unique<CudaGraph>(*this, std::move(fn)); }
 
   void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) override {
     auto scope = profile("count_non_finite");
@@ -595,12 +623,6 @@ class CudaBackend final : public Backend {
     // The source may be freed after return; the pinned buffers hold what is still in flight.
   }
 
-  Tensor upload_i32(const std::vector<int32_t>& v) {
-    Tensor t = empty({int64_t(v.size())}, DType::I32);
-    ZI_CUDA_CHECK(cudaMemcpyAsync(t.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_));  // staged: see upload
-    return t;
-  }
-
   // Every op opens one: the backend's GPU current for the op, and while profiling an event pair around
   // the op's launches.
   struct OpRecord {
@@ -627,6 +649,8 @@ class CudaBackend final : public Backend {
   };
   OpScope profile(const char* op) { return OpScope(*this, op); }
 
+  friend class CudaGraph;
+
   void* staging_[2] = {nullptr, nullptr};
   cudaEvent_t staging_free_[2] = {};
   bool profiling_ = false;
@@ -643,6 +667,62 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Attention> attention_;
   std::unique_ptr<Conv2d> conv_;
 };
+
+CudaGraph::~CudaGraph() {
+  if (!exec_) return;
+  DeviceScope on(be_.device_);
+  cudaStreamSynchronize(be_.stream_);  // a replay may still read the inputs about to be freed
+  cudaGraphExecDestroy(exec_);
+}
+
+Tensor CudaGraph::operator()(const std::vector<Tensor>& inputs) {
+  // Eager while profiling (per-op events), and on the first call: ops choose their algorithms and
+  // size their workspaces then, which synchronizes and cannot be recorded.
+  if (be_.profiling_ || calls_++ == 0) return fn_(inputs);
+  DeviceScope on(be_.device_);
+  if (!exec_) {
+    pool_ = be_.alloc_->new_pool();
+    be_.alloc_->record_into(pool_);
+    for (const Tensor& x : inputs) inputs_.push_back(be_.empty(x.shape(), x.dtype()));
+    be_.alloc_->record_into(nullptr);
+  }
+  ZI_ASSERT(inputs.size() == inputs_.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    ZI_CHECK(inputs[i].shape() == inputs_[i].shape() && inputs[i].dtype() == inputs_[i].dtype(), ErrorKind::Internal,
+             "a recorded graph replayed with input " + std::to_string(i) + " of shape " + shape_str(inputs[i].shape()) +
+                 " instead of " + shape_str(inputs_[i].shape()));
+    if (inputs[i].nbytes())
+      ZI_CUDA_CHECK(cudaMemcpyAsync(inputs_[i].data(), inputs[i].data(), inputs[i].nbytes(), cudaMemcpyDeviceToDevice,
+                                    be_.stream_));
+  }
+  if (!exec_) record();
+  ZI_CUDA_CHECK(cudaGraphLaunch(exec_, be_.stream_));
+  return be_.cast(output_, output_.dtype());  // a copy: the next replay overwrites output_
+}
+
+void CudaGraph::record() {
+  be_.alloc_->record_into(pool_);
+  // Relaxed: buffers the recording needs beyond the pool's are cudaMalloc'ed, which the stricter modes
+  // refuse during a capture (it is not a stream operation: the block is valid at once).
+  ZI_CUDA_CHECK(cudaStreamBeginCapture(be_.stream_, cudaStreamCaptureModeRelaxed));
+  try {
+    output_ = fn_(inputs_);
+  } catch (...) {
+    cudaGraph_t partial = nullptr;
+    cudaStreamEndCapture(be_.stream_, &partial);
+    if (partial) cudaGraphDestroy(partial);
+    cudaGetLastError();
+    be_.alloc_->record_into(nullptr);
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(be_.stream_, &graph);
+  be_.alloc_->record_into(nullptr);
+  ZI_CUDA_CHECK(ended);
+  const cudaError_t made = cudaGraphInstantiate(&exec_, graph, 0);
+  cudaGraphDestroy(graph);
+  ZI_CUDA_CHECK(made);
+}
 
 }  // namespace
 }  // namespace cuda

@@ -70,20 +70,22 @@ cudnnStatus_t cudnn_execute(cudnnHandle_t handle, cudnnBackendDescriptor_t plan,
 
 namespace zimage::cuda {
 
-// A device scratch buffer for library calls (cuBLASLt, cuDNN) that only grows; growing waits for the
-// stream so that a buffer in use is never freed. Sized once per shape in practice, so the denoising
-// loop never allocates.
+// A device scratch buffer for library calls (cuBLASLt, cuDNN) that only grows. Growing keeps the old
+// buffer until the backend goes (queued work and recorded graphs still use it), so it never waits for
+// the stream. Sized once per shape in practice, so the denoising loop never allocates; the few sizes
+// it steps through (GEMM 32 MiB, the VAE's attention scores) stay allocated.
 class Workspace {
  public:
   Workspace() = default;
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
   ~Workspace();
-  void* get(size_t bytes, cudaStream_t stream);
+  void* get(size_t bytes);
 
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+  std::vector<void*> retired_;
 };
 
 }  // namespace zimage::cuda

@@ -17,8 +17,47 @@ size_t DeviceAllocator::round_size(size_t bytes) {
   return (bytes + large - 1) / large * large;
 }
 
-std::shared_ptr<void> DeviceAllocator::allocate(size_t bytes) {
-  size_t size = round_size(bytes);
+class DeviceAllocator::Pool {
+ public:
+  explicit Pool(std::weak_ptr<DeviceAllocator> owner) : owner_(std::move(owner)) {}
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  // Runs when the graph and every tensor allocated from the pool are gone: all blocks are free.
+  ~Pool() {
+    auto owner = owner_.lock();
+    for (auto& [size, p] : free_)
+      if (owner)
+        owner->give_back(p, size);
+      else
+        cudaFree(p);
+  }
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = free_.find(size);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    return p;
+  }
+  void put(void* p, size_t size) {
+    std::lock_guard<std::mutex> l(mu_);
+    free_.emplace(size, p);
+  }
+
+ private:
+  std::weak_ptr<DeviceAllocator> owner_;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+};
+
+std::shared_ptr<DeviceAllocator::Pool> DeviceAllocator::new_pool() { return std::make_shared<Pool>(weak_from_this()); }
+
+void DeviceAllocator::record_into(std::shared_ptr<Pool> pool) {
+  std::lock_guard<std::mutex> l(mu_);
+  recording_ = std::move(pool);
+}
+
+void* DeviceAllocator::take(size_t size) {
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -38,19 +77,36 @@ std::shared_ptr<void> DeviceAllocator::allocate(size_t bytes) {
     }
     if (e != cudaSuccess) {
       cudaGetLastError();
+      if (e != cudaErrorMemoryAllocation)
+        throw Error(ErrorKind::Backend,
+                    "cudaMalloc of " + std::to_string(size) + " bytes failed: " + cudaGetErrorString(e));
       size_t free_b = 0, total_b = 0;
       cudaMemGetInfo(&free_b, &total_b);
-      throw Error(e == cudaErrorMemoryAllocation ? ErrorKind::OutOfMemory : ErrorKind::Backend,
-                  "out of GPU memory allocating " + std::to_string(size >> 20) + " MiB (" +
-                      std::to_string(free_b >> 20) + " MiB free of " + std::to_string(total_b >> 20) + " MiB; " +
-                      std::to_string(in_use_ >> 20) + " MiB in use by the engine)");
+      throw Error(ErrorKind::OutOfMemory, "out of GPU memory allocating " + std::to_string(size >> 20) + " MiB (" +
+                                              std::to_string(free_b >> 20) + " MiB free of " +
+                                              std::to_string(total_b >> 20) + " MiB; " + std::to_string(in_use_ >> 20) +
+                                              " MiB in use by the engine)");
     }
   }
+  std::lock_guard<std::mutex> l(mu_);
+  in_use_ += size;
+  peak_ = std::max(peak_, in_use_);
+  return p;
+}
+
+std::shared_ptr<void> DeviceAllocator::allocate(size_t bytes) {
+  const size_t size = round_size(bytes);
+  std::shared_ptr<Pool> pool;
   {
     std::lock_guard<std::mutex> l(mu_);
-    in_use_ += size;
-    peak_ = std::max(peak_, in_use_);
+    pool = recording_;
   }
+  if (pool) {
+    void* p = pool->take(size);
+    if (!p) p = take(size);
+    return std::shared_ptr<void>(p, [pool, size](void* q) { pool->put(q, size); });
+  }
+  void* p = take(size);
   std::weak_ptr<DeviceAllocator> self = weak_from_this();
   return std::shared_ptr<void>(p, [self, size](void* q) {
     if (auto a = self.lock()) a->give_back(q, size);

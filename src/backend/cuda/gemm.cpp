@@ -70,7 +70,7 @@ cublasLtMatmulAlgo_t Gemm::fastest(Plan& p, const cublasLtMatmulHeuristicResult_
                                    const bf16* w, bf16* y, cudaStream_t stream) {
   if (found == 1) return results[0].algo;
   const float alpha = 1.0f, beta = 0.0f;
-  void* ws = workspace_.get(kWorkspaceBytes, stream);
+  void* ws = workspace_.get(kWorkspaceBytes);
   const int best = fastest_candidate(found, stream, [&](int i) {
     return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
                           kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS;
@@ -125,7 +125,7 @@ void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64
   Plan& p = *it->second;
   if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
   const float alpha = 1.0f, beta = 0.0f;
-  void* ws = workspace_.get(kWorkspaceBytes, stream);
+  void* ws = workspace_.get(kWorkspaceBytes);
   ZI_CUBLAS_CHECK(cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws,
                                  kWorkspaceBytes, stream));
 }

@@ -38,7 +38,8 @@ void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64
                     float cfg_norm, float dt, cudaStream_t stream);
 
 // [n, dim] bf16 = [cos(t_i * f_k) | sin(t_i * f_k)], f_k = exp(-ln(max_period) * k / (dim/2)); t: n device floats.
-void timestep_embedding(const float* t, bf16* y, int64_t n, int dim, float max_period, cudaStream_t stream);
+void timestep_embedding(const float* t, float t_scale, bf16* y, int64_t n, int dim, float max_period,
+                        cudaStream_t stream);
 
 // ---- normalization (norms.cu) ----
 // Row-wise over the last dim d. w may be null (no affine).
