@@ -36,6 +36,26 @@ double psnr_u8(const Tensor& a, const Tensor& b) {
 
 const std::map<std::string, uint64_t> kSeeds = {{"turbo_square", 1}, {"cfg_portrait", 2}, {"cfg_norm_trunc", 3}, {"batch2", 4}};
 
+// The request of golden case `name` (case.json), with our seed and torch's CPU noise.
+GenerateRequest golden_request(const std::string& name, uint64_t seed) {
+  std::ifstream in(golden_path("cases/" + name + "/case.json"));
+  auto a = nlohmann::json::parse(in);
+  GenerateRequest r;
+  r.prompts = a["prompt"].is_array() ? a["prompt"].get<std::vector<std::string>>()
+                                     : std::vector<std::string>{a["prompt"].get<std::string>()};
+  if (a.contains("negative_prompt") && !a["negative_prompt"].is_null()) r.negative_prompts = {a["negative_prompt"]};
+  r.height = a["height"];
+  r.width = a["width"];
+  r.steps = a["steps"].get<int>();
+  r.guidance = a["guidance_scale"].get<float>();
+  if (a.contains("cfg_normalization") && !a["cfg_normalization"].is_boolean()) r.cfg_normalization = a["cfg_normalization"];
+  if (a.contains("cfg_truncation")) r.cfg_truncation = a["cfg_truncation"];
+  r.max_sequence_length = a["max_sequence_length"];
+  r.seed = seed;
+  r.generator = GeneratorDevice::Cpu;
+  return r;
+}
+
 class CudaGolden : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -82,22 +102,8 @@ TEST_F(CudaGolden, VaeDecodeMatches) {
 TEST_F(CudaGolden, EndToEndFromSeed) {
   TextToImagePipeline p(*be_, open_model(golden_path("tiny-zimage")));
   for (const auto& [name, seed] : kSeeds) {
-    std::ifstream in(golden_path("cases/" + name + "/case.json"));
-    auto a = nlohmann::json::parse(in);
     auto f = SafetensorsFile::open(golden_path("cases/" + name + "/tensors.safetensors"));
-    GenerateRequest r;
-    r.prompts = a["prompt"].is_array() ? a["prompt"].get<std::vector<std::string>>()
-                                       : std::vector<std::string>{a["prompt"].get<std::string>()};
-    if (a.contains("negative_prompt") && !a["negative_prompt"].is_null()) r.negative_prompts = {a["negative_prompt"]};
-    r.height = a["height"];
-    r.width = a["width"];
-    r.steps = a["steps"].get<int>();
-    r.guidance = a["guidance_scale"].get<float>();
-    if (a.contains("cfg_normalization") && !a["cfg_normalization"].is_boolean()) r.cfg_normalization = a["cfg_normalization"];
-    if (a.contains("cfg_truncation")) r.cfg_truncation = a["cfg_truncation"];
-    r.max_sequence_length = a["max_sequence_length"];
-    r.seed = seed;
-    r.generator = GeneratorDevice::Cpu;
+    const GenerateRequest r = golden_request(name, seed);
     auto embeds = p.encode_prompts(r.prompts, r.max_sequence_length);
     for (size_t i = 0; i < embeds.size(); ++i) {
       double e = rel_l2_error(be_->to_host_f32(embeds[i]), f->get("prompt_embeds." + std::to_string(i)));
@@ -122,18 +128,8 @@ TEST_F(CudaGolden, GraphedStepsEqualEagerSteps) {
   with_graphs.cuda_graphs = true;
   TextToImagePipeline graphed(*be_, m, with_graphs), eager(*be_, m);
   for (const auto& [name, seed] : kSeeds) {
-    std::ifstream in(golden_path("cases/" + name + "/case.json"));
-    auto a = nlohmann::json::parse(in);
-    GenerateRequest r;
-    r.prompts = a["prompt"].is_array() ? a["prompt"].get<std::vector<std::string>>()
-                                       : std::vector<std::string>{a["prompt"].get<std::string>()};
-    if (a.contains("negative_prompt") && !a["negative_prompt"].is_null()) r.negative_prompts = {a["negative_prompt"]};
-    r.height = a["height"];
-    r.width = a["width"];
-    r.steps = 5;
-    r.guidance = a["guidance_scale"].get<float>();
-    if (a.contains("cfg_truncation")) r.cfg_truncation = a["cfg_truncation"];
-    r.seed = seed;
+    GenerateRequest r = golden_request(name, seed);
+    r.steps = 5;  // more steps than recorded: steps 3-5 replay
     const Tensor want = eager.generate(r).latents;
     for (int round = 0; round < 2; ++round) {
       const double d = max_abs_diff(graphed.generate(r).latents, want);
