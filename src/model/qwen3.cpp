@@ -104,7 +104,26 @@ Tensor Qwen3TextEncoder::forward(const Tensor& input_ids, const std::vector<int6
   }
   RopeTables rope = rope_tables_1d(positions, int(c.head_dim), c.rope_theta);
   Tensor cos = be_.upload(rope.cos, DType::F32), sin = be_.upload(rope.sin, DType::F32);
+  Tensor dev_ids = be_.upload_i32(ids);
+  if (!graphs_on_) return run_layers(dev_ids, cos, sin, b, l, key_len, num_layers);
 
+  std::vector<int64_t> key = {b, l, num_layers};
+  key.insert(key.end(), lengths.begin(), lengths.end());
+  auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const Recorded& g) { return g.key == key; });
+  if (it != graphs_.end()) {
+    graphs_.splice(graphs_.begin(), graphs_, it);
+  } else {
+    if (graphs_.size() == kMaxGraphs) graphs_.pop_back();
+    graphs_.push_front({key, be_.make_graph([this, b, l, key_len, num_layers](const std::vector<Tensor>& in) {
+                          return run_layers(in[0], in[1], in[2], b, l, key_len, num_layers);
+                        })});
+  }
+  return (*graphs_.front().run)({dev_ids, cos, sin});
+}
+
+Tensor Qwen3TextEncoder::run_layers(const Tensor& ids, const Tensor& cos, const Tensor& sin, int64_t b, int64_t l,
+                                    const std::vector<int>& key_len, int64_t num_layers) {
+  const auto& c = cfg_;
   Tensor x = be_.gather_rows(embed_, ids).reshape({b, l, c.hidden});
   float scale = float(1.0 / std::sqrt(double(c.head_dim)));
   int hq = int(c.heads), hkv = int(c.kv_heads), d = int(c.head_dim);

@@ -4,6 +4,7 @@
 // output of the second-to-last layer, so the last layer never runs in `encode`.
 #pragma once
 
+#include <list>
 #include <vector>
 
 #include "backend/backend.h"
@@ -41,11 +42,18 @@ class Qwen3TextEncoder {
   // Z-Image's prompt embeddings: hidden_states[-2] with padding removed, one [len_b, hidden] per prompt.
   std::vector<Tensor> encode(const Tensor& input_ids, const std::vector<int64_t>& lengths);
 
+  // Replay the layers of a prompt shape (batch, tokens, lengths) seen before as a recorded graph
+  // (Backend::make_graph; not with streamed layers, whose uploads cannot be recorded).
+  void set_graphs(bool on) { graphs_on_ = on && !stream_layers_; }
+
  private:
   struct Layer {
     Tensor input_norm, qkv, q_norm, k_norm, o_proj, post_norm, gate_up, down;
   };
   Layer load_layer(int64_t i) const;
+  // The device work of forward(): token ids [B*L] int32 and RoPE tables on the backend.
+  Tensor run_layers(const Tensor& ids, const Tensor& cos, const Tensor& sin, int64_t b, int64_t l,
+                    const std::vector<int>& key_len, int64_t num_layers);
 
   Backend& be_;
   Qwen3Config cfg_;
@@ -53,6 +61,14 @@ class Qwen3TextEncoder {
   bool stream_layers_;
   Tensor embed_, final_norm_;
   std::vector<Layer> layers_;  // empty when streamed
+  // Recorded forwards by (batch, tokens, layers, lengths), most recent first; each holds a few MB.
+  bool graphs_on_ = false;
+  struct Recorded {
+    std::vector<int64_t> key;
+    std::unique_ptr<Backend::Graph> run;
+  };
+  static constexpr size_t kMaxGraphs = 8;
+  std::list<Recorded> graphs_;
 };
 
 }  // namespace zimage

@@ -47,7 +47,9 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
       tokenizer_(Tokenizer::load(model.tokenizer_dir)),
       text_encoder_(be, model_.text_encoder, *model_.text_encoder_weights, limits.low_memory),
       dit_(be, model.transformer, *model.transformer_weights),
-      vae_(be, model.vae, *model.vae_weights) {}
+      vae_(be, model.vae, *model.vae_weights) {
+  text_encoder_.set_graphs(limits.cuda_graphs && !rank.ulysses && !rank.cfg);
+}
 
 GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
   auto bad = [](const std::string& m) { return Error(ErrorKind::InvalidArgument, m); };
