@@ -1,5 +1,6 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -52,6 +53,18 @@ class EagerGraph final : public Backend::Graph {
 }  // namespace
 
 std::unique_ptr<Backend::Graph> Backend::make_graph(GraphFn fn) { return std::make_unique<EagerGraph>(std::move(fn)); }
+
+Backend::Graph& GraphCache::get(const std::vector<int64_t>& key,
+                                const std::function<std::unique_ptr<Backend::Graph>()>& make) {
+  auto it = std::find_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e.first == key; });
+  if (it != entries_.end()) {
+    entries_.splice(entries_.begin(), entries_, it);
+  } else {
+    if (entries_.size() == capacity_) entries_.pop_back();
+    entries_.emplace_front(key, make());
+  }
+  return *entries_.front().second;
+}
 
 // Host-clock marks: right for backends whose ops complete before they return (the CPU backend).
 Backend::Mark Backend::mark() { return std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now()); }

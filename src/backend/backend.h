@@ -10,6 +10,7 @@
 #pragma once
 
 #include <functional>
+#include <list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -187,6 +188,19 @@ class Backend {
     virtual bool recorded() const { return false; }  // replays a recorded graph
   };
   virtual std::unique_ptr<Graph> make_graph(GraphFn fn);
+};
+
+// Graphs by a key (the shapes they were made for), most recently used first, at most `capacity`: each
+// recorded graph holds device memory, and a model sees many shapes over time.
+class GraphCache {
+ public:
+  explicit GraphCache(size_t capacity) : capacity_(capacity) {}
+  // The graph for `key`; made by make() when missing (dropping the least recently used beyond capacity).
+  Backend::Graph& get(const std::vector<int64_t>& key, const std::function<std::unique_ptr<Backend::Graph>()>& make);
+
+ private:
+  size_t capacity_;
+  std::list<std::pair<std::vector<int64_t>, std::unique_ptr<Backend::Graph>>> entries_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

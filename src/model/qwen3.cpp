@@ -1,6 +1,5 @@
 #include "model/qwen3.h"
 
-#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -109,16 +108,12 @@ Tensor Qwen3TextEncoder::forward(const Tensor& input_ids, const std::vector<int6
 
   std::vector<int64_t> key = {b, l, num_layers};
   key.insert(key.end(), lengths.begin(), lengths.end());
-  auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const Recorded& g) { return g.key == key; });
-  if (it != graphs_.end()) {
-    graphs_.splice(graphs_.begin(), graphs_, it);
-  } else {
-    if (graphs_.size() == kMaxGraphs) graphs_.pop_back();
-    graphs_.push_front({key, be_.make_graph([this, b, l, key_len, num_layers](const std::vector<Tensor>& in) {
-                          return run_layers(in[0], in[1], in[2], b, l, key_len, num_layers);
-                        })});
-  }
-  return (*graphs_.front().run)({dev_ids, cos, sin});
+  Backend::Graph& graph = graphs_.get(key, [&] {
+    return be_.make_graph([this, b, l, key_len, num_layers](const std::vector<Tensor>& in) {
+      return run_layers(in[0], in[1], in[2], b, l, key_len, num_layers);
+    });
+  });
+  return graph({dev_ids, cos, sin});
 }
 
 Tensor Qwen3TextEncoder::run_layers(const Tensor& ids, const Tensor& cos, const Tensor& sin, int64_t b, int64_t l,

@@ -4,7 +4,6 @@
 // output of the second-to-last layer, so the last layer never runs in `encode`.
 #pragma once
 
-#include <list>
 #include <vector>
 
 #include "backend/backend.h"
@@ -61,14 +60,9 @@ class Qwen3TextEncoder {
   bool stream_layers_;
   Tensor embed_, final_norm_;
   std::vector<Layer> layers_;  // empty when streamed
-  // Recorded forwards by (batch, tokens, layers, lengths), most recent first; each holds a few MB.
+  // Recorded forwards by (batch, tokens, layers, lengths); each holds a few MB.
   bool graphs_on_ = false;
-  struct Recorded {
-    std::vector<int64_t> key;
-    std::unique_ptr<Backend::Graph> run;
-  };
-  static constexpr size_t kMaxGraphs = 8;
-  std::list<Recorded> graphs_;
+  GraphCache graphs_{8};
 };
 
 }  // namespace zimage

@@ -47,8 +47,9 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
       tokenizer_(Tokenizer::load(model.tokenizer_dir)),
       text_encoder_(be, model_.text_encoder, *model_.text_encoder_weights, limits.low_memory),
       dit_(be, model.transformer, *model.transformer_weights),
-      vae_(be, model.vae, *model.vae_weights) {
-  text_encoder_.set_graphs(limits.cuda_graphs && !rank.ulysses && !rank.cfg);
+      vae_(be, model.vae, *model.vae_weights),
+      graphs_(limits.cuda_graphs && !rank.ulysses && !rank.cfg) {
+  text_encoder_.set_graphs(graphs_);
 }
 
 GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
@@ -128,7 +129,7 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
 Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector<float>& t,
                                         const std::vector<Tensor>& caps, bool cfg_batch) {
   BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
-    if (!rank_.ulysses) return rank_.cfg || !limits_.cuda_graphs ? dit_.forward(x, tt, cc) : graphed_forward(x, tt, cc);
+    if (!rank_.ulysses) return graphs_ ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
     const DitConfig& c = dit_.config();
     SequenceParallelPlan plan =
         plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
@@ -142,22 +143,15 @@ Tensor TextToImagePipeline::graphed_forward(const Tensor& latents, const std::ve
                                             const std::vector<Tensor>& caps) {
   std::vector<int64_t> key = {latents.dim(0), latents.dim(2), latents.dim(3)};
   for (const Tensor& c : caps) key.push_back(c.dim(0));
-  auto it = std::find_if(dit_graphs_.begin(), dit_graphs_.end(), [&](const DitGraph& g) { return g.key == key; });
-  if (it != dit_graphs_.end()) {
-    dit_graphs_.splice(dit_graphs_.begin(), dit_graphs_, it);
-  } else {
-    if (dit_graphs_.size() == kMaxDitGraphs) dit_graphs_.pop_back();
-    DitGraph g;
-    g.key = key;
-    g.plan = dit_.layout_plan(latents, caps);
-    g.run = be_.make_graph([this, plan = g.plan](const std::vector<Tensor>& in) {
+  Backend::Graph& graph = dit_graphs_.get(key, [&] {
+    // The graph holds the plan: its replays read the plan's device tensors.
+    return be_.make_graph([this, plan = dit_.layout_plan(latents, caps)](const std::vector<Tensor>& in) {
       return dit_.forward(*plan, in[0], in[1], std::vector<Tensor>(in.begin() + 2, in.end()));
     });
-    dit_graphs_.push_front(std::move(g));
-  }
+  });
   std::vector<Tensor> inputs = {latents, be_.upload(Tensor::from_f32({int64_t(t.size())}, t), DType::F32)};
   inputs.insert(inputs.end(), caps.begin(), caps.end());
-  return (*dit_graphs_.front().run)(inputs);
+  return graph(inputs);
 }
 
 void check_finite(const NonFiniteCounts& c) {

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <functional>
-#include <list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -165,15 +164,11 @@ class TextToImagePipeline final : public ImageGenerator {
   Qwen3TextEncoder text_encoder_;
   ZImageDit dit_;
   Vae vae_;
-  // Recorded DiT forwards by token layout (batch, latent size, caption lengths), most recent first;
-  // each reserves one forward's activations on the device, so few are kept.
-  struct DitGraph {
-    std::vector<int64_t> key;
-    std::shared_ptr<const ZImageDit::LayoutPlan> plan;  // the graph replays its device tensors
-    std::unique_ptr<Backend::Graph> run;
-  };
-  static constexpr size_t kMaxDitGraphs = 3;
-  std::list<DitGraph> dit_graphs_;
+  // limits.cuda_graphs on a device alone (a multi-GPU rank's forward holds collectives).
+  bool graphs_;
+  // Recorded DiT forwards by token layout (batch, latent size, caption lengths); each reserves one
+  // forward's activations on the device, so few are kept.
+  GraphCache dit_graphs_{3};
 };
 
 }  // namespace zimage

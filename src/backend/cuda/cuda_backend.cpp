@@ -139,7 +139,8 @@ class CudaGraph final : public Backend::Graph {
   bool recorded() const override { return exec_ != nullptr; }
 
  private:
-  void record();
+  // Records fn on input buffers of `like`'s shapes, allocated (like everything fn allocates) in a new pool.
+  void record(const std::vector<Tensor>& like);
 
   CudaBackend& be_;
   Backend::GraphFn fn_;
@@ -680,12 +681,7 @@ Tensor CudaGraph::operator()(const std::vector<Tensor>& inputs) {
   // size their workspaces then, which synchronizes and cannot be recorded.
   if (be_.profiling_ || calls_++ == 0) return fn_(inputs);
   DeviceScope on(be_.device_);
-  if (!exec_) {
-    pool_ = be_.alloc_->new_pool();
-    be_.alloc_->record_into(pool_);
-    for (const Tensor& x : inputs) inputs_.push_back(be_.empty(x.shape(), x.dtype()));
-    be_.alloc_->record_into(nullptr);
-  }
+  if (!exec_) record(inputs);
   ZI_ASSERT(inputs.size() == inputs_.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     ZI_CHECK(inputs[i].shape() == inputs_[i].shape() && inputs[i].dtype() == inputs_[i].dtype(), ErrorKind::Internal,
@@ -695,16 +691,20 @@ Tensor CudaGraph::operator()(const std::vector<Tensor>& inputs) {
       ZI_CUDA_CHECK(cudaMemcpyAsync(inputs_[i].data(), inputs[i].data(), inputs[i].nbytes(), cudaMemcpyDeviceToDevice,
                                     be_.stream_));
   }
-  if (!exec_) record();
   ZI_CUDA_CHECK(cudaGraphLaunch(exec_, be_.stream_));
   return be_.cast(output_, output_.dtype());  // a copy: the next replay overwrites output_
 }
 
-void CudaGraph::record() {
+void CudaGraph::record(const std::vector<Tensor>& like) {
+  pool_ = be_.alloc_->new_pool();
   be_.alloc_->record_into(pool_);
+  inputs_.clear();
+  for (const Tensor& x : like) inputs_.push_back(be_.empty(x.shape(), x.dtype()));
   // Relaxed: buffers the recording needs beyond the pool's are cudaMalloc'ed, which the stricter modes
   // refuse during a capture (it is not a stream operation: the block is valid at once).
-  ZI_CUDA_CHECK(cudaStreamBeginCapture(be_.stream_, cudaStreamCaptureModeRelaxed));
+  const cudaError_t began = cudaStreamBeginCapture(be_.stream_, cudaStreamCaptureModeRelaxed);
+  if (began != cudaSuccess) be_.alloc_->record_into(nullptr);
+  ZI_CUDA_CHECK(began);
   try {
     output_ = fn_(inputs_);
   } catch (...) {
