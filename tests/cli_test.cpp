@@ -56,11 +56,12 @@ TEST(Cli, GenerateWritesPngWithMetadataAndPerfDump) {
   auto text = read_png_text(data, bytes.size());
   EXPECT_EQ(text["prompt"], "a red fox");
   EXPECT_EQ(text["seed"], "5");
-  EXPECT_EQ(text["steps"], "9");  // the built-in models follow the Turbo recipe
+  EXPECT_EQ(text["steps"], "8");  // the built-in models follow the Turbo recipe: 8 steps since diffusers PR #13730
   EXPECT_EQ(text["model"], "synthetic:tiny");
   auto j = nlohmann::json::parse(slurp(perf));
-  EXPECT_EQ(j["steps"], 9);
-  EXPECT_EQ(j["stages"]["denoise_steps_ms"].size(), 9u);
+  EXPECT_EQ(j["steps"], 8);
+  EXPECT_EQ(j["stages"]["denoise_steps_ms"].size(), 8u);
+  EXPECT_EQ(j["dit_forwards"], 8);  // no CFG: one DiT call per step
   EXPECT_EQ(j["stages"]["steps"][0]["name"], "text_encoder");
   EXPECT_GT(j["e2e_ms"].get<double>(), 0.0);
   EXPECT_EQ(j["resolution"], "48x64");
@@ -193,7 +194,7 @@ TEST(Cli, SavedModelGeneratesTheSamePixels) {
   auto [from_files, text_b] = generate(dir, temp_path("from_files.png"));
   EXPECT_EQ(from_files.width, 48);
   EXPECT_EQ(from_files.rgb, from_memory.rgb);
-  EXPECT_EQ(text_b["steps"], "9");  // the Turbo recipe came with the folder, whose name does not say turbo
+  EXPECT_EQ(text_b["steps"], "8");  // the Turbo recipe came with the folder, whose name does not say turbo
   std::filesystem::remove_all(dir);
 }
 

@@ -185,7 +185,7 @@ TEST(SaveModel, DefaultLayoutIsTheRealCheckpoints) {
   auto index = read_json(dir + "/model_index.json");
   EXPECT_EQ(index["_class_name"], "ZImagePipeline");
   EXPECT_EQ(index["transformer"], nlohmann::json({"diffusers", "ZImageTransformer2DModel"}));
-  EXPECT_EQ(index[kRecipeKey]["num_inference_steps"], 9);
+  EXPECT_EQ(index[kRecipeKey]["num_inference_steps"], kTurboSteps);
   fs::remove_all(dir);
 }
 
@@ -197,10 +197,10 @@ TEST(SaveModel, RecipeKeyOverridesTheFolderName) {
     fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
   EXPECT_EQ(open_model(dir).default_steps, 50);
   auto index = read_json(dir + "/model_index.json");
-  index[kRecipeKey] = {{"num_inference_steps", 8}, {"guidance_scale", 1.5}};
+  index[kRecipeKey] = {{"num_inference_steps", 12}, {"guidance_scale", 1.5}};
   std::ofstream(dir + "/model_index.json") << index.dump();
   ModelSource m = open_model(dir);
-  EXPECT_EQ(m.default_steps, 8);
+  EXPECT_EQ(m.default_steps, 12);
   EXPECT_EQ(m.default_guidance, 1.5f);
   index[kRecipeKey]["num_inference_steps"] = 0;
   std::ofstream(dir + "/model_index.json") << index.dump();
@@ -249,7 +249,7 @@ TEST(SaveModel, DestinationMustBeEmptyOrAModelToReplace) {
   save_model(tiny, dir, force);
   EXPECT_FALSE(fs::exists(dir + "/transformer/diffusion_pytorch_model.safetensors.index.json"));
   EXPECT_EQ(std::distance(fs::directory_iterator(dir + "/transformer"), fs::directory_iterator{}), 2);
-  EXPECT_EQ(open_model(dir).default_steps, 9);
+  EXPECT_EQ(open_model(dir).default_steps, kTurboSteps);
 
   expect_error([&] { save_model(open_model(dir), dir, force); }, ErrorKind::InvalidArgument,
                {"is the model being saved"});

@@ -96,6 +96,7 @@ nlohmann::json perf_json(const GenerateResult& r, const GenerateRequest& req, co
           {"text_encoder_ms", t.text_encoder_ms},
           {"denoise_ms", t.denoise_ms},
           {"dit_forward_ms", t.dit_ms.empty() ? 0.0 : dit / double(t.dit_ms.size())},
+          {"dit_forwards", t.dit_ms.size()},
           {"vae_decode_ms", t.vae_decode_ms},
           {"load_s", load_s},
           {"stages", {{"steps", steps}, {"denoise_steps_ms", per_step}}}};
@@ -114,7 +115,7 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--negative-prompt", o->negative_prompt, "Negative prompt for CFG (default \"\")");
   cmd->add_option("--height", o->height, "Image height in pixels (multiple of 16)");
   cmd->add_option("--width", o->width, "Image width in pixels (multiple of 16)");
-  cmd->add_option("--num-inference-steps", o->steps, "Denoising steps (default: the model's, 9 for Turbo)");
+  cmd->add_option("--num-inference-steps", o->steps, "Denoising steps (default: the model's: 8 for Turbo, as diffusers since PR #13730, 50 for the base model)");
   cmd->add_option("--guidance-scale", o->guidance, "CFG scale, 0 = off (default: the model's, 0 for Turbo)");
   cmd->add_option("--cfg-normalization", o->cfg_normalization, "Cap the guided prediction's norm at this multiple of the positive one (0 = off)");
   cmd->add_option("--cfg-truncation", o->cfg_truncation, "Skip CFG on steps whose normalized time exceeds this (1 = never)");

@@ -74,7 +74,7 @@ ModelSource open_synthetic(const std::string& spec, const std::string& kind) {
     m.text_encoder_weights = std::make_shared<SyntheticWeights>(2, spec + "/text_encoder");
     m.vae_weights = std::make_shared<SyntheticWeights>(3, spec + "/vae");
     m.tokenizer_dir = assets_dir();
-    m.default_steps = 9;  // both built-ins follow the Turbo recipe
+    m.default_steps = kTurboSteps;  // both built-ins follow the Turbo recipe
     m.default_guidance = 0.0f;
     return m;
   }
@@ -99,7 +99,7 @@ void set_recipe(ModelSource& m, const fs::path& root) {
   }
   std::string leaf = lower(fs::weakly_canonical(root).filename().string());
   if (leaf.find("turbo") != std::string::npos) {
-    m.default_steps = 9;
+    m.default_steps = kTurboSteps;
     m.default_guidance = 0.0f;
   }
 }

@@ -12,16 +12,22 @@
 namespace zimage {
 
 // model_index.json key with the recipe a folder written by `zimage save-model` was made for:
-// {"num_inference_steps": 9, "guidance_scale": 0.0}. diffusers ignores keys that start with '_'.
+// {"num_inference_steps": 8, "guidance_scale": 0.0}. diffusers ignores keys that start with '_'.
 inline constexpr char kRecipeKey[] = "_zimage_recipe";
+
+// Turbo's recipe: 8 steps without CFG. Z-Image-Turbo is distilled for 8 function evaluations; diffusers
+// used 9 steps while its schedule ended with a redundant sigma-0 step (9 steps = 8 DiT forwards that
+// mattered), and moved its default and docs to 8 when it fixed the schedule to linspace(1, 1/N, N)
+// (diffusers PR #13730, May 2026), which is the schedule this engine computes.
+inline constexpr int kTurboSteps = 8;
 
 struct ModelSource {
   std::string name;  // the folder path or "synthetic:<kind>"
   Config model_index, transformer, text_encoder, vae, scheduler;
   std::shared_ptr<WeightSource> transformer_weights, text_encoder_weights, vae_weights;
   std::string tokenizer_dir;  // folder holding tokenizer.json (+ tokenizer_config.json)
-  // The recipe the model was made for: Turbo is distilled to 9 steps without CFG; the base model
-  // runs 50 steps with guidance 5.
+  // The recipe the model was made for: Turbo kTurboSteps without CFG; the base model runs 50 steps
+  // with guidance 5.
   int default_steps = 50;
   float default_guidance = 5.0f;
   bool synthetic = false;

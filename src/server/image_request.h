@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "io/image.h"
+#include "model/model_source.h"
 
 namespace zimage::server {
 
@@ -41,7 +42,7 @@ struct RequestPolicy {
   int size_multiple = 16;  // VAE downscale (8) x DiT patch (2)
   int max_steps = 1000;
   int max_sequence_length = 4096;
-  int default_steps = 9;          // the model's recipe
+  int default_steps = kTurboSteps;  // the model's recipe (serve sets it from the model)
   float default_guidance = 0.0f;  // the model's recipe
   int default_width = 1024, default_height = 1024;
 };

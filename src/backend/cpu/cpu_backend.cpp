@@ -1,4 +1,5 @@
-// The float32 reference backend: every op of backend.h written plainly, GEMMs through OpenBLAS.
+// The float32 reference backend: every op of backend.h written plainly; linear layers and attention through
+// gemm_fixed_order.h (batch-invariant), convolution GEMMs through OpenBLAS.
 // Weights of any dtype are upcast to float32 at upload. Loops that BLAS does not cover run on
 // parallel_for (src/core/parallel.h).
 #include <cblas.h>
@@ -9,6 +10,7 @@
 #include <cstring>
 
 #include "backend/backend.h"
+#include "backend/cpu/gemm_fixed_order.h"
 #include "core/error.h"
 #include "core/parallel.h"
 
@@ -23,18 +25,6 @@ void check_f32(const Tensor& t, const char* op) {
            std::string(op) + ": cpu backend expects contiguous host f32 tensors, got " + dtype_name(t.dtype()) +
                " " + shape_str(t.shape()));
 }
-
-// Sets OpenBLAS's thread count for a scope (our own parallel_for supplies the parallelism there).
-class BlasThreadsScope {
- public:
-  explicit BlasThreadsScope(int n) : saved_(openblas_get_num_threads()) { openblas_set_num_threads(n); }
-  ~BlasThreadsScope() { openblas_set_num_threads(saved_); }
-  BlasThreadsScope(const BlasThreadsScope&) = delete;
-  BlasThreadsScope& operator=(const BlasThreadsScope&) = delete;
-
- private:
-  int saved_;
-};
 
 float rms_inv(const float* x, int64_t d, float eps) {
   double ss = 0;
@@ -70,15 +60,12 @@ class CpuBackend final : public Backend {
     Shape out_shape = x.shape();
     out_shape.back() = n;
     Tensor y = Tensor::empty(out_shape, DType::F32);
-    float* yp = y.f32();
     if (bias) {
       check_f32(*bias, "linear bias");
       ZI_ASSERT(bias->numel() == n);
-      for (int64_t i = 0; i < m; ++i) std::memcpy(yp + i * n, bias->f32(), size_t(n) * 4);
     }
-    if (m > 0)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x.f32(), int(k), w.f32(),
-                  int(k), bias ? 1.0f : 0.0f, yp, int(n));
+    // Not BLAS: a row's bits must not depend on the other rows of the call (batch invariance).
+    linear_fixed_order(x.f32(), m, k, w.f32(), n, bias ? bias->f32() : nullptr, y.f32());
     return y;
   }
 
@@ -278,11 +265,10 @@ class CpuBackend final : public Backend {
     float* o = out.f32();
     const int64_t kChunk = 256;  // queries per score block: bounds the scores buffer to kChunk x S
     int64_t chunks = (s + kChunk - 1) / kChunk;
-    // Parallel over (item, head, query block) with single-threaded GEMMs inside: OpenBLAS threading
-    // within each small GEMM would oversubscribe the cores.
-    BlasThreadsScope single_threaded_blas(1);
+    // Parallel over (item, head, query block). The fixed-order GEMMs keep a query's output independent
+    // of the block it falls in, which depends on the batch's padded length s.
     parallel_for(bsz * hq * chunks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scores(size_t(kChunk * s));
+      std::vector<float> scores(size_t(kChunk * s)), v_t(size_t(d * s));
       for (int64_t job = lo; job < hi; ++job) {
         int64_t b = job / (hq * chunks), h = (job / chunks) % hq, c = job % chunks;
         int64_t q0 = c * kChunk, nq = std::min(kChunk, s - q0);
@@ -292,8 +278,7 @@ class CpuBackend final : public Backend {
         const float* q = p + (b * s + q0) * width + h * d;
         const float* k = p + b * s * width + (int64_t(hq) + kv_head) * d;
         const float* v = p + b * s * width + (int64_t(hq + hkv) + kv_head) * d;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nq), int(nk), d, scale, q, int(width), k,
-                    int(width), 0.0f, scores.data(), int(nk));
+        gemm_nt_fixed_order(nq, nk, d, scale, q, width, k, width, nullptr, scores.data(), nk);
         for (int64_t i = 0; i < nq; ++i) {
           float* row = scores.data() + i * nk;
           int64_t valid = causal ? std::min(nk, q0 + i + 1) : nk;
@@ -308,8 +293,10 @@ class CpuBackend final : public Backend {
           for (int64_t j = 0; j < valid; ++j) row[j] *= inv;
           for (int64_t j = valid; j < nk; ++j) row[j] = 0.0f;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nq), d, int(nk), 1.0f, scores.data(), int(nk), v,
-                    int(width), 0.0f, o + (b * s + q0) * int64_t(hq) * d + h * d, hq * d);
+        for (int64_t j = 0; j < nk; ++j)  // V^T [d, nk]: the second product in x w^T form too
+          for (int64_t e = 0; e < d; ++e) v_t[size_t(e * nk + j)] = v[j * width + e];
+        gemm_nt_fixed_order(nq, d, nk, 1.0f, scores.data(), nk, v_t.data(), nk, nullptr,
+                            o + (b * s + q0) * int64_t(hq) * d + h * d, int64_t(hq) * d);
       }
     });
     return out;
@@ -374,7 +361,8 @@ class CpuBackend final : public Backend {
     int64_t kdim = kh * kw * c;
     const float* xp = x.f32();
     float* yp = y.f32();
-    // im2col in tiles of output pixels, then [tile, kdim] x [o, kdim]^T: bounds the column buffer.
+    // im2col in tiles of output pixels, then [tile, kdim] x [o, kdim]^T: bounds the column buffer. BLAS
+    // is batch-invariant here: every image runs the same calls, whose shapes depend on its size only.
     const int64_t kTile = std::max<int64_t>(64, (int64_t(8) << 20) / std::max<int64_t>(kdim, 1));
     std::vector<float> col;
     for (int64_t img = 0; img < n; ++img) {
