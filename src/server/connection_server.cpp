@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 namespace zimage::server {
@@ -31,12 +32,17 @@ class ThreadPerConnection : public httplib::TaskQueue {
       std::lock_guard<std::mutex> lock(mutex_);
       running_++;
     }
-    std::thread([this, fn = std::move(fn)] {
+    auto serve = [this, fn] {
       fn();
       std::lock_guard<std::mutex> lock(mutex_);
       running_--;
       done_.notify_all();
-    }).detach();
+    };
+    try {
+      std::thread(serve).detach();
+    } catch (const std::system_error&) {
+      serve();  // no thread to be had: serve it on the accepting thread rather than drop it unanswered
+    }
   }
   void shutdown() override {
     std::unique_lock<std::mutex> lock(mutex_);

@@ -94,9 +94,10 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
     metrics_.add_response(status);
     return e.to_json();
   });
-  // Every answer httplib writes passes here once, whatever produced it.
-  http_->set_logger(
-      [this](const httplib::Request&, const httplib::Response& res) { metrics_.add_response(res.status); });
+  // Every answer httplib writes passes here once, whatever produced it, before it is written: a client
+  // that has read an answer finds it counted.
+  http_->set_post_routing_handler(
+      [this](const httplib::Request&, httplib::Response& res) { metrics_.add_response(res.status); });
 
   http_->set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (options_.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
