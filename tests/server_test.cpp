@@ -1149,6 +1149,10 @@ TEST(ServeBinary, BadFlagsExitWithCode2) {
   ServeProcess missing("--model-path /no/such/model --port 0");
   EXPECT_EQ(missing.port, -1);  // the model folder is checked before anything listens
   EXPECT_EQ(missing.wait_exit(20), 2);
+  ServeProcess bad_url("--model-path synthetic:tiny --port 0 --public-url ftp://images.example.com", "bad_url.log");
+  EXPECT_EQ(bad_url.port, -1);
+  EXPECT_EQ(bad_url.wait_exit(20), 2);
+  EXPECT_NE(bad_url.log().find("--public-url must start with http:// or https://"), std::string::npos) << bad_url.log();
 }
 
 // One server per port: a second `zimage serve` on a port in use fails before loading anything.
