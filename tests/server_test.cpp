@@ -2,19 +2,24 @@
 // tiny synthetic model for the API, the errors, batching, cancellation and timeouts, and the real
 // `zimage serve` binary for start-up, warm-up and graceful shutdown. Tests that need the worker to be
 // busy hold it at a gate in front of the model instead of relying on timing.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <openssl/evp.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -99,7 +104,6 @@ struct RecordingModel {
 ServerOptions test_options() {
   ServerOptions o;
   o.port = 0;
-  o.threads = 40;
   o.model_id = "synthetic:tiny";
   o.policy.default_steps = 9;
   o.policy.default_guidance = 0.0f;
@@ -198,6 +202,82 @@ void expect_openai_error(const Answer& r, int status, const std::string& code, c
   EXPECT_TRUE(j["error"]["type"].is_string());
 }
 
+// A TCP client on loopback for what cpp-httplib's client will not do: bad framing, slow bytes,
+// half-close, pipelining, chunked and gzip bodies.
+struct RawClient {
+  int fd = -1;
+
+  explicit RawClient(int port) {
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(uint16_t(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  }
+  ~RawClient() { close(fd); }
+  bool send_all(const std::string& bytes) {
+    for (size_t done = 0; done < bytes.size();) {
+      ssize_t n = send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      done += size_t(n);
+    }
+    return true;
+  }
+  void half_close() { shutdown(fd, SHUT_WR); }
+  // Everything the server sends until it closes the connection (or resets it), or `seconds` pass.
+  std::string read_all(double seconds) {
+    std::string out;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    for (auto now = std::chrono::steady_clock::now(); now < until; now = std::chrono::steady_clock::now()) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, int(std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count()) + 1) <= 0) break;
+      char buf[65536];
+      ssize_t n = recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      out.append(buf, size_t(n));
+    }
+    return out;
+  }
+};
+
+// The statuses of the answers in what a RawClient read, in order (interim 1xx answers left out); each
+// answer's body is skipped by its Content-Length.
+std::vector<int> statuses(const std::string& raw) {
+  std::vector<int> out;
+  for (size_t at = 0; raw.compare(at, 9, "HTTP/1.1 ") == 0;) {
+    const int status = std::atoi(raw.c_str() + at + 9);
+    const size_t head_end = raw.find("\r\n\r\n", at);
+    if (head_end == std::string::npos) break;
+    size_t length = 0;
+    const size_t cl = raw.find("Content-Length: ", at);
+    if (cl != std::string::npos && cl < head_end) length = size_t(std::atoll(raw.c_str() + cl + 16));
+    if (status >= 200) out.push_back(status);
+    at = head_end + 4 + (status >= 200 ? length : 0);
+  }
+  return out;
+}
+
+std::string post_text(const std::string& body, const std::string& headers = "") {
+  return "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+         "Content-Length: " +
+         std::to_string(body.size()) + "\r\n" + headers + "\r\n" + body;
+}
+
+std::string gzip(const std::string& data) {
+  z_stream z{};
+  EXPECT_EQ(deflateInit2(&z, 9, Z_DEFLATED, 15 + 16, 9, Z_DEFAULT_STRATEGY), Z_OK);  // 16: gzip framing
+  std::string out(deflateBound(&z, uLong(data.size())), '\0');
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  z.avail_in = uInt(data.size());
+  z.next_out = reinterpret_cast<Bytef*>(out.data());
+  z.avail_out = uInt(out.size());
+  EXPECT_EQ(deflate(&z, Z_FINISH), Z_STREAM_END);
+  out.resize(z.total_out);
+  deflateEnd(&z);
+  return out;
+}
+
 }  // namespace
 
 // ---- the request parser alone (no sockets) ----
@@ -251,6 +331,23 @@ TEST(ImageRequestParser, FillsDefaultsAndReadsEveryField) {
   EXPECT_EQ(f.model, "z-image");
 }
 
+// One negative prompt per prompt of the request, or one string for all; a request has one prompt.
+TEST(ImageRequestParser, NegativePromptIsAStringOrAListOfOnePerPrompt) {
+  RequestPolicy p;
+  auto one = parse_image_request(R"({"prompt": "a fox", "negative_prompt": ["blurry"]})", p);
+  ASSERT_TRUE(std::holds_alternative<ImageRequest>(one));
+  EXPECT_EQ(std::get<ImageRequest>(one).negative_prompt, "blurry");
+  auto two = parse_image_request(R"({"prompt": "a fox", "negative_prompt": ["blurry", "dark"]})", p);
+  ASSERT_TRUE(std::holds_alternative<RequestError>(two));
+  EXPECT_EQ(std::get<RequestError>(two).param, "negative_prompt");
+  EXPECT_NE(std::get<RequestError>(two).message.find("list of 2 for 1 prompt"), std::string::npos);
+  auto number = parse_image_request(R"({"prompt": "a fox", "negative_prompt": [3]})", p);
+  ASSERT_TRUE(std::holds_alternative<RequestError>(number));
+  EXPECT_EQ(std::get<RequestError>(number).param, "negative_prompt");
+  auto object = parse_image_request(R"({"prompt": "a fox", "negative_prompt": {"a": 1}})", p);
+  ASSERT_TRUE(std::holds_alternative<RequestError>(object));
+}
+
 TEST(ImageStore, EvictsOldestBeyondTheCountAndExpiredImages) {
   ImageStore store(std::chrono::seconds(3600), 2);
   std::string a = store.put("A", "image/png"), b = store.put("B", "image/png"), c = store.put("C", "image/webp");
@@ -297,7 +394,7 @@ TEST(Server, HealthIsReadyOnlyAfterLoadingAndModelsAndMetricsAnswer) {
   EXPECT_EQ(metric(metrics.body, "zimage_ready"), 1);
   EXPECT_EQ(metric(metrics.body, "zimage_queue_depth"), 0);
   EXPECT_EQ(metric(metrics.body, "zimage_requests_in_flight"), 0);
-  EXPECT_EQ(metric(metrics.body, "zimage_requests_total{status=\"503\"}"), 1);
+  EXPECT_EQ(metric(metrics.body, "zimage_requests_total{status=\"503\"}"), 2);  // /health and the POST
   EXPECT_EQ(metric(metrics.body, "zimage_errors_total{kind=\"loading\"}"), 1);
   EXPECT_EQ(metric(metrics.body, "zimage_device_memory_bytes{kind=\"in_use\"}"), 0);  // the CPU holds no device memory
   for (const char* stage : {"text_encoder", "denoise", "vae_decode"})
@@ -373,8 +470,8 @@ TEST(Server, GeneratesImagesAsBase64AndUrlsInEveryFormat) {
     EXPECT_EQ(decode(img.body).width, 64);
   }
   std::string text = metrics_text(s);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 6);  // 2 + 1 + 1 + 2
-  EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), 4);
+  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 6);          // 2 + 1 + 1 + 2
+  EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), 6);  // 4 POSTs, 2 image GETs
   EXPECT_EQ(metric(text, "zimage_stage_seconds_count{stage=\"denoise\"}"), 4);
   EXPECT_EQ(metric(text, "zimage_request_seconds_count"), 4);
 }
@@ -467,10 +564,206 @@ TEST(Server, ApiKeyIsRequiredOnEveryRouteButHealth) {
 
   const httplib::Headers key = {{"Authorization", "Bearer sekret"}};
   EXPECT_EQ(get(*c, "/v1/models", key).status, 200);
+  // The scheme is case-insensitive (RFC 9110); the key is not.
+  EXPECT_EQ(get(*c, "/v1/models", {{"Authorization", "bearer sekret"}}).status, 200);
+  EXPECT_EQ(get(*c, "/v1/models", {{"Authorization", "BEARER sekret"}}).status, 200);
   auto r = post(*c, small("a"), key);
   ASSERT_EQ(r.status, 200) << r.body;
   auto m = get(*c, "/metrics", key);
   EXPECT_EQ(metric(m.body, "zimage_errors_total{kind=\"invalid_api_key\"}"), 6);
+  EXPECT_EQ(metric(m.body, "zimage_requests_total{status=\"401\"}"), 6);
+}
+
+// --max-body-bytes holds for the decoded body: a chunked body and a gzip body that inflates past it are
+// 413 (they were 200), while small chunked and gzip bodies are read as any other.
+TEST(Server, BodyLimitHoldsForChunkedAndGzipBodies) {
+  RecordingModel model;
+  TestServer s(model.fn());  // 1 MiB
+  const std::string head =
+      "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+      "Connection: close\r\n";
+  {
+    RawClient c(s.port);
+    std::thread sender([&] {  // 3 MB in 48 chunks; the server stops reading after 1 MiB
+      if (!c.send_all(head + "Transfer-Encoding: chunked\r\n\r\n")) return;
+      const std::string chunk = "10000\r\n" + std::string(65536, ' ') + "\r\n";
+      for (int i = 0; i < 48; ++i)
+        if (!c.send_all(chunk)) return;
+      c.send_all("0\r\n\r\n");
+    });
+    const std::string raw = c.read_all(10);
+    sender.join();
+    EXPECT_EQ(statuses(raw), std::vector<int>{413}) << raw.substr(0, 300);
+    EXPECT_NE(raw.find("\"payload_too_large\""), std::string::npos);
+  }
+  {
+    // {"prompt": "a"} then 64 MiB of spaces (valid JSON) is 65 KB as gzip.
+    const std::string bomb = gzip(R"({"prompt": "a", "size": "64x64"})" + std::string(size_t(64) << 20, ' '));
+    EXPECT_LT(bomb.size(), size_t(100000));
+    RawClient c(s.port);
+    c.send_all(head + "Content-Encoding: gzip\r\nContent-Length: " + std::to_string(bomb.size()) + "\r\n\r\n" + bomb);
+    EXPECT_EQ(statuses(c.read_all(10)), std::vector<int>{413});
+  }
+  const std::string body = small("chunked").dump();
+  {
+    RawClient c(s.port);
+    const size_t half = body.size() / 2;
+    char sizes[64];
+    std::snprintf(sizes, sizeof sizes, "%zx", half);
+    std::string chunked =
+        head + "Transfer-Encoding: chunked\r\n\r\n" + sizes + ";ext=1\r\n" + body.substr(0, half) + "\r\n";
+    std::snprintf(sizes, sizeof sizes, "%zX", body.size() - half);
+    chunked += std::string(sizes) + "\r\n" + body.substr(half) + "\r\n0\r\nTrailer: x\r\n\r\n";
+    c.send_all(chunked);
+    const std::string raw = c.read_all(30);
+    EXPECT_EQ(statuses(raw), std::vector<int>{200}) << raw.substr(0, 300);
+  }
+  {
+    RawClient c(s.port);
+    const std::string packed = gzip(small("gzip").dump());
+    c.send_all(head + "Content-Encoding: gzip\r\nContent-Length: " + std::to_string(packed.size()) + "\r\n\r\n" +
+               packed);
+    EXPECT_EQ(statuses(c.read_all(30)), std::vector<int>{200});
+  }
+  EXPECT_EQ(model.all_prompts(), (std::vector<std::string>{"chunked", "gzip"}));
+  std::string text = metrics_text(s);
+  EXPECT_EQ(metric(text, "zimage_errors_total{kind=\"payload_too_large\"}"), 2);
+  EXPECT_EQ(metric(text, "zimage_requests_total{status=\"413\"}"), 2);
+}
+
+// 90 connections sending one header byte every 100 ms neither keep /health nor generation from answering
+// at once, and each is answered 408 once its read timeout has passed.
+TEST(Server, SlowClientsCannotStarveTheServerAndAreCutAtTheReadTimeout) {
+  RecordingModel model;
+  ServerOptions o = test_options();
+  o.read_timeout = std::chrono::milliseconds(1500);
+  TestServer s(model.fn(), o);
+  std::vector<std::unique_ptr<RawClient>> slow;
+  for (int i = 0; i < 90; ++i) slow.push_back(std::make_unique<RawClient>(s.port));
+  std::atomic<bool> stop{false};
+  std::thread dribble([&] {
+    const std::string head = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";  // never a blank line
+    for (size_t i = 0; !stop; ++i) {
+      for (auto& c : slow) c->send_all(std::string(1, head[i % head.size()]));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 4; ++i) {
+    auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(get(*s.client(), "/health").status, 200);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 0.5);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(post(*s.client(), small("while slow clients dribble")).status, 200);
+  stop = true;
+  dribble.join();
+  for (auto& c : slow) {
+    const std::string raw = c->read_all(5);
+    EXPECT_EQ(statuses(raw), std::vector<int>{408}) << raw.substr(0, 200);
+  }
+  const double cut_after = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(cut_after, 4.0);
+  EXPECT_EQ(metric(metrics_text(s), "zimage_requests_total{status=\"408\"}"), 90);
+}
+
+// HTTP/1.1 as clients use it: half-close after the request, 405 for a known route's wrong method,
+// ambiguous or negative Content-Length refused, pipelined requests answered in order.
+TEST(Server, HalfClosePipeliningMethodsAndContentLength) {
+  RecordingModel model;
+  TestServer s(model.fn());
+  auto exchange = [&](const std::string& bytes, bool half_close = false) {
+    RawClient c(s.port);
+    c.send_all(bytes);
+    if (half_close) c.half_close();
+    return c.read_all(30);
+  };
+  std::string raw = exchange(post_text(small("half-closed").dump()), true);
+  EXPECT_EQ(statuses(raw), std::vector<int>{200}) << raw.substr(0, 300);
+  EXPECT_EQ(model.all_prompts(), std::vector<std::string>{"half-closed"});
+
+  raw = exchange("GET /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(statuses(raw), std::vector<int>{405}) << raw.substr(0, 300);
+  EXPECT_NE(raw.find("Allow: POST\r\n"), std::string::npos);
+  EXPECT_NE(raw.find("\"method_not_allowed\""), std::string::npos);
+  raw = exchange("POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(statuses(raw), std::vector<int>{405});
+  EXPECT_NE(raw.find("Allow: GET\r\n"), std::string::npos);
+  EXPECT_EQ(statuses(exchange("DELETE /v1/images/abc/content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")),
+            std::vector<int>{405});
+
+  const std::string body = small("never").dump();
+  raw = exchange(post_text(body, "Content-Length: " + std::to_string(body.size() + 1) + "\r\n"));
+  EXPECT_EQ(statuses(raw), std::vector<int>{400}) << raw.substr(0, 300);
+  EXPECT_NE(raw.find("two different Content-Length"), std::string::npos);
+  raw = exchange("POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}");
+  EXPECT_EQ(statuses(raw), std::vector<int>{400});
+  EXPECT_NE(raw.find("non-negative integer"), std::string::npos);
+  raw = exchange(
+      "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+      "Transfer-Encoding: chunked\r\n\r\n{}");
+  EXPECT_EQ(statuses(raw), std::vector<int>{400});
+
+  // Three requests in one write: three answers, in order.
+  raw = exchange(post_text(small("first").dump()) + "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" +
+                 post_text(small("third").dump(), "Connection: close\r\n"));
+  EXPECT_EQ(statuses(raw), (std::vector<int>{200, 200, 200})) << raw.substr(0, 300);
+  EXPECT_LT(raw.find("b64_json"), raw.find("\"object\":\"list\""));
+  EXPECT_EQ(model.all_prompts(), (std::vector<std::string>{"half-closed", "first", "third"}));
+}
+
+// Urls are built from --public-url (default: the address listened on), never from the client's Host;
+// a url answer never holds more images than the store keeps.
+TEST(Server, UrlAnswersUseThePublicUrlAndFitTheStore) {
+  RecordingModel model;
+  ServerOptions o = test_options();
+  o.url_max_images = 2;
+  TestServer s(model.fn(), o);
+  auto c = s.client();
+  json u = small("a");
+  u["response_format"] = "url";
+  u["n"] = 2;
+  auto r = post(*c, u, {{"Host", "attacker.example"}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  for (const auto& d : json::parse(r.body)["data"]) {
+    const std::string url = d["url"];
+    EXPECT_EQ(url.rfind("http://127.0.0.1:" + std::to_string(s.port) + "/v1/images/", 0), 0u) << url;
+    EXPECT_EQ(get(*c, url.substr(url.find("/v1/"))).status, 200);
+  }
+  u["n"] = 3;
+  expect_openai_error(post(*c, u), 400, "invalid_value", "n", "--url-max-images");
+
+  o.public_url = "https://images.example.com/zimage";
+  TestServer pub(model.fn(), o);
+  u["n"] = 1;
+  r = post(*pub.client(), u);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const std::string url = json::parse(r.body)["data"][0]["url"];
+  EXPECT_EQ(url.rfind("https://images.example.com/zimage/v1/images/", 0), 0u) << url;
+}
+
+// zimage_requests_total counts every answer, also those refused before a handler ran.
+TEST(Server, EveryAnswerIsCountedByStatus) {
+  RecordingModel model;
+  ServerOptions o = test_options();
+  o.api_key = "k";
+  o.max_body_bytes = 4096;
+  TestServer s(model.fn(), o);
+  auto c = s.client();
+  const httplib::Headers key = {{"Authorization", "Bearer k"}};
+  EXPECT_EQ(post(*c, small("a")).status, 401);
+  EXPECT_EQ(post(*c, small(std::string(8000, 'a')), key).status, 413);
+  for (const char* length : {"x", "-1"}) {  // HTTP-level 400s, before any handler
+    RawClient raw(s.port);
+    raw.send_all(std::string("GET /v1/models HTTP/1.1\r\nContent-Length: ") + length + "\r\n\r\n");
+    EXPECT_EQ(statuses(raw.read_all(10)), std::vector<int>{400}) << length;
+  }
+  EXPECT_EQ(get(*c, "/v1/nothing", key).status, 404);
+  auto m = get(*c, "/metrics", key);
+  EXPECT_EQ(metric(m.body, "zimage_requests_total{status=\"401\"}"), 1);
+  EXPECT_EQ(metric(m.body, "zimage_requests_total{status=\"413\"}"), 1);
+  EXPECT_EQ(metric(m.body, "zimage_requests_total{status=\"400\"}"), 2);
+  EXPECT_EQ(metric(m.body, "zimage_requests_total{status=\"404\"}"), 1);
 }
 
 TEST(Server, UnknownImageIdsAndRoutesAre404) {
@@ -742,10 +1035,12 @@ struct ServeProcess {
   int port = -1;
   int out_fd = -1;
 
-  explicit ServeProcess(const std::string& args) {
+  std::string log_path;
+
+  explicit ServeProcess(const std::string& args, const std::string& log = "serve.log")
+      : log_path(zimage::testing::temp_path(log)) {
     const char* bin = std::getenv("ZIMAGE_BINARY");
-    std::string cmd = std::string(bin && *bin ? bin : ZIMAGE_BINARY) + " serve " + args + " 2>" +
-                      zimage::testing::temp_path("serve.log");
+    std::string cmd = std::string(bin && *bin ? bin : ZIMAGE_BINARY) + " serve " + args + " 2>" + log_path;
     int fds[2];
     EXPECT_EQ(pipe(fds), 0);
     posix_spawn_file_actions_t actions;
@@ -794,6 +1089,10 @@ struct ServeProcess {
     auto c = std::make_unique<httplib::Client>("127.0.0.1", port);
     c->set_read_timeout(60, 0);
     return c;
+  }
+  std::string log() const {
+    std::ifstream in(log_path);
+    return std::string(std::istreambuf_iterator<char>(in), {});
   }
   bool wait_health(int status) {
     for (int i = 0; i < 3000; ++i) {
@@ -850,4 +1149,20 @@ TEST(ServeBinary, BadFlagsExitWithCode2) {
   ServeProcess missing("--model-path /no/such/model --port 0");
   EXPECT_EQ(missing.port, -1);  // the model folder is checked before anything listens
   EXPECT_EQ(missing.wait_exit(20), 2);
+  ServeProcess bad_url("--model-path synthetic:tiny --port 0 --public-url ftp://images.example.com", "bad_url.log");
+  EXPECT_EQ(bad_url.port, -1);
+  EXPECT_EQ(bad_url.wait_exit(20), 2);
+  EXPECT_NE(bad_url.log().find("--public-url must start with http:// or https://"), std::string::npos) << bad_url.log();
+}
+
+// One server per port: a second `zimage serve` on a port in use fails before loading anything.
+TEST(ServeBinary, SecondServerOnAPortInUseExitsOne) {
+  ServeProcess first("--model-path synthetic:tiny --backend cpu --port 0", "first.log");
+  ASSERT_GT(first.port, 0);
+  ASSERT_TRUE(first.wait_health(200));
+  ServeProcess second("--model-path synthetic:tiny --backend cpu --port " + std::to_string(first.port), "second.log");
+  EXPECT_EQ(second.port, -1);
+  EXPECT_EQ(second.wait_exit(20), 1);
+  EXPECT_NE(second.log().find("address in use"), std::string::npos) << second.log();
+  EXPECT_EQ(get(*first.client(), "/v1/models").status, 200);
 }

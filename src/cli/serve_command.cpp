@@ -23,9 +23,9 @@ namespace zimage::cli {
 namespace {
 
 struct ServeOptions {
-  std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024";
-  int port = 30000, max_batch_size = 4, batch_delay_ms = 10, max_queue = 64, max_n = 4, threads = 0;
-  double request_timeout_s = 600;
+  std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024", public_url;
+  int port = 30000, max_batch_size = 4, batch_delay_ms = 10, max_queue = 64, max_n = 4, max_connections = 1024;
+  double request_timeout_s = 600, read_timeout_s = 30;
   int64_t max_pixels = int64_t(2048) * 2048;
   size_t max_body_bytes = size_t(1) << 20, url_max_images = 256;
   int url_ttl_s = 3600;
@@ -68,6 +68,14 @@ std::pair<int, int> parse_warmup_size(const std::string& s) {
   return {w, h};
 }
 
+// "https://images.example.com/zimage" -> itself without a trailing '/'.
+std::string check_public_url(std::string url) {
+  ZI_CHECK(url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0, ErrorKind::InvalidArgument,
+           "--public-url must start with http:// or https://, got '" + url + "'");
+  while (url.back() == '/') url.pop_back();
+  return url;
+}
+
 }  // namespace
 
 Command add_serve(CLI::App& app) {
@@ -93,17 +101,26 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--max-pixels", o->max_pixels, "Largest width*height accepted")
       ->check(CLI::Range(int64_t(256), int64_t(1) << 30));
   cmd->add_option("--max-n", o->max_n, "Most images per request (n)")->check(CLI::Range(1, 256));
-  cmd->add_option("--max-body-bytes", o->max_body_bytes, "Largest request body; larger gets 413")
+  cmd->add_option("--max-body-bytes", o->max_body_bytes,
+                  "Largest request body after chunked/gzip decoding; larger gets 413")
       ->check(CLI::Range(size_t(64), size_t(1) << 30));
   cmd->add_option("--url-ttl", o->url_ttl_s, "Seconds the images of url answers are kept")
       ->check(CLI::Range(1, 7 * 24 * 3600));
-  cmd->add_option("--url-max-images", o->url_max_images, "Most images of url answers kept at a time (oldest go first)")
+  cmd->add_option("--url-max-images", o->url_max_images,
+                  "Most images of url answers kept at a time (oldest go first); a url request with more n is 400")
       ->check(CLI::Range(size_t(1), size_t(1) << 20));
-  cmd->add_option("--threads", o->threads, "HTTP worker threads (0: max-queue + max-batch-size + 8)")
-      ->check(CLI::Range(0, 100000));
+  cmd->add_option("--public-url", o->public_url,
+                  "Start of the urls in url answers, e.g. https://images.example.com (default: http://HOST:PORT)");
+  cmd->add_option("--read-timeout", o->read_timeout_s,
+                  "Seconds a client has to send a whole request (headers and body); then 408 and the connection closes")
+      ->check(CLI::Range(0.1, 3600.0));
+  cmd->add_option("--max-connections", o->max_connections,
+                  "Connections served at once, one thread each (default 1024); more get 503")
+      ->check(CLI::Range(1, 100000));
   return {cmd, [o] {
             install_signal_handlers();
             const auto [warmup_w, warmup_h] = parse_warmup_size(o->warmup_size);
+            const std::string public_url = o->public_url.empty() ? "" : check_public_url(o->public_url);
             ModelSource model = open_model(o->model);  // configs only: a bad path fails before anything listens
             const ParallelConfig par = check_device_options(o->device, model);
             server::Metrics metrics;
@@ -128,7 +145,9 @@ Command add_serve(CLI::App& app) {
             so.request_timeout = std::chrono::milliseconds(int64_t(o->request_timeout_s * 1000));
             so.url_ttl = std::chrono::seconds(o->url_ttl_s);
             so.url_max_images = o->url_max_images;
-            so.threads = o->threads > 0 ? o->threads : o->max_queue + o->max_batch_size + 8;
+            so.public_url = public_url;
+            so.read_timeout = std::chrono::milliseconds(int64_t(o->read_timeout_s * 1000));
+            so.max_connections = o->max_connections;
             so.model_id = model.name;
             so.policy.max_n = o->max_n;
             so.policy.max_pixels = o->max_pixels;

@@ -25,7 +25,8 @@ bool endpoint_is(const sockaddr_storage& addr, socklen_t len, const std::string&
 }  // namespace
 
 ClientConnection::ClientConnection(const std::string& local_addr, int local_port, const std::string& remote_addr,
-                                   int remote_port) {
+                                   int remote_port, bool http11)
+    : http11_(http11) {
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
     const std::string name = entry.path().filename().string();
@@ -45,11 +46,17 @@ ClientConnection::ClientConnection(const std::string& local_addr, int local_port
   }
 }
 
-bool ClientConnection::connected() const {
+bool ClientConnection::connected() {
   if (fd_ < 0) return true;
   pollfd p{fd_, POLLRDHUP, 0};
   if (poll(&p, 1, 0) <= 0) return true;
-  return !(p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+  if (p.revents & (POLLHUP | POLLERR)) return false;  // reset, or both halves shut
+  if (!(p.revents & POLLRDHUP)) return true;
+  if (!http11_) return false;
+  if (probed_) return true;  // half-closed; a closed socket's reset shows as POLLERR on a later call
+  probed_ = true;
+  static constexpr char kProbe[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  return send(fd_, kProbe, sizeof kProbe - 1, MSG_NOSIGNAL | MSG_DONTWAIT) == ssize_t(sizeof kProbe - 1);
 }
 
 }  // namespace zimage::server

@@ -1,18 +1,19 @@
 #include "server/http_server.h"
 
 #include <httplib.h>
-#include <sys/socket.h>
 
 #include <csignal>
 #include <ctime>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <regex>
 
 #include "core/error.h"
 #include "core/log.h"
 #include "io/image.h"
 #include "server/base64.h"
 #include "server/client_connection.h"
+#include "server/connection_server.h"
 
 namespace zimage::server {
 
@@ -50,36 +51,57 @@ bool same_secret(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
+// "Bearer <key>" with the scheme in any case, as RFC 9110 has auth schemes, and the key exact.
+bool authorized(const std::string& header, const std::string& key) {
+  const size_t space = header.find(' ');
+  if (space == std::string::npos) return false;
+  std::string scheme = header.substr(0, space);
+  for (char& c : scheme) c = char(std::tolower(static_cast<unsigned char>(c)));
+  const size_t token = header.find_first_not_of(' ', space);
+  return scheme == "bearer" && token != std::string::npos && same_secret(header.substr(token), key);
+}
+
+// The methods a route of ours answers ("GET"), or empty for a path that is no route: a known route
+// asked with another method is 405 rather than 404.
+std::string allowed_methods(const std::string& path) {
+  static const std::regex image_content(R"(/v1/images/[^/]+/content)");
+  if (path == "/v1/images/generations") return "POST";
+  if (path == "/v1/models" || path == "/health" || path == "/metrics" || std::regex_match(path, image_content))
+    return "GET";
+  return "";
+}
+
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 }  // namespace
-
-// cpp-httplib 0.11 listens with a backlog of 5, compiled into Debian's library: a burst of 16 clients
-// connecting at once overflows it, the kernel falls back to SYN cookies and resets some of those
-// connections. Listening again on the bound socket raises the backlog; the socket is a protected
-// member, hence the subclass.
-class Listener : public httplib::Server {
- public:
-  bool raise_backlog() { return ::listen(svr_sock_, SOMAXCONN) == 0; }
-};
 
 HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics)
     : options_(std::move(options)),
       batcher_(batcher),
       metrics_(metrics),
       images_(options_.url_ttl, options_.url_max_images),
-      http_(std::make_unique<Listener>()),
       created_(long(std::time(nullptr))) {
-  ZI_CHECK(options_.threads > 0, ErrorKind::InvalidArgument, "the server needs at least one HTTP thread");
+  ZI_CHECK(options_.max_connections > 0, ErrorKind::InvalidArgument, "the server needs at least one connection");
   // A client that leaves while its answer is written must not kill the process with SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
-  const int threads = options_.threads;
-  http_->new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
-  http_->set_payload_max_length(options_.max_body_bytes);
+  ConnectionLimits limits;
+  limits.read.max_body_bytes = options_.max_body_bytes;
+  limits.read_timeout = options_.read_timeout;
+  limits.max_connections = options_.max_connections;
+  http_ = std::make_unique<ConnectionServer>(limits, [this](int status, const std::string& message) {
+    const ApiError e = refused(status, message, options_.max_body_bytes);
+    metrics_.add_error(e.code);
+    metrics_.add_response(status);
+    return e.to_json();
+  });
+  // Every answer httplib writes passes here once, whatever produced it, before it is written: a client
+  // that has read an answer finds it counted.
+  http_->set_post_routing_handler(
+      [this](const httplib::Request&, httplib::Response& res) { metrics_.add_response(res.status); });
 
   http_->set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (options_.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
-    if (same_secret(req.get_header_value("Authorization"), "Bearer " + options_.api_key))
+    if (authorized(req.get_header_value("Authorization"), options_.api_key))
       return httplib::Server::HandlerResponse::Unhandled;
     send_error(res, unauthorized());
     return httplib::Server::HandlerResponse::Handled;
@@ -87,8 +109,13 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
   // Answers the library made itself (unknown route, body over the bound, unreadable request) get
   // OpenAI's error body too; answers with a body are ours and already complete.
   http_->set_error_handler(
-      httplib::Server::HandlerWithResponse([this](const httplib::Request&, httplib::Response& res) {
-        if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+      httplib::Server::HandlerWithResponse([this](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty() || res.status == kClientClosed) return httplib::Server::HandlerResponse::Unhandled;
+        const std::string allowed = res.status == 404 ? allowed_methods(req.path) : "";
+        if (!allowed.empty()) {
+          res.status = 405;
+          res.set_header("Allow", allowed);
+        }
         send_error(res, res.status == 413 ? payload_too_large(options_.max_body_bytes) : from_status(res.status));
         return httplib::Server::HandlerResponse::Handled;
       }));
@@ -109,11 +136,10 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
     struct InFlight {
       Metrics& metrics;
       Clock::time_point start = Clock::now();
-      int status = 500;
-      ~InFlight() { metrics.request_finished(status, seconds_since(start)); }
+      ~InFlight() { metrics.request_finished(seconds_since(start)); }
     } in_flight{metrics_};
     metrics_.request_started();
-    in_flight.status = generate(req, res);
+    res.status = generate(req, res);
   });
   http_->Get(R"(/v1/images/([^/]+)/content)",
              [this](const httplib::Request& req, httplib::Response& res) { image_content(req, res); });
@@ -134,16 +160,12 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
 HttpServer::~HttpServer() { stop(); }
 
 int HttpServer::start() {
-  int port = options_.port;
-  if (port == 0) {
-    port = http_->bind_to_any_port(options_.host);
-  } else if (!http_->bind_to_port(options_.host, port)) {
-    port = -1;
-  }
-  ZI_CHECK(
-      port > 0, ErrorKind::Io,
-      "cannot listen on " + options_.host + ":" + std::to_string(options_.port) + " (address in use or not local?)");
-  if (!http_->raise_backlog()) log_warn("could not raise the listen backlog: bursts of connections may be refused");
+  auto bound = http_->bind_and_listen(options_.host, options_.port);
+  if (const auto* why = std::get_if<std::string>(&bound)) throw Error(ErrorKind::Io, "cannot listen on " + *why);
+  const int port = std::get<int>(bound);
+  const std::string host = options_.host.find(':') != std::string::npos ? "[" + options_.host + "]" : options_.host;
+  base_url_ = options_.public_url.empty() ? "http://" + host + ":" + std::to_string(port) : options_.public_url;
+  while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
   listener_ = std::thread([this] { http_->listen_after_bind(); });
   // stop() only takes effect once the listener runs; wait for it so a quick stop() cannot be lost.
   while (!http_->is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -182,6 +204,12 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
   auto parsed = parse_image_request(req.body, options_.policy);
   if (const auto* bad = std::get_if<RequestError>(&parsed)) return fail(invalid_request(bad->message, bad->param));
   ImageRequest request = std::get<ImageRequest>(std::move(parsed));
+  // Every image of one url answer must still be in the store when the answer arrives.
+  if (request.response_format == ResponseFormat::Url && size_t(request.n) > options_.url_max_images)
+    return fail(invalid_request("n = " + std::to_string(request.n) + " url images is more than the server keeps (" +
+                                    std::to_string(options_.url_max_images) +
+                                    ", --url-max-images); ask for fewer or use b64_json",
+                                "n"));
   if (request.seeds.empty()) request.seeds.push_back(random_seed());
 
   auto job = std::make_shared<Job>(request);
@@ -190,7 +218,7 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
     case Batcher::Admission::QueueFull: return fail(queue_full(batcher_.max_queue()));
     case Batcher::Admission::ShuttingDown: return fail(unavailable("the server is shutting down", "shutting_down"));
   }
-  ClientConnection client(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
+  ClientConnection client(req.local_addr, req.local_port, req.remote_addr, req.remote_port, req.version == "HTTP/1.1");
   const auto deadline = job->arrival() + options_.request_timeout;
   while (!job->wait_until(std::min(Clock::now() + kDisconnectPoll, deadline))) {
     if (Clock::now() >= deadline) {
@@ -222,9 +250,7 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
     const std::string_view bytes(reinterpret_cast<const char*>(file.data()), file.size());
     if (request.response_format == ResponseFormat::Url) {
       std::string id = images_.put(std::string(bytes), content_type(request.output_format));
-      std::string host =
-          req.has_header("Host") ? req.get_header_value("Host") : options_.host + ":" + std::to_string(req.local_port);
-      data.push_back({{"url", "http://" + host + "/v1/images/" + id + "/content"}});
+      data.push_back({{"url", base_url_ + "/v1/images/" + id + "/content"}});
     } else {
       data.push_back({{"b64_json", base64_encode(bytes)}});
     }

@@ -4,8 +4,9 @@
 //   GET  /v1/models               the one model served
 //   GET  /health                  200 once the model is loaded and warmed up; 503 before and while draining
 //   GET  /metrics                 Prometheus text (see metrics.h)
-// Every error is OpenAI's error JSON (openai_errors.h). With an API key, every route but /health needs
-// "Authorization: Bearer <key>".
+// Every error is OpenAI's error JSON (openai_errors.h); a wrong method on one of these routes is 405.
+// With an API key, every route but /health needs "Authorization: Bearer <key>" (the scheme in any case).
+// Connections, read deadlines and body limits are ConnectionServer's (connection_server.h).
 #pragma once
 
 #include <atomic>
@@ -27,20 +28,23 @@ struct Response;
 
 namespace zimage::server {
 
-class Listener;  // cpp-httplib's server, with a deeper listen backlog
+class ConnectionServer;
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
-  int port = 30000;     // 0: any free port (start() says which)
-  std::string api_key;  // empty: no authentication
-  size_t max_body_bytes = size_t(1) << 20;
+  int port = 30000;                         // 0: any free port (start() says which)
+  std::string api_key;                      // empty: no authentication
+  size_t max_body_bytes = size_t(1) << 20;  // after chunked and gzip/deflate decoding
+  // Time to receive one whole request (headers and body), counted from when the connection is idle.
+  std::chrono::milliseconds read_timeout{std::chrono::seconds(30)};
   std::chrono::milliseconds request_timeout{std::chrono::seconds(600)};  // arrival to answer
   std::chrono::seconds url_ttl{3600};
-  size_t url_max_images = 256;
-  // Each connection holds one thread while its request waits, so this must exceed the queue bound
-  // plus a batch, or a full queue shows up as stalled connections instead of 429s.
-  int threads = 76;
-  std::string model_id;  // what /v1/models reports and PNG metadata names
+  size_t url_max_images = 256;  // also the most images one url answer may have (larger n is 400)
+  // The start of the urls of url answers ("https://images.example.com"); empty: http://host:port as
+  // listened on. Never taken from the request's Host header, which the client chooses.
+  std::string public_url;
+  int max_connections = 1024;  // served at once, one thread each; more are answered 503
+  std::string model_id;        // what /v1/models reports and PNG metadata names
   RequestPolicy policy;
 };
 
@@ -65,7 +69,8 @@ class HttpServer {
   Batcher& batcher_;
   Metrics& metrics_;
   ImageStore images_;
-  std::unique_ptr<Listener> http_;
+  std::string base_url_;  // of url answers, without a trailing '/'
+  std::unique_ptr<ConnectionServer> http_;
   std::thread listener_;
   std::atomic<bool> ready_{false}, draining_{false};
   const long created_;  // unix time of start, as /v1/models' `created`

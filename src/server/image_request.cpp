@@ -61,6 +61,22 @@ float get_float(const json& body, const char* name, float fallback) {
   return x;
 }
 
+// A string for every prompt, or a list of one string per prompt (the CLI's repeated --negative-prompt).
+// A request here has one prompt, so a list holds one.
+std::string get_negative_prompt(const json& body, size_t prompts) {
+  const json* v = field(body, "negative_prompt");
+  if (!v) return "";
+  if (v->is_string()) return v->get<std::string>();
+  if (!v->is_array()) reject("negative_prompt must be a string or a list of strings", "negative_prompt");
+  if (v->size() != prompts)
+    reject("negative_prompt is a list of " + std::to_string(v->size()) + " for " + std::to_string(prompts) +
+               " prompt(s); give one per prompt, or a single string",
+           "negative_prompt");
+  for (const auto& s : *v)
+    if (!s.is_string()) reject("every negative_prompt in the list must be a string", "negative_prompt");
+  return (*v)[0].get<std::string>();
+}
+
 // The tokenizer's limits on prompts, as a 400 naming the field.
 void check_text(const std::string& prompt, const char* name) {
   try {
@@ -132,7 +148,7 @@ ImageRequest parse(std::string_view text, const RequestPolicy& p) {
   if (!prompt->is_string()) reject("prompt must be a string", "prompt");
   r.prompt = prompt->get<std::string>();
   if (r.prompt.empty()) reject("prompt must not be empty", "prompt");
-  r.negative_prompt = get_string(body, "negative_prompt", "");
+  r.negative_prompt = get_negative_prompt(body, 1);
   check_text(r.prompt, "prompt");
   check_text(r.negative_prompt, "negative_prompt");
   r.model = get_string(body, "model", "");

@@ -78,11 +78,15 @@ void Metrics::request_started() {
   in_flight_++;
 }
 
-void Metrics::request_finished(int status, double seconds) {
+void Metrics::request_finished(double seconds) {
   std::lock_guard<std::mutex> lock(mutex_);
   in_flight_--;
-  requests_by_status_[status]++;
   request_seconds_.observe(seconds);
+}
+
+void Metrics::add_response(int status) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  requests_by_status_[status]++;
 }
 
 void Metrics::observe_queue_wait(double seconds) {
@@ -133,7 +137,9 @@ std::string Metrics::render() const {
   header(out, "zimage_requests_in_flight", "gauge",
          "Generation requests accepted and not yet answered (queued or running).");
   sample(out, "zimage_requests_in_flight", "", double(in_flight_));
-  header(out, "zimage_requests_total", "counter", "Generation requests answered, by HTTP status.");
+  header(out, "zimage_requests_total", "counter",
+         "HTTP requests answered on any route, by status (also those refused before routing; 499: the client left "
+         "first).");
   for (const auto& [status, n] : requests_by_status_)
     sample(out, "zimage_requests_total", "status=\"" + std::to_string(status) + "\"", double(n));
   header(out, "zimage_requests_cancelled_total", "counter",

@@ -37,8 +37,11 @@ class Metrics {
 
   void set_ready(bool ready);
   void set_queue_depth(size_t requests);
-  void request_started();                             // a generation request was accepted by the HTTP layer...
-  void request_finished(int status, double seconds);  // ...and answered with `status` after `seconds`
+  void request_started();                 // a generation request was accepted by the HTTP layer...
+  void request_finished(double seconds);  // ...and answered after `seconds`
+  // Any HTTP answer, on any route, by status: also those refused before routing (400, 408, 413) and
+  // 401s; 499 when the client left before its answer.
+  void add_response(int status);
   void observe_queue_wait(double seconds);
   // One batch run by the worker: how many images it held and the pipeline's stage times.
   void observe_batch(int images, const StageTimes& times);

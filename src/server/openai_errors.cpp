@@ -26,7 +26,8 @@ ApiError unauthorized() {
 ApiError not_found(const std::string& message) { return {404, message, "invalid_request_error", "", "not_found"}; }
 
 ApiError payload_too_large(size_t max_bytes) {
-  return {413, "the request body is larger than the server's limit of " + std::to_string(max_bytes) + " bytes",
+  return {413,
+          "the request body (decoded) is larger than the server's limit of " + std::to_string(max_bytes) + " bytes",
           "invalid_request_error", "", "payload_too_large"};
 }
 
@@ -61,6 +62,18 @@ ApiError from_status(int status) {
     default:
       return {status, "HTTP error " + std::to_string(status), status < 500 ? "invalid_request_error" : "server_error",
               "", "http_" + std::to_string(status)};
+  }
+}
+
+ApiError refused(int status, const std::string& message, size_t max_body_bytes) {
+  switch (status) {
+    case 400: return invalid_request(message, "");
+    case 408: return {408, message, "invalid_request_error", "", "request_read_timeout"};
+    case 413: return payload_too_large(max_body_bytes);
+    case 503: return unavailable(message, "too_many_connections");
+    default:
+      return {status, message, status < 500 ? "invalid_request_error" : "server_error", "",
+              "http_" + std::to_string(status)};
   }
 }
 

@@ -30,5 +30,7 @@ ApiError request_timeout(double seconds);                                       
 ApiError from_engine_error(ErrorKind kind, const std::string& message);
 // What the HTTP layer produced without a handler (unknown route, unreadable request): a generic body.
 ApiError from_status(int status);
+// A request the connection layer refused before routing (connection_server.h), with its reason.
+ApiError refused(int status, const std::string& message, size_t max_body_bytes);
 
 }  // namespace zimage::server
