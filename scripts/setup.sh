@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   build-essential cmake pkg-config
   nlohmann-json3-dev libcli11-dev libcpp-httplib-dev libssl-dev
-  libpng-dev libjpeg62-turbo-dev libwebp-dev
+  libpng-dev libjpeg62-turbo-dev libwebp-dev zlib1g-dev
   libpcre2-dev libutf8proc-dev libopenblas-dev libgtest-dev
   # scripts/sanitize.sh and scripts/fuzz.sh: clang with its ASan, UBSan and libFuzzer runtimes
   clang libclang-rt-dev
