@@ -118,7 +118,7 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--cfg-normalization", o->cfg_normalization, "Cap the guided prediction's norm at this multiple of the positive one (0 = off)");
   cmd->add_option("--cfg-truncation", o->cfg_truncation, "Skip CFG on steps whose normalized time exceeds this (1 = never)");
   cmd->add_option("--max-sequence-length", o->max_sequence_length, "Prompt tokens after the chat template (longer prompts are truncated)");
-  cmd->add_option("--seed", o->seed, "Seed of the starting noise, 0 to 2^63-1 (torch.randn compatible)");
+  cmd->add_option("--seed", o->seed, "Seed of the starting noise, 0 to 2^63-1 (torch.randn compatible)")->type_name("INT");
   cmd->add_option("--generator-device", o->generator, "Noise stream to reproduce: torch's cpu or cuda generator")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--num-outputs-per-prompt", o->num_outputs_per_prompt, "Images per prompt");
