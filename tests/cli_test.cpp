@@ -396,6 +396,27 @@ TEST(Cli, InputsAreCheckedBeforeTheModelLoads) {
   }
   EXPECT_FALSE(fs::exists(png));
   EXPECT_TRUE(fs::is_character_file("/dev/full"));
+
+  // bench: every resolution and the result folder, before the load.
+  const std::string bench = "bench --model " + model + " --runs 1 --output-dir " + temp_path("bench_out") + " ";
+  ProcessResult bench_loads = run(bench + "--resolutions 32x32");
+  ASSERT_NE(bench_loads.code, 0) << bench_loads.out;
+  ASSERT_NE(bench_loads.out.find("tokenizer"), std::string::npos) << bench_loads.out;
+  Case bench_cases[] = {
+      {"--resolutions 32x32 1000x64", "width 1000 is not a multiple of 16"},
+      {"--resolutions 32x32 64x1000", "height 1000 is not a multiple of 16"},
+      {"--resolutions 32x32 64x64junk", "resolution '64x64junk' is not WIDTHxHEIGHT"},
+      {"--resolutions 99999999999x64", "is not WIDTHxHEIGHT"},
+  };
+  for (const auto& c : bench_cases) {
+    ProcessResult r = run(bench + c.args);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+    EXPECT_EQ(r.out.find("tokenizer"), std::string::npos) << c.args << " reached the load:\n" << r.out;
+  }
+  ProcessResult r = run("bench --model " + model + " --resolutions 32x32 --output-dir " + a_file + "/results");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--output-dir"), std::string::npos) << r.out;
 }
 
 // A write that fails (the disk is full) fails the command.

@@ -64,7 +64,8 @@ TEST(RequestLimits, NegativePromptsOneForAllOrOnePerPrompt) {
   r.negative_prompts = {"x", "y"};
   EXPECT_EQ(resolve_request(r, m, {}).negative_prompts, (std::vector<std::string>{"x", "y"}));
   r.negative_prompts = {"x", "y", "z"};
-  expect_error([&] { resolve_request(r, m, {}); }, ErrorKind::InvalidArgument, {"got 3 negative prompts for 2 prompts"});
+  expect_error([&] { resolve_request(r, m, {}); }, ErrorKind::InvalidArgument,
+               {"got 3 negative prompts for 2 prompts"});
 }
 
 TEST(RequestLimits, Utf8IsCheckedByTheStandardsTable) {
@@ -77,7 +78,9 @@ TEST(RequestLimits, Utf8IsCheckedByTheStandardsTable) {
 }
 
 TEST(RequestLimits, MessagesEscapeBadBytesAndControls) {
-  EXPECT_EQ(escape_for_message("a\xff" "b\x1b[31m\n漢"), "a\\xffb\\x1b[31m\\n漢");
+  EXPECT_EQ(escape_for_message("a\xff"
+                               "b\x1b[31m\n漢"),
+            "a\\xffb\\x1b[31m\\n漢");
   EXPECT_EQ(escape_for_message("\xc2\x9b"), "\\xc2\\x9b");  // C1 control CSI
   ModelSource m = open_model("synthetic:tiny");
   GenerateRequest r = one_prompt();
@@ -87,7 +90,8 @@ TEST(RequestLimits, MessagesEscapeBadBytesAndControls) {
     FAIL() << "accepted a prompt that is not UTF-8";
   } catch (const Error& e) {
     const std::string what = e.what();
-    EXPECT_NE(what.find("prompt 2 is not valid UTF-8: byte 0xff at offset 2 (\"a \\xff\\xfe cat\")"), std::string::npos) << what;
+    EXPECT_NE(what.find("prompt 2 is not valid UTF-8: byte 0xff at offset 2 (\"a \\xff\\xfe cat\")"), std::string::npos)
+        << what;
     EXPECT_EQ(what.find('\xff'), std::string::npos);
   }
 }

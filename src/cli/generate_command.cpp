@@ -118,11 +118,13 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--cfg-normalization", o->cfg_normalization, "Cap the guided prediction's norm at this multiple of the positive one (0 = off)");
   cmd->add_option("--cfg-truncation", o->cfg_truncation, "Skip CFG on steps whose normalized time exceeds this (1 = never)");
   cmd->add_option("--max-sequence-length", o->max_sequence_length, "Prompt tokens after the chat template (longer prompts are truncated)");
-  cmd->add_option("--seed", o->seed, "Seed of the starting noise, 0 to 2^63-1 (torch.randn compatible)")->type_name("INT");
+  cmd->add_option("--seed", o->seed, "Seed of the starting noise, 0 to 2^63-1 (torch.randn compatible)")
+      ->type_name("INT");
   cmd->add_option("--generator-device", o->generator, "Noise stream to reproduce: torch's cpu or cuda generator")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--num-outputs-per-prompt", o->num_outputs_per_prompt, "Images per prompt");
-  cmd->add_option("--output-path", o->output_path, "Output file (.png, .jpg, .jpeg, .webp) or folder (a path without an extension; created if missing)");
+  cmd->add_option("--output-path", o->output_path,
+                  "Output file (.png, .jpg, .jpeg, .webp) or folder (a path without an extension; created if missing)");
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
@@ -135,9 +137,9 @@ Command add_generate(CLI::App& app) {
             if (o->prompts.empty()) throw Error(ErrorKind::InvalidArgument, "give a prompt with --prompt or --prompt-file");
             const size_t negatives = o->negative_prompts.size();
             if (negatives > 1 && negatives != o->prompts.size())
-              throw Error(ErrorKind::InvalidArgument,
-                          "--negative-prompt is given " + std::to_string(negatives) + " times for " +
-                              std::to_string(o->prompts.size()) + " prompts: give it once for all prompts or once per prompt");
+              throw Error(ErrorKind::InvalidArgument, "--negative-prompt is given " + std::to_string(negatives) +
+                                                          " times for " + std::to_string(o->prompts.size()) +
+                                                          " prompts: give it once for all prompts or once per prompt");
             GenerateRequest req;
             req.prompts = o->prompts;
             req.negative_prompts = o->negative_prompts;
@@ -182,7 +184,8 @@ Command add_generate(CLI::App& app) {
               const std::string& prompt = req.prompts[i / size_t(req.num_images_per_prompt)];
               EncodeOptions enc;
               enc.text = {{"prompt", prompt},
-                          {"negative_prompt", *req.guidance > 0 ? req.negative_prompts[i / size_t(req.num_images_per_prompt)] : ""},
+                          {"negative_prompt",
+                           *req.guidance > 0 ? req.negative_prompts[i / size_t(req.num_images_per_prompt)] : ""},
                           {"seed", std::to_string(req.seed)},
                           {"batch_index", std::to_string(i)},
                           {"steps", std::to_string(res.steps)},

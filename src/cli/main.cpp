@@ -28,7 +28,8 @@ std::string parse_failure(const CLI::App* app, const CLI::Error& e) {
   if (auto at = what.find(marker); at != std::string::npos)
     what = what.substr(0, at) + " takes one value but was given " + what.substr(at + marker.size()) +
            " times (give each option once)";
-  return zimage::escape_for_message(what) + "\nRun with " + app->get_help_ptr()->get_name() + " for more information.\n";
+  return zimage::escape_for_message(what) + "\nRun with " + app->get_help_ptr()->get_name() +
+         " for more information.\n";
 }
 
 // "zimage 0.1.0 (commit 1a2b3c4d5e6f)" and where the data files are looked up.
@@ -41,7 +42,8 @@ std::string version_text() {
 void log_error(const std::string& message) {
   std::istringstream lines(message);
   std::string out;
-  for (std::string line; std::getline(lines, line);) out += (out.empty() ? "" : "\n") + zimage::escape_for_message(line);
+  for (std::string line; std::getline(lines, line);)
+    out += (out.empty() ? "" : "\n") + zimage::escape_for_message(line);
   zimage::log(zimage::LogLevel::Error, out);
 }
 

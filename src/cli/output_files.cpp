@@ -76,8 +76,9 @@ std::vector<std::string> prepare_image_paths(const std::string& target, int64_t 
   }
   const fs::path p(target);
   for (int64_t i = 0; i < n; ++i)
-    out.push_back(n == 1 ? target
-                         : (p.parent_path() / (p.stem().string() + "_" + std::to_string(i) + p.extension().string())).string());
+    out.push_back(
+        n == 1 ? target
+               : (p.parent_path() / (p.stem().string() + "_" + std::to_string(i) + p.extension().string())).string());
   for (const auto& path : out) image_format_from_path(path);  // an unknown extension fails here
   prepare_folder(p.parent_path(), flag);
   for (const auto& path : out) {
@@ -102,7 +103,9 @@ void prepare_output_file(const std::string& path, const std::string& flag, bool 
 }
 
 void write_text_file(const std::string& path, const std::string& text) {
-  auto fail = [&](const char* what, int err) { return Error(ErrorKind::Io, path + ": " + what + ": " + std::strerror(err)); };
+  auto fail = [&](const char* what, int err) {
+    return Error(ErrorKind::Io, path + ": " + what + ": " + std::strerror(err));
+  };
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) throw fail("cannot open for writing", errno);
   for (size_t done = 0; done < text.size();) {

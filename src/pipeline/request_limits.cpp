@@ -61,8 +61,7 @@ void check_image_size(int64_t width, int64_t height, int multiple, int64_t max_p
 
 uint64_t parse_seed(std::string_view text, const std::string& what) {
   const std::string quoted = what + " '" + escape_for_message(text) + "'";
-  if (text.starts_with('-'))
-    throw bad(quoted + " is negative; seeds are 0 to " + std::to_string(kMaxSeed));
+  if (text.starts_with('-')) throw bad(quoted + " is negative; seeds are 0 to " + std::to_string(kMaxSeed));
   uint64_t seed = 0;
   auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), seed);
   if (text.empty() || end != text.data() + text.size() || (ec != std::errc() && ec != std::errc::result_out_of_range))
@@ -73,7 +72,8 @@ uint64_t parse_seed(std::string_view text, const std::string& what) {
 }
 
 void check_seed(uint64_t seed, const std::string& what) {
-  if (seed > kMaxSeed) throw bad(what + " " + std::to_string(seed) + " is above the largest seed, " + std::to_string(kMaxSeed));
+  if (seed > kMaxSeed)
+    throw bad(what + " " + std::to_string(seed) + " is above the largest seed, " + std::to_string(kMaxSeed));
 }
 
 std::optional<size_t> invalid_utf8_at(std::string_view s) {
@@ -129,7 +129,8 @@ GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, con
   check_image_size(r.width, r.height, size_multiple(model), limits.max_pixels);
   if (*r.steps < 1) throw bad("num_inference_steps must be at least 1 (got " + std::to_string(*r.steps) + ")");
   if (*r.steps > limits.max_steps)
-    throw bad("num_inference_steps " + std::to_string(*r.steps) + " is above the maximum of " + std::to_string(limits.max_steps));
+    throw bad("num_inference_steps " + std::to_string(*r.steps) + " is above the maximum of " +
+              std::to_string(limits.max_steps));
   if (!std::isfinite(*r.guidance)) throw bad("guidance_scale must be a finite number");
   if (*r.guidance < 0) throw bad("guidance_scale must be >= 0 (got " + std::to_string(*r.guidance) + ")");
   if (r.cfg_normalization < 0 || !std::isfinite(r.cfg_normalization)) throw bad("cfg_normalization must be >= 0");
@@ -139,7 +140,8 @@ GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, con
   if (r.num_images_per_prompt < 1) throw bad("num_outputs_per_prompt must be at least 1");
   const int64_t batch = int64_t(r.prompts.size()) * r.num_images_per_prompt;
   if (batch > limits.max_batch)
-    throw bad("a batch of " + std::to_string(batch) + " images is above the maximum of " + std::to_string(limits.max_batch));
+    throw bad("a batch of " + std::to_string(batch) + " images is above the maximum of " +
+              std::to_string(limits.max_batch));
   check_seed(r.seed);
   int64_t grouped = 0;
   for (const auto& g : r.noise_groups) {
@@ -151,10 +153,11 @@ GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, con
     throw bad("noise groups cover " + std::to_string(grouped) + " images of a batch of " + std::to_string(batch));
   // Negative prompts: none ("" for every prompt), one for all, or one per prompt.
   if (r.negative_prompts.empty()) r.negative_prompts.assign(r.prompts.size(), "");
-  if (r.negative_prompts.size() == 1 && r.prompts.size() > 1) r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
+  if (r.negative_prompts.size() == 1 && r.prompts.size() > 1)
+    r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
   if (r.negative_prompts.size() != r.prompts.size())
-    throw bad("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " + std::to_string(r.prompts.size()) +
-              " prompts (give one for all prompts or one per prompt)");
+    throw bad("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " +
+              std::to_string(r.prompts.size()) + " prompts (give one for all prompts or one per prompt)");
   // "prompt 2" when there are several; built with append (GCC 12 warns falsely on "lit" + string here).
   const bool many = r.prompts.size() > 1;
   for (size_t i = 0; i < r.prompts.size(); ++i) {
