@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "io/image.h"
@@ -102,7 +103,7 @@ TEST(Cli, GoldenCaseFromSeed) {
 }
 
 TEST(Cli, BadInputExitsWithCode2AndWritesNothing) {
-  const std::string base = "generate --model synthetic:tiny --prompt x --num-inference-steps 1 ";
+  const std::string base = "generate --prompt x ";
   struct Case {
     std::string args, message;
   } cases[] = {
@@ -116,12 +117,13 @@ TEST(Cli, BadInputExitsWithCode2AndWritesNothing) {
   };
   for (const auto& c : cases) {
     std::string out = temp_path("bad.png");
-    ProcessResult r = run(base + c.args + " --output-path " + out);
+    const std::string model = c.args.find("--model") == std::string::npos ? "--model synthetic:tiny " : "";
+    ProcessResult r = run(base + model + c.args + " --output-path " + out);
     EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
     EXPECT_NE(r.out.find(c.message), std::string::npos) << r.out;
     EXPECT_FALSE(std::filesystem::exists(out)) << c.args;
   }
-  ProcessResult r = run(base + "--height 32 --width 32 --output-path " + temp_path("bad.gif"));
+  ProcessResult r = run(base + "--model synthetic:tiny --height 32 --width 32 --output-path " + temp_path("bad.gif"));
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find(".gif"), std::string::npos) << r.out;
 }
@@ -244,4 +246,248 @@ TEST(Cli, NaNWeightsOnDiskFailTheGenerationNamingTheStage) {
   EXPECT_NE(r.out.find("the VAE decoder produced 3072 NaN/Inf values in the image"), std::string::npos) << r.out;
   EXPECT_FALSE(std::filesystem::exists(png));
   std::filesystem::remove_all(dir);
+}
+
+namespace {
+
+ProcessResult run_binary(const std::string& binary, const std::string& args) {
+  FILE* p = popen((binary + " " + args + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::map<std::string, std::string> png_text(const std::string& path) {
+  std::string bytes = slurp(path);
+  return read_png_text(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+}
+
+// The golden tiny model with a tokenizer.json that fails to load: any request that reaches the load
+// fails with the tokenizer's error, so an error about the request proves it was checked first.
+std::string model_that_fails_to_load() {
+  namespace fs = std::filesystem;
+  const fs::path dir = temp_path("fails_to_load");
+  fs::create_directories(dir / "tokenizer");
+  for (const char* part : {"model_index.json", "transformer", "text_encoder", "vae", "scheduler"})
+    if (!fs::exists(dir / part)) fs::create_symlink(golden_path(std::string("tiny-zimage/") + part), dir / part);
+  std::ofstream(dir / "tokenizer" / "tokenizer.json") << "{}";
+  return dir.string();
+}
+
+}  // namespace
+
+// `--negative-prompt` once per prompt: each image gets its own. The batch's second image equals the one
+// made with its negative for all prompts; the first differs (the pipeline used "x", not the last value).
+TEST(Cli, NegativePromptPerPrompt) {
+  const std::string args = "generate --model synthetic:tiny --prompt a --prompt b --height 32 --width 32 "
+                           "--num-inference-steps 2 --guidance-scale 3 --backend cpu ";
+  const std::string per = temp_path("neg_per"), all = temp_path("neg_all");
+  ProcessResult r = run(args + "--negative-prompt x --negative-prompt y --output-path " + per);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(png_text(per + "/zimage_42_0.png")["negative_prompt"], "x");
+  EXPECT_EQ(png_text(per + "/zimage_42_1.png")["negative_prompt"], "y");
+  r = run(args + "--negative-prompt y --output-path " + all);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(png_text(all + "/zimage_42_0.png")["negative_prompt"], "y");
+  EXPECT_NE(read_image(per + "/zimage_42_0.png").rgb, read_image(all + "/zimage_42_0.png").rgb);
+  EXPECT_EQ(read_image(per + "/zimage_42_1.png").rgb, read_image(all + "/zimage_42_1.png").rgb);
+
+  const std::string never = temp_path("neg_never.png");
+  r = run(args + "--negative-prompt x --negative-prompt y --negative-prompt z --output-path " + never);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--negative-prompt is given 3 times for 2 prompts"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(never));
+}
+
+// A repeated single-value option is an error in every command, not a silent last-wins.
+TEST(Cli, RepeatedSingleValueOptionIsExit2) {
+  const std::string png = temp_path("repeated.png");
+  struct Case {
+    std::string args, option;
+  } cases[] = {
+      {"generate --model synthetic:tiny --prompt a --seed 1 --seed 2 --output-path " + png, "--seed"},
+      {"generate --model synthetic:tiny --prompt a --height 32 --height 64 --output-path " + png, "--height"},
+      {"generate --model synthetic:tiny --model synthetic:turbo --prompt a --output-path " + png, "--model"},
+      {"generate --model synthetic:tiny --prompt a --backend cpu --backend cpu --output-path " + png, "--backend"},
+      {"tokenize --model synthetic:tiny --text a --text b", "--text"},
+      {"encode-prompt --model synthetic:tiny --prompt a --out a.st --out b.st", "--out"},
+      {"bench --model synthetic:tiny --runs 5 --runs 6", "--runs"},
+      {"serve --model synthetic:tiny --port 0 --port 1", "--port"},
+      {"save-model --model synthetic:tiny --out a --out b", "--out"},
+  };
+  for (const auto& c : cases) {
+    ProcessResult r = run(c.args);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.option + " takes one value but was given 2 times"), std::string::npos) << r.out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(png));
+}
+
+// A path without an extension is a folder, made if missing; default names never replace an image.
+TEST(Cli, OutputFolderIsCreatedAndDefaultNamesNeverOverwrite) {
+  namespace fs = std::filesystem;
+  const std::string dir = temp_path("made/for/outputs");
+  const std::string args = "generate --model synthetic:tiny --height 32 --width 32 --num-inference-steps 1 "
+                           "--num-outputs-per-prompt 2 --output-path " + dir;
+  ProcessResult r = run(args + " --prompt first");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(fs::is_directory(dir));
+  r = run(args + " --prompt second");
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (int i = 0; i < 2; ++i) {
+    const std::string first = dir + "/zimage_42_" + std::to_string(i) + ".png";
+    const std::string second = dir + "/zimage_42_" + std::to_string(i) + "-1.png";
+    EXPECT_EQ(png_text(first)["prompt"], "first") << first;
+    EXPECT_EQ(png_text(second)["prompt"], "second") << second;
+    EXPECT_NE(r.out.find(second), std::string::npos) << r.out;  // the paths written are printed
+  }
+  // A name taken by anything (here a folder) moves the whole batch to the next free counter.
+  fs::create_directories(dir + "/zimage_42_1-2.png");
+  r = run(args + " --prompt third");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(png_text(dir + "/zimage_42_0-3.png")["prompt"], "third");
+  EXPECT_EQ(png_text(dir + "/zimage_42_1-3.png")["prompt"], "third");
+  EXPECT_FALSE(fs::exists(dir + "/zimage_42_0-2.png"));
+  // A file named explicitly is the user's choice and is replaced.
+  const std::string named = temp_path("named.png");
+  ASSERT_EQ(run(args.substr(0, args.find("--num-outputs")) + "--prompt one --output-path " + named).code, 0);
+  ASSERT_EQ(run(args.substr(0, args.find("--num-outputs")) + "--prompt two --output-path " + named).code, 0);
+  EXPECT_EQ(png_text(named)["prompt"], "two");
+}
+
+// Every request error comes before the load: the model here fails to load, yet each bad input gets its
+// own message (exit 2) and no file is written.
+TEST(Cli, InputsAreCheckedBeforeTheModelLoads) {
+  namespace fs = std::filesystem;
+  const std::string model = model_that_fails_to_load();
+  const std::string a_file = temp_path("a_plain_file");
+  std::ofstream(a_file) << "x";
+  const std::string png = temp_path("never.png");
+  const std::string base = "generate --model " + model + " --prompt x ";
+  ProcessResult loads = run(base + "--height 32 --width 32 --output-path " + png);
+  ASSERT_NE(loads.code, 0) << loads.out;  // the control: this model does not load
+  ASSERT_NE(loads.out.find("tokenizer"), std::string::npos) << loads.out;
+  struct Case {
+    std::string args, message;
+  } cases[] = {
+      {"--height 1000 --width 64", "height 1000 is not a multiple of 16 (nearest valid: 992 or 1008)"},
+      {"--height 2147483647 --width 64", "(nearest valid: 2147483632 or 2147483648)"},
+      {"--height 64 --width 64 --num-inference-steps 0", "num_inference_steps must be at least 1"},
+      {"--height 64 --width 64 --num-inference-steps 1001", "above the maximum of 1000"},
+      {"--height 64 --width 64 --seed -1", "--seed '-1' is negative"},
+      {"--height 64 --width 64 --seed 9223372036854775808", "is above the largest seed, 9223372036854775807"},
+      {"--height 64 --width 64 --seed 18446744073709551615", "is above the largest seed"},
+      {"--height 64 --width 64 --seed 0x10", "is not a whole number"},
+      {"--height 64 --width 64 --num-outputs-per-prompt 17", "above the maximum of 16"},
+      {"--height 64 --width 64 --save-latents " + a_file + "/latents.safetensors", "--save-latents"},
+      {"--height 64 --width 64 --save-latents /dev/full", "is not a regular file"},
+      {"--height 64 --width 64 --perf-dump-path " + a_file + "/perf.json", "--perf-dump-path"},
+      {"--height 64 --width 64 --perf-dump-path " + temp_path(""), "is a folder"},
+      {"--height 64 --width 64 --output-path " + a_file + "/sub/x.png", "--output-path"},
+      {"--height 64 --width 64 --output-path " + temp_path("x.gif"), ".gif"},
+  };
+  for (const auto& c : cases) {
+    ProcessResult r = run(base + c.args + (c.args.find("--output-path") == std::string::npos ? " --output-path " + png : ""));
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+    EXPECT_EQ(r.out.find("-2147483648"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("tokenizer"), std::string::npos) << c.args << " reached the load:\n" << r.out;
+  }
+  EXPECT_FALSE(fs::exists(png));
+  EXPECT_TRUE(fs::is_character_file("/dev/full"));
+
+  // bench: every resolution and the result folder, before the load.
+  const std::string bench = "bench --model " + model + " --runs 1 --output-dir " + temp_path("bench_out") + " ";
+  ProcessResult bench_loads = run(bench + "--resolutions 32x32");
+  ASSERT_NE(bench_loads.code, 0) << bench_loads.out;
+  ASSERT_NE(bench_loads.out.find("tokenizer"), std::string::npos) << bench_loads.out;
+  Case bench_cases[] = {
+      {"--resolutions 32x32 1000x64", "width 1000 is not a multiple of 16"},
+      {"--resolutions 32x32 64x1000", "height 1000 is not a multiple of 16"},
+      {"--resolutions 32x32 64x64junk", "resolution '64x64junk' is not WIDTHxHEIGHT"},
+      {"--resolutions 99999999999x64", "is not WIDTHxHEIGHT"},
+  };
+  for (const auto& c : bench_cases) {
+    ProcessResult r = run(bench + c.args);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+    EXPECT_EQ(r.out.find("tokenizer"), std::string::npos) << c.args << " reached the load:\n" << r.out;
+  }
+  ProcessResult r = run("bench --model " + model + " --resolutions 32x32 --output-dir " + a_file + "/results");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--output-dir"), std::string::npos) << r.out;
+}
+
+// A write that fails (the disk is full) fails the command.
+TEST(Cli, FailedWriteIsANonZeroExit) {
+  ProcessResult r = run("generate --model synthetic:tiny --prompt x --height 32 --width 32 --num-inference-steps 1 "
+                        "--output-path " + temp_path("full.png") + " --perf-dump-path /dev/full");
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("/dev/full: write failed: No space left on device"), std::string::npos) << r.out;
+}
+
+// Prompt files as editors save them: a UTF-8 BOM, CRLF line ends, blank and whitespace-only lines.
+TEST(Cli, PromptFileSkipsBomAndBlankLinesAndRejectsBadUtf8) {
+  const std::string file = temp_path("prompts.txt"), dir = temp_path("from_file");
+  std::ofstream(file, std::ios::binary) << "\xEF\xBB\xBF" "a red fox\r\n   \r\n\t\n\nblue sky\n  \n";
+  ProcessResult r = run("generate --model synthetic:tiny --prompt-file " + file +
+                        " --height 32 --width 32 --num-inference-steps 1 --output-path " + dir);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(png_text(dir + "/zimage_42_0.png")["prompt"], "a red fox");
+  EXPECT_EQ(png_text(dir + "/zimage_42_1.png")["prompt"], "blue sky");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/zimage_42_2.png"));
+
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << "fine\nbad \xff\xfe\x1b[2J here\n";
+  r = run("generate --model synthetic:tiny --prompt-file " + file + " --height 32 --width 32 --output-path " +
+          temp_path("bad_utf8.png"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("line 2 of the prompt file"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("not valid UTF-8: byte 0xff at offset 4 (\"bad \\xff\\xfe\\x1b[2J"), std::string::npos) << r.out;
+  for (char raw : {'\xff', '\xfe', '\x1b'}) EXPECT_EQ(r.out.find(raw), std::string::npos) << r.out;
+  // The same from the command line.
+  r = run("generate --model synthetic:tiny --prompt \"$(printf 'a\\377b')\" --height 32 --width 32 --output-path " +
+          temp_path("bad_arg.png"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("prompt is not valid UTF-8: byte 0xff at offset 1 (\"a\\xffb\")"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find('\xff'), std::string::npos) << r.out;
+}
+
+TEST(Cli, VersionPrintsTheVersionAndTheCommit) {
+  ProcessResult r = run("--version");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(r.out.rfind("zimage 0.1.0 (commit ", 0), 0u) << r.out;
+  ProcessResult git = run_binary("git -C " ZIMAGE_SOURCE_DIR, "rev-parse --short=12 HEAD");
+  if (git.code == 0) {
+    EXPECT_NE(r.out.find("(commit " + git.out.substr(0, 12)), std::string::npos) << r.out << " vs " << git.out;
+  } else {
+    EXPECT_NE(r.out.find("(commit unknown)"), std::string::npos) << r.out;
+  }
+}
+
+// `cmake --install` lays out P/bin/zimage and P/share/zimage/, and the installed binary finds its
+// tokenizer from its own path: no ZIMAGE_ASSETS, nothing else copied.
+TEST(Cli, InstalledBinaryFindsItsDataFromItsOwnPath) {
+  namespace fs = std::filesystem;
+  if (!fs::exists(ZIMAGE_BUILD_DIR "/cmake_install.cmake") || std::getenv("ZIMAGE_BINARY"))
+    GTEST_SKIP() << "not run from its build folder";
+  const std::string prefix = temp_path("prefix with space");
+  ProcessResult inst = run_binary(ZIMAGE_CMAKE_COMMAND, "--install " ZIMAGE_BUILD_DIR " --prefix '" + prefix + "'");
+  ASSERT_EQ(inst.code, 0) << inst.out;
+  EXPECT_TRUE(fs::exists(prefix + "/share/zimage/tokenizer.json"));
+  EXPECT_TRUE(fs::exists(prefix + "/share/zimage/tokenizer_config.json"));
+  const std::string bin = "env -u ZIMAGE_ASSETS '" + prefix + "/bin/zimage'";
+  ProcessResult version = run_binary(bin, "--version");
+  ASSERT_EQ(version.code, 0) << version.out;
+  EXPECT_NE(version.out.find("data: " + prefix + "/share/zimage"), std::string::npos) << version.out;
+  const std::string png = prefix + "/fox.png";
+  ProcessResult r = run_binary(bin, "generate --model synthetic:tiny --prompt 'a red fox' --height 32 --width 32 "
+                                    "--num-inference-steps 1 --output-path '" + png + "'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_image(png).width, 32);
+  // $ZIMAGE_ASSETS still wins.
+  ProcessResult over = run_binary("env ZIMAGE_ASSETS=/nowhere '" + prefix + "/bin/zimage'", "--version");
+  EXPECT_NE(over.out.find("data: /nowhere"), std::string::npos) << over.out;
+  fs::remove_all(prefix);
 }

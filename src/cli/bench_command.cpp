@@ -3,6 +3,7 @@
 // clock, synchronized) and of every stage (the backend synchronized at stage boundaries); PNG encoding
 // timed separately. Writes bench/results/<device>-<date>-<label>.json.
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -13,9 +14,12 @@
 
 #include "cli/commands.h"
 #include "cli/engine.h"
+#include "cli/output_files.h"
+#include "cli/version.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/image.h"
+#include "pipeline/request_limits.h"
 #include "pipeline/text_to_image.h"
 
 namespace zimage::cli {
@@ -34,11 +38,16 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// "1024x768" -> {1024, 768}: two whole decimal ints around one 'x', nothing else.
 std::pair<int, int> parse_resolution(const std::string& s) {
+  const Error bad(ErrorKind::InvalidArgument, "resolution '" + s + "' is not WIDTHxHEIGHT (e.g. 1024x768)");
+  const size_t x = s.find_first_of("xX");
+  if (x == std::string::npos) throw bad;
   int w = 0, h = 0;
-  char x = 0;
-  if (std::sscanf(s.c_str(), "%d%c%d", &w, &x, &h) != 3 || (x != 'x' && x != 'X'))
-    throw Error(ErrorKind::InvalidArgument, "resolution '" + s + "' is not WIDTHxHEIGHT");
+  const char *begin = s.data(), *end = s.data() + s.size();
+  auto rw = std::from_chars(begin, begin + x, w);
+  auto rh = std::from_chars(begin + x + 1, end, h);
+  if (rw.ec != std::errc() || rw.ptr != begin + x || rh.ec != std::errc() || rh.ptr != end) throw bad;
   return {w, h};
 }
 
@@ -108,7 +117,6 @@ struct BenchOptions {
 Command add_bench(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Benchmark text-to-image (warm-up, median of runs, per stage) and write JSON");
   auto o = std::make_shared<BenchOptions>();
-  cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--model,--model-path", o->model, "Model folder or synthetic:tiny|turbo (default synthetic:turbo)");
   cmd->add_option("--resolutions", o->resolutions, "WIDTHxHEIGHT list (default 512x512 1024x1024 2048x2048)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
@@ -141,20 +149,11 @@ Command add_bench(CLI::App& app) {
             }
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
-            model.prefetch_weights();  // the files are read while the device initializes
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
-            Engine engine = make_engine(o->device, par, model, limits);
-            ImageGenerator& pipe = *engine.generator;
-            Backend* be = &pipe.backend();
-            const std::string device = engine.device();
-            engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
-            double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
-            log_info("loaded " + model.name + " on " + device + " in " + std::to_string(load_s) + " s");
-
-            nlohmann::json results = nlohmann::json::array();
-            bool first = true;
+            // Every resolution and the result folder are checked before the model is loaded.
+            std::vector<GenerateRequest> requests;
             for (const auto& res_str : o->resolutions) {
               auto [w, h] = parse_resolution(res_str);
               GenerateRequest req;
@@ -166,6 +165,22 @@ Command add_bench(CLI::App& app) {
               req.guidance = o->guidance;
               req.num_images_per_prompt = o->batch;
               req.seed = 42;
+              requests.push_back(resolve_request(req, model, limits));
+            }
+            prepare_output_file((fs::path(o->out_dir) / "result.json").string(), "--output-dir", /*in_place=*/false);
+            model.prefetch_weights();  // the files are read while the device initializes
+            Engine engine = make_engine(o->device, par, model, limits);
+            ImageGenerator& pipe = *engine.generator;
+            Backend* be = &pipe.backend();
+            const std::string device = engine.device();
+            engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
+            double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+            log_info("loaded " + model.name + " on " + device + " in " + std::to_string(load_s) + " s");
+
+            nlohmann::json results = nlohmann::json::array();
+            bool first = true;
+            for (GenerateRequest req : requests) {
+              const int w = req.width, h = req.height;
               req = pipe.resolve(req);
 
               GenerateResult warm = pipe.generate(req);  // warm-up: plans, algorithms, allocator cache
@@ -213,7 +228,7 @@ Command add_bench(CLI::App& app) {
                   {"num_gpus", par.num_gpus},
                   {"ulysses_degree", par.ulysses_degree},
                   {"cfg_parallel", par.cfg_parallel},
-                  {"commit", ZIMAGE_GIT_COMMIT},
+                  {"commit", git_commit()},
                   {"model", model.name},
                   {"resolution", std::to_string(w) + "x" + std::to_string(h)},
                   {"steps", warm.steps},
@@ -248,11 +263,8 @@ Command add_bench(CLI::App& app) {
             std::time_t now = std::time(nullptr);
             char date[16];
             std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
-            fs::create_directories(o->out_dir);
             std::string path = (fs::path(o->out_dir) / (slug(device) + "-" + date + "-" + slug(o->label) + ".json")).string();
-            std::ofstream f(path);
-            f << nlohmann::json{{"results", results}}.dump(2) << "\n";
-            if (!f) throw Error(ErrorKind::Io, "cannot write " + path);
+            write_text_file(path, nlohmann::json{{"results", results}}.dump(2) + "\n");
             std::printf("wrote %s\n", path.c_str());
             return 0;
           }};

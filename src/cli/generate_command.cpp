@@ -10,11 +10,14 @@
 
 #include "cli/commands.h"
 #include "cli/engine.h"
+#include "cli/output_files.h"
+#include "cli/version.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "io/image.h"
 #include "io/safetensors.h"
 #include "parallel/parallel_config.h"
+#include "pipeline/request_limits.h"
 #include "pipeline/text_to_image.h"
 
 namespace zimage::cli {
@@ -26,45 +29,40 @@ namespace {
 struct GenerateOptions {
   std::string model, generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
   std::vector<std::string> prompts;
-  std::string prompt_file, negative_prompt;
+  std::string prompt_file;
+  std::vector<std::string> negative_prompts;
   int height = 1024, width = 1024, max_sequence_length = 512, num_outputs_per_prompt = 1;
   std::optional<int> steps;
   std::optional<float> guidance;
   float cfg_normalization = 0.0f, cfg_truncation = 1.0f;
-  uint64_t seed = 42;
+  std::string seed = "42";  // parsed by parse_seed: CLI11 clamps 2^63 to 2^63-1 and reads 010 as octal
   bool warmup = false;
   DeviceOptions device;
 };
 
+// One prompt per line. A UTF-8 byte order mark (what Windows editors save) is not part of the first
+// prompt, "\r\n" ends a line like "\n", and lines of only whitespace are skipped. A line that is not
+// UTF-8 is an error naming its line, with the bad bytes escaped.
 std::vector<std::string> read_prompt_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(ErrorKind::NotFound, "cannot read the prompt file '" + path + "'");
+  std::string text(std::istreambuf_iterator<char>(in), {});
+  if (text.starts_with("\xEF\xBB\xBF")) text.erase(0, 3);
   std::vector<std::string> prompts;
-  for (std::string line; std::getline(in, line);) {
+  size_t line_no = 0;
+  for (size_t begin = 0; begin < text.size();) {
+    size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(begin, end - begin);
+    begin = end + 1;
+    ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (!line.empty()) prompts.push_back(line);
+    if (line.find_first_not_of(" \t\r\f\v") == std::string::npos) continue;
+    check_prompt_text(line, "line " + std::to_string(line_no) + " of the prompt file '" + path + "'");
+    prompts.push_back(std::move(line));
   }
   if (prompts.empty()) throw Error(ErrorKind::InvalidArgument, "the prompt file '" + path + "' has no prompts");
   return prompts;
-}
-
-// Where image i of n goes: a folder (existing, or a path ending in '/') gets zimage_<seed>_<i>.png;
-// a file name is used as is for one image and gets _<i> before its extension for several.
-std::vector<std::string> output_paths(const std::string& target, int64_t n, uint64_t seed) {
-  std::vector<std::string> out;
-  bool folder = target.ends_with('/') || fs::is_directory(target);
-  for (int64_t i = 0; i < n; ++i) {
-    if (folder) {
-      out.push_back((fs::path(target) / ("zimage_" + std::to_string(seed) + "_" + std::to_string(i) + ".png")).string());
-    } else if (n == 1) {
-      out.push_back(target);
-    } else {
-      fs::path p(target);
-      out.push_back((p.parent_path() / (p.stem().string() + "_" + std::to_string(i) + p.extension().string())).string());
-    }
-  }
-  for (const auto& p : out) image_format_from_path(p);  // unknown extensions fail before any work
-  return out;
 }
 
 // A one-line progress bar on stderr (only used when stderr is a terminal).
@@ -107,12 +105,13 @@ nlohmann::json perf_json(const GenerateResult& r, const GenerateRequest& req, co
 Command add_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate images from text prompts");
   auto o = std::make_shared<GenerateOptions>();
-  // A flag given twice takes its last value (as shells and wrappers expect); --prompt collects all.
-  cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  // An option that takes one value refuses a second (main.cpp); --prompt and --negative-prompt collect.
   cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo")->required();
   cmd->add_option("--prompt", o->prompts, "Prompt (repeat for a batch)")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--prompt-file", o->prompt_file, "File with one prompt per line");
-  cmd->add_option("--negative-prompt", o->negative_prompt, "Negative prompt for CFG (default \"\")");
+  cmd->add_option("--negative-prompt", o->negative_prompts,
+                  "Negative prompt for CFG (default \"\"): once for all prompts, or once per prompt in their order")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--height", o->height, "Image height in pixels (multiple of 16)");
   cmd->add_option("--width", o->width, "Image width in pixels (multiple of 16)");
   cmd->add_option("--num-inference-steps", o->steps, "Denoising steps (default: the model's: 8 for Turbo, as diffusers since PR #13730, 50 for the base model)");
@@ -120,11 +119,13 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--cfg-normalization", o->cfg_normalization, "Cap the guided prediction's norm at this multiple of the positive one (0 = off)");
   cmd->add_option("--cfg-truncation", o->cfg_truncation, "Skip CFG on steps whose normalized time exceeds this (1 = never)");
   cmd->add_option("--max-sequence-length", o->max_sequence_length, "Prompt tokens after the chat template (longer prompts are truncated)");
-  cmd->add_option("--seed", o->seed, "Seed of the starting noise (torch.randn compatible)");
+  cmd->add_option("--seed", o->seed, "Seed of the starting noise, 0 to 2^63-1 (torch.randn compatible)")
+      ->type_name("INT");
   cmd->add_option("--generator-device", o->generator, "Noise stream to reproduce: torch's cpu or cuda generator")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--num-outputs-per-prompt", o->num_outputs_per_prompt, "Images per prompt");
-  cmd->add_option("--output-path", o->output_path, "Output file (.png, .jpg, .webp) or folder");
+  cmd->add_option("--output-path", o->output_path,
+                  "Output file (.png, .jpg, .jpeg, .webp) or folder (a path without an extension; created if missing)");
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
@@ -135,9 +136,14 @@ Command add_generate(CLI::App& app) {
               o->prompts.insert(o->prompts.end(), more.begin(), more.end());
             }
             if (o->prompts.empty()) throw Error(ErrorKind::InvalidArgument, "give a prompt with --prompt or --prompt-file");
+            const size_t negatives = o->negative_prompts.size();
+            if (negatives > 1 && negatives != o->prompts.size())
+              throw Error(ErrorKind::InvalidArgument, "--negative-prompt is given " + std::to_string(negatives) +
+                                                          " times for " + std::to_string(o->prompts.size()) +
+                                                          " prompts: give it once for all prompts or once per prompt");
             GenerateRequest req;
             req.prompts = o->prompts;
-            if (!o->negative_prompt.empty()) req.negative_prompts = {o->negative_prompt};
+            req.negative_prompts = o->negative_prompts;
             req.height = o->height;
             req.width = o->width;
             req.steps = o->steps;
@@ -145,18 +151,26 @@ Command add_generate(CLI::App& app) {
             req.cfg_normalization = o->cfg_normalization;
             req.cfg_truncation = o->cfg_truncation;
             req.max_sequence_length = o->max_sequence_length;
-            req.seed = o->seed;
+            req.seed = parse_seed(o->seed, "--seed");
             req.generator = o->generator == "cpu" ? GeneratorDevice::Cpu : GeneratorDevice::Cuda;
             req.num_images_per_prompt = o->num_outputs_per_prompt;
 
+            // Everything the user asked for is checked against the model's configs before a weight is
+            // read: a bad size must not cost a 20 GB load.
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
             const ParallelConfig par = check_device_options(o->device, model);
+            const PipelineLimits limits;
+            req = resolve_request(req, model, limits);
+            const int64_t n_images = int64_t(req.prompts.size()) * req.num_images_per_prompt;
+            prepare_image_paths(o->output_path, n_images, req.seed);
+            if (!o->save_latents.empty()) prepare_output_file(o->save_latents, "--save-latents", /*in_place=*/false);
+            if (!o->perf_dump.empty()) prepare_output_file(o->perf_dump, "--perf-dump-path", /*in_place=*/true);
+
             model.prefetch_weights();  // the files are read while the device initializes
-            Engine engine = make_engine(o->device, par, model);
+            Engine engine = make_engine(o->device, par, model, limits);
             ImageGenerator& pipe = *engine.generator;
-            req = pipe.resolve(req);  // all validation before loading work is wasted or files written
-            auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
+            req = pipe.resolve(req);
             engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
             double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             log_info("loaded " + model.name + " on " + engine.device() + " in " + std::to_string(load_s) + " s");
@@ -164,29 +178,28 @@ Command add_generate(CLI::App& app) {
             if (o->warmup) pipe.generate(req);
             GenerateResult res = pipe.generate(req, ::isatty(STDERR_FILENO) ? progress_bar : nullptr);
 
+            // Chosen again now: a default name taken while this run generated gets the next counter.
+            const std::vector<std::string> paths = prepare_image_paths(o->output_path, n_images, req.seed);
+
             for (size_t i = 0; i < paths.size(); ++i) {
               const std::string& prompt = req.prompts[i / size_t(req.num_images_per_prompt)];
               EncodeOptions enc;
               enc.text = {{"prompt", prompt},
-                          {"negative_prompt", *req.guidance > 0 ? req.negative_prompts[i / size_t(req.num_images_per_prompt)] : ""},
+                          {"negative_prompt",
+                           *req.guidance > 0 ? req.negative_prompts[i / size_t(req.num_images_per_prompt)] : ""},
                           {"seed", std::to_string(req.seed)},
                           {"batch_index", std::to_string(i)},
                           {"steps", std::to_string(res.steps)},
                           {"guidance_scale", std::to_string(res.guidance)},
                           {"model", model.name},
-                          {"software", "zimage 0.1.0"}};
-              fs::path parent = fs::path(paths[i]).parent_path();
-              if (!parent.empty()) fs::create_directories(parent);
+                          {"software", software_name()}};
               Tensor img = res.images.narrow0(int64_t(i), 1).reshape({req.height, req.width, 3});
               write_image(paths[i], tensor_to_image(img), enc);
               std::printf("%s\n", paths[i].c_str());
             }
             if (!o->save_latents.empty()) write_safetensors(o->save_latents, {{"latents", res.latents}});
-            if (!o->perf_dump.empty()) {
-              std::ofstream f(o->perf_dump);
-              f << perf_json(res, req, engine.device(), load_s).dump(2) << "\n";
-              if (!f) throw Error(ErrorKind::Io, "cannot write " + o->perf_dump);
-            }
+            if (!o->perf_dump.empty())
+              write_text_file(o->perf_dump, perf_json(res, req, engine.device(), load_s).dump(2) + "\n");
             log_info("generated " + std::to_string(paths.size()) + " image(s) in " + std::to_string(res.times.total_ms / 1000) + " s");
             return 0;
           }};

@@ -107,8 +107,15 @@ void set_recipe(ModelSource& m, const fs::path& root) {
 }  // namespace
 
 std::string assets_dir() {
-  if (const char* e = std::getenv("ZIMAGE_ASSETS")) return e;
-  return ZIMAGE_ASSETS_DIR;
+  if (const char* e = std::getenv("ZIMAGE_ASSETS"); e && *e) return e;
+  // An installed tree (P/bin/zimage, P/share/zimage/) is found from the executable's own path, so a
+  // prefix can be moved or copied whole; a binary in the build tree falls through to the source tree.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  const fs::path installed = ec ? fs::path() : (exe.parent_path() / ZIMAGE_DATA_FROM_BIN).lexically_normal();
+  if (!installed.empty() && fs::exists(installed / "tokenizer.json", ec)) return installed.string();
+  if (fs::exists(fs::path(ZIMAGE_ASSETS_DIR) / "tokenizer.json", ec) || installed.empty()) return ZIMAGE_ASSETS_DIR;
+  return installed.string();  // neither holds the data: errors name where an installed binary looks
 }
 
 ModelSource open_model(const std::string& spec) {

@@ -42,7 +42,9 @@ struct ModelSource {
 // else Turbo's when the folder's name contains "turbo", else the base model's.
 ModelSource open_model(const std::string& spec);
 
-// The folder holding the shipped tokenizer and other data files: $ZIMAGE_ASSETS, else the source tree's assets/.
+// The folder holding the shipped tokenizer and other data files: $ZIMAGE_ASSETS when set; else
+// <folder of the running executable>/../share/zimage when it holds tokenizer.json (what
+// `cmake --install` lays out); else the source tree's assets/ (a binary run from its build tree).
 std::string assets_dir();
 
 }  // namespace zimage

@@ -10,6 +10,7 @@
 #include "parallel/cfg_parallel.h"
 #include "parallel/sequence_parallel_plan.h"
 #include "pipeline/flow_match_scheduler.h"
+#include "pipeline/request_limits.h"
 
 namespace zimage {
 
@@ -18,14 +19,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// "height 1000 is not a multiple of 16 (nearest valid: 992 or 1008)".
-std::string size_error(const char* what, int v, int multiple) {
-  int lo = v / multiple * multiple, hi = lo + multiple;
-  std::string nearest = lo >= multiple ? std::to_string(lo) + " or " + std::to_string(hi) : std::to_string(hi);
-  return std::string(what) + " " + std::to_string(v) + " is not a multiple of " + std::to_string(multiple) +
-         " (nearest valid: " + nearest + ")";
 }
 
 // [B, ...] -> [2B, ...]: the same latents for the positive and the negative branch.
@@ -53,45 +46,7 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
 }
 
 GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
-  auto bad = [](const std::string& m) { return Error(ErrorKind::InvalidArgument, m); };
-  if (!r.steps) r.steps = model_.default_steps;
-  if (!r.guidance) r.guidance = model_.default_guidance;
-  if (r.prompts.empty()) throw bad("no prompt given");
-  if (r.height <= 0 || r.width <= 0)
-    throw bad("height and width must be positive (got " + std::to_string(r.width) + "x" + std::to_string(r.height) + ")");
-  const int multiple = vae_.downscale() * int(dit_.config().patch);
-  if (r.height % multiple) throw bad(size_error("height", r.height, multiple));
-  if (r.width % multiple) throw bad(size_error("width", r.width, multiple));
-  if (int64_t(r.height) * r.width > limits_.max_pixels)
-    throw bad(std::to_string(r.width) + "x" + std::to_string(r.height) + " is " + std::to_string(int64_t(r.height) * r.width) +
-              " pixels, above the maximum of " + std::to_string(limits_.max_pixels));
-  if (*r.steps < 1) throw bad("num_inference_steps must be at least 1 (got " + std::to_string(*r.steps) + ")");
-  if (*r.steps > limits_.max_steps)
-    throw bad("num_inference_steps " + std::to_string(*r.steps) + " is above the maximum of " + std::to_string(limits_.max_steps));
-  if (!std::isfinite(*r.guidance)) throw bad("guidance_scale must be a finite number");
-  if (*r.guidance < 0) throw bad("guidance_scale must be >= 0 (got " + std::to_string(*r.guidance) + ")");
-  if (r.cfg_normalization < 0 || !std::isfinite(r.cfg_normalization)) throw bad("cfg_normalization must be >= 0");
-  if (!std::isfinite(r.cfg_truncation)) throw bad("cfg_truncation must be a finite number");
-  if (r.max_sequence_length < 1 || r.max_sequence_length > limits_.max_sequence_length)
-    throw bad("max_sequence_length must be between 1 and " + std::to_string(limits_.max_sequence_length));
-  if (r.num_images_per_prompt < 1) throw bad("num_outputs_per_prompt must be at least 1");
-  int64_t batch = int64_t(r.prompts.size()) * r.num_images_per_prompt;
-  if (batch > limits_.max_batch)
-    throw bad("a batch of " + std::to_string(batch) + " images is above the maximum of " + std::to_string(limits_.max_batch));
-  int64_t grouped = 0;
-  for (const auto& g : r.noise_groups) {
-    if (g.count < 1) throw bad("a noise group must hold at least one image");
-    grouped += g.count;
-  }
-  if (!r.noise_groups.empty() && grouped != batch)
-    throw bad("noise groups cover " + std::to_string(grouped) + " images of a batch of " + std::to_string(batch));
-  if (r.negative_prompts.empty()) r.negative_prompts.assign(r.prompts.size(), "");
-  if (r.negative_prompts.size() == 1 && r.prompts.size() > 1) r.negative_prompts.assign(r.prompts.size(), r.negative_prompts[0]);
-  if (r.negative_prompts.size() != r.prompts.size())
-    throw bad("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " + std::to_string(r.prompts.size()) + " prompts");
-  for (const std::string& p : r.prompts) check_prompt(p, "prompt");
-  for (const std::string& p : r.negative_prompts) check_prompt(p, "negative prompt");
-  return r;
+  return resolve_request(std::move(r), model_, limits_);
 }
 
 std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
