@@ -2,6 +2,7 @@
 // has one. Bad input exits with code 2 before anything is written.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -34,6 +35,9 @@ struct GenerateOptions {
   uint64_t seed = 42;
   bool warmup = false;
   DeviceOptions device;
+  std::vector<std::string> images;  // image to image / inpainting
+  std::string mask;
+  std::optional<double> strength;
 };
 
 std::vector<std::string> read_prompt_file(const std::string& path) {
@@ -127,8 +131,13 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
+  cmd->add_option("--image", o->images, "Init image for image-to-image (PNG, JPEG, WebP; repeat for several)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--mask", o->mask, "Inpainting mask for --image: white = repaint (any size: resized like the image)");
+  cmd->add_option("--strength", o->strength,
+                  "Share of the schedule run from --image, in (0, 1] (default 0.6; 1 with --mask)");
   add_device_options(cmd, o->device);
-  return {cmd, [o] {
+  return {cmd, [o, cmd] {
             if (!o->prompt_file.empty()) {
               auto more = read_prompt_file(o->prompt_file);
               o->prompts.insert(o->prompts.end(), more.begin(), more.end());
@@ -147,6 +156,9 @@ Command add_generate(CLI::App& app) {
             req.seed = o->seed;
             req.generator = o->generator == "cpu" ? GeneratorDevice::Cpu : GeneratorDevice::Cuda;
             req.num_images_per_prompt = o->num_outputs_per_prompt;
+            for (const std::string& path : o->images) req.images.push_back(read_image(path));  // bad files fail first
+            if (!o->mask.empty()) req.masks = {read_image(o->mask)};
+            req.strength = o->strength;
 
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
@@ -154,6 +166,11 @@ Command add_generate(CLI::App& app) {
             model.prefetch_weights();  // the files are read while the device initializes
             Engine engine = make_engine(o->device, par, model);
             ImageGenerator& pipe = *engine.generator;
+            if (!req.images.empty()) {  // the size defaults to the first image's, rounded down to the model's multiple
+              const int m = pipe.size_multiple();
+              if (!cmd->count("--height")) req.height = std::max(req.images[0].height / m * m, m);
+              if (!cmd->count("--width")) req.width = std::max(req.images[0].width / m * m, m);
+            }
             req = pipe.resolve(req);  // all validation before loading work is wasted or files written
             auto paths = output_paths(o->output_path, int64_t(req.prompts.size()) * req.num_images_per_prompt, req.seed);
             engine.synchronize();  // uploads are asynchronous: the load ends when the last one has landed
