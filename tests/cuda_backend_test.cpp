@@ -287,8 +287,8 @@ TEST_F(CudaOps, CfgEulerStep) {
 }
 
 // The image-to-image ops against their CPU references: the VAE's logvar clamp (bf16), the posterior's
-// draw from bf16 moments into DiT latent space, and the flow-match noising / inpaint blend (float32, the
-// same roundings as the reference: exact).
+// draw from bf16 moments into DiT latent space, and the flow-match noising / inpaint blend (float32 with the
+// reference's roundings: equal up to the host compiler's choice of contracting into FMAs).
 TEST_F(CudaOps, LatentSamplingAndBlend) {
   Tensor logvar = rnd({2, 16, 64, 48}, 20.0f);  // beyond [-30, 20] in places
   expect_close(gpu_->clamp(g(logvar), -30.0f, 20.0f), cpu_->clamp(logvar, -30.0f, 20.0f), "clamp 2x16x64x48", 0.0);
@@ -302,7 +302,7 @@ TEST_F(CudaOps, LatentSamplingAndBlend) {
     Tensor xc = x.clone(), xg = g32(x), mg = g32(mask);
     cpu_->flow_match_blend_(xc, init, noise, masked ? &mask : nullptr, 0.37f);
     gpu_->flow_match_blend_(xg, g32(init), g32(noise), masked ? &mg : nullptr, 0.37f);
-    EXPECT_EQ(max_abs_diff(gpu_->to_host_f32(xg), xc), 0.0) << (masked ? "blend" : "scale_noise");
+    EXPECT_LE(max_abs_diff(gpu_->to_host_f32(xg), xc), 1e-6) << (masked ? "blend" : "scale_noise");
     expect_close(xg, xc, masked ? "flow_match_blend_ with mask" : "flow_match_blend_ (scale_noise)", 1e-7);
   }
 }
