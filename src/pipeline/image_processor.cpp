@@ -5,6 +5,7 @@
 #include <numbers>
 
 #include "core/error.h"
+#include "core/parallel.h"
 
 namespace zimage {
 
@@ -69,19 +70,22 @@ ImageU8 resample_pass(const ImageU8& in, int out_size, bool horizontal) {
   out.width = horizontal ? out_size : in.width;
   out.height = horizontal ? in.height : out_size;
   out.rgb.resize(size_t(out.width) * size_t(out.height) * 3);
-  for (int y = 0; y < out.height; ++y)
-    for (int x = 0; x < out.width; ++x) {
-      const int o = horizontal ? x : y;
-      const int32_t* k = &c.k[size_t(o) * size_t(c.ksize)];
-      for (int ch = 0; ch < 3; ++ch) {
-        int32_t ss = 1 << (kPrecisionBits - 1);
-        for (int j = 0; j < c.count[size_t(o)]; ++j) {
-          const int sx = horizontal ? c.first[size_t(o)] + j : x, sy = horizontal ? y : c.first[size_t(o)] + j;
-          ss += int32_t(in.rgb[(size_t(sy) * size_t(in.width) + size_t(sx)) * 3 + size_t(ch)]) * k[j];
+  // Rows in parallel (a photo of 12 Mpixels to 1024^2 is ~0.5 G multiply-adds).
+  parallel_for(out.height, 8, [&](int64_t y0, int64_t y1) {
+    for (int y = int(y0); y < int(y1); ++y)
+      for (int x = 0; x < out.width; ++x) {
+        const int o = horizontal ? x : y;
+        const int32_t* k = &c.k[size_t(o) * size_t(c.ksize)];
+        for (int ch = 0; ch < 3; ++ch) {
+          int32_t ss = 1 << (kPrecisionBits - 1);
+          for (int j = 0; j < c.count[size_t(o)]; ++j) {
+            const int sx = horizontal ? c.first[size_t(o)] + j : x, sy = horizontal ? y : c.first[size_t(o)] + j;
+            ss += int32_t(in.rgb[(size_t(sy) * size_t(in.width) + size_t(sx)) * 3 + size_t(ch)]) * k[j];
+          }
+          out.rgb[(size_t(y) * size_t(out.width) + size_t(x)) * 3 + size_t(ch)] = clip8(ss);
         }
-        out.rgb[(size_t(y) * size_t(out.width) + size_t(x)) * 3 + size_t(ch)] = clip8(ss);
       }
-    }
+  });
   return out;
 }
 
@@ -102,13 +106,19 @@ ImageU8 resize_lanczos(const ImageU8& image, int width, int height) {
 }
 
 Tensor preprocess_images(const std::vector<ImageU8>& images, int height, int width) {
+  // As numpy: float32(u8) / 255, then 2x - 1, both in float32; a table of the 256 values (a 1024^2 image
+  // is 3M lookups).
+  float table[256];
+  for (int v = 0; v < 256; ++v) table[v] = 2.0f * (float(v) / 255.0f) - 1.0f;
   Tensor out = Tensor::empty({int64_t(images.size()), height, width, 3}, DType::F32);
   float* p = out.f32();
   for (const ImageU8& image : images) {
     check_image(image, "an init image");
-    const ImageU8 resized = resize_lanczos(image, width, height);
-    // As numpy: float32(u8) / 255, then 2x - 1, both in float32.
-    for (uint8_t v : resized.rgb) *p++ = 2.0f * (float(v) / 255.0f) - 1.0f;
+    if (image.width == width && image.height == height) {
+      for (uint8_t v : image.rgb) *p++ = table[v];
+      continue;
+    }
+    for (uint8_t v : resize_lanczos(image, width, height).rgb) *p++ = table[v];
   }
   return out;
 }
