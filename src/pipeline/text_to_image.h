@@ -1,7 +1,9 @@
 // Text to image, as diffusers' ZImagePipeline: chat-templated prompts -> Qwen3 hidden_states[-2] ->
 // flow-match Euler denoising with the DiT (batched CFG with normalization and truncation) -> VAE
-// decode -> uint8 RGB. Validation of a request happens here, at the edge, with messages a user
-// understands; the models below assume valid input.
+// decode -> uint8 RGB. A request with init images (and masks) is image to image (inpainting) as
+// ZImageImg2ImgPipeline (ZImageInpaintPipeline): other start latents (start_latents.h) and another spec
+// of the same denoising loop (denoise.h). Validation of a request happens here, at the edge, with
+// messages a user understands; the models below assume valid input.
 #pragma once
 
 #include <functional>
