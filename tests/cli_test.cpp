@@ -491,3 +491,84 @@ TEST(Cli, InstalledBinaryFindsItsDataFromItsOwnPath) {
   EXPECT_NE(over.out.find("data: /nowhere"), std::string::npos) << over.out;
   fs::remove_all(prefix);
 }
+
+// `generate --image [--mask]` reproduces diffusers' image-to-image and inpainting cases (wave2), the size
+// taken from the image.
+TEST(Cli, ImageToImageAndInpaintGoldenCases) {
+  struct Case {
+    std::string name, args;
+  } cases[] = {
+      {"img2img_cfg",
+       "--prompt 'a castle on a hill' --negative-prompt blurry --num-inference-steps 5 --guidance-scale 3 "
+       "--strength 0.85 --seed 22"},
+      {"inpaint_partial",
+       "--prompt 'a blue window' --num-inference-steps 4 --guidance-scale 2.5 --strength 0.8 --seed 24"},
+  };
+  for (const auto& c : cases) {
+    const std::string dir = golden_path("wave2/cases/" + c.name);
+    const std::string png = temp_path(c.name + ".png"), lat = temp_path(c.name + ".safetensors");
+    std::string args = "generate --model " + golden_path("tiny-zimage") + " " + c.args + " --image " + dir +
+                       "/input.png --max-sequence-length 64 --generator-device cpu --backend cpu --output-path " + png +
+                       " --save-latents " + lat;
+    if (c.name.starts_with("inpaint")) args += " --mask " + dir + "/mask.png";
+    ProcessResult r = run(args);
+    ASSERT_EQ(r.code, 0) << r.out;
+    auto golden = SafetensorsFile::open(dir + "/tensors.safetensors");
+    EXPECT_LE(max_abs_diff(SafetensorsFile::open(lat)->get("latents"), golden->get("output.latents")), 1e-3) << c.name;
+    ImageU8 img = read_image(png);
+    Tensor ref = golden->get("output.image_u8");
+    ASSERT_EQ(img.rgb.size(), size_t(ref.numel())) << c.name;
+    int64_t off = 0;
+    for (size_t i = 0; i < img.rgb.size(); ++i) {
+      int d = std::abs(int(img.rgb[i]) - int(ref.data_as<uint8_t>()[i]));
+      EXPECT_LE(d, 1);
+      off += d > 0;
+    }
+    EXPECT_LE(double(off) / double(img.rgb.size()), 0.005) << c.name;
+  }
+}
+
+// An init image of 70x50 gives 64x48 images (rounded down to the multiple of 16), one per output, with CFG.
+TEST(Cli, ImageToImageSizeFromTheImageWithBatches) {
+  ImageU8 init;
+  init.width = 70;
+  init.height = 50;
+  for (int i = 0; i < 70 * 50 * 3; ++i) init.rgb.push_back(uint8_t(i * 13 % 256));
+  const std::string in = temp_path("init70x50.png"), out = temp_path("i2i_batch/");
+  write_image(in, init);
+  ProcessResult r =
+      run("generate --model synthetic:tiny --prompt a --prompt b --num-outputs-per-prompt 2 "
+          "--guidance-scale 2 --num-inference-steps 3 --strength 0.7 --image " +
+          in + " --output-path " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (int i = 0; i < 4; ++i) {
+    ImageU8 img = read_image(out + "zimage_42_" + std::to_string(i) + ".png");
+    EXPECT_EQ(img.width, 64);
+    EXPECT_EQ(img.height, 48);
+  }
+}
+
+TEST(Cli, ImageToImageBadInputExitsWithCode2) {
+  ImageU8 init;
+  init.width = init.height = 32;
+  init.rgb.assign(32 * 32 * 3, 100);
+  const std::string in = temp_path("init32.png");
+  write_image(in, init);
+  const std::string base = "generate --model synthetic:tiny --prompt x --num-inference-steps 2 ";
+  struct Case {
+    std::string args, message;
+  } cases[] = {
+      {"--image " + in + " --strength 0", "strength must be in (0, 1]"},
+      {"--image " + in + " --strength 1.5", "strength must be in (0, 1]"},
+      {"--mask " + in, "a mask needs an init image"},
+      {"--strength 0.5", "no init image was given"},
+      {"--image /no/such/image.png", "/no/such/image.png"},
+  };
+  for (const auto& c : cases) {
+    const std::string out = temp_path("bad_i2i.png");
+    ProcessResult r = run(base + c.args + " --output-path " + out);
+    EXPECT_EQ(r.code, 2) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+    EXPECT_FALSE(std::filesystem::exists(out)) << c.args;
+  }
+}

@@ -286,6 +286,27 @@ TEST_F(CudaOps, CfgEulerStep) {
   expect_close(lg, lc, "euler step without CFG", 1e-6);
 }
 
+// The image-to-image ops against their CPU references: the VAE's logvar clamp (bf16), the posterior's
+// draw from bf16 moments into DiT latent space, and the flow-match noising / inpaint blend (float32 with the
+// reference's roundings: equal up to the host compiler's choice of contracting into FMAs).
+TEST_F(CudaOps, LatentSamplingAndBlend) {
+  Tensor logvar = rnd({2, 16, 64, 48}, 20.0f);  // beyond [-30, 20] in places
+  expect_close(gpu_->clamp(g(logvar), -30.0f, 20.0f), cpu_->clamp(logvar, -30.0f, 20.0f), "clamp 2x16x64x48", 0.0);
+  Tensor mean = rnd({2, 16, 64, 48}), lv = rnd({2, 16, 64, 48}, 2.0f, -3.0f), eps = rnd({2, 16, 64, 48});
+  expect_close(gpu_->gaussian_sample(g(mean), g(lv), g32(eps), 0.1159f, 0.3611f),
+               cpu_->gaussian_sample(mean, lv, eps, 0.1159f, 0.3611f), "gaussian_sample 2x16x64x48", 1e-6);
+  Tensor x = rnd({2, 16, 64, 48}), init = rnd({2, 16, 64, 48}), noise = rnd({2, 16, 64, 48});
+  Tensor mask = Tensor::empty({2, 1, 64, 48}, DType::F32);
+  for (int64_t i = 0; i < mask.numel(); ++i) mask.f32()[i] = float((i * 7 / 5) % 2);
+  for (bool masked : {false, true}) {
+    Tensor xc = x.clone(), xg = g32(x), mg = g32(mask);
+    cpu_->flow_match_blend_(xc, init, noise, masked ? &mask : nullptr, 0.37f);
+    gpu_->flow_match_blend_(xg, g32(init), g32(noise), masked ? &mg : nullptr, 0.37f);
+    EXPECT_LE(max_abs_diff(gpu_->to_host_f32(xg), xc), 1e-6) << (masked ? "blend" : "scale_noise");
+    expect_close(xg, xc, masked ? "flow_match_blend_ with mask" : "flow_match_blend_ (scale_noise)", 1e-7);
+  }
+}
+
 // A batch of items gives each item the bits it gets alone: a CFG pair run as one batch of two on one
 // GPU must make the same image as the two branches on two GPUs (issue 9), and a server batch the same
 // images as its requests alone. GEMMs: the rows of each item of a batched call against a call on that

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "io/image.h"
 #include "io/safetensors.h"
 #include "model/model_source.h"
 #include "model/zimage_dit.h"
@@ -98,6 +99,39 @@ TEST(CudaNccl, TwoGpusMatchOne) {
 // 720x720 and 2048^2 (Turbo recipe), and a CFG pair on a CFG request at 1024^2 (base-model recipe:
 // 50 steps, guidance 4); final latents rel err <= 1e-2, same seed. Needs two GPUs with ~45 GB each and
 // runs when ZIMAGE_FULL_SIZE=1 (the device run sets it).
+// Inpainting on 2 GPUs: every rank encodes the image and draws the same start latents, so the ranks
+// (Ulysses and a CFG pair) give one GPU's latents.
+TEST(CudaNccl, TwoGpusInpaintMatchesOne) {
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << cuda_device_count();
+  ModelSource m = open_model(golden_path("tiny-zimage"));
+  GenerateRequest r;
+  r.prompts = {"a blue window"};
+  r.width = 208;
+  r.height = 112;
+  r.steps = 4;
+  r.guidance = 2.5f;
+  r.seed = 24;
+  r.strength = 0.8;
+  const std::string dir = golden_path("wave2/cases/inpaint_partial");
+  r.images = {read_image(dir + "/input.png")};  // 64x80, resized to 208x112
+  r.masks = {read_image(dir + "/mask.png")};
+  auto be0 = make_cuda_backend(0);
+  GenerateResult want = TextToImagePipeline(*be0, m).generate(r);
+  for (bool cfg : {false, true}) {
+    ParallelConfig c;
+    c.num_gpus = 2;
+    c.cfg_parallel = cfg;
+    c.ulysses_degree = cfg ? 1 : 2;
+    auto be1 = make_cuda_backend(1);
+    auto world = make_nccl_world({0, 1}, {be0.get(), be1.get()});
+    MultiGpuPipeline pipe({be0.get(), be1.get()}, *world, m, c);
+    GenerateResult got = pipe.generate(r);
+    double err = rel_l2_error(got.latents, want.latents);
+    std::printf("inpaint, 2 GPUs (%s) vs 1: final latents rel err %.3g\n", cfg ? "CFG pair" : "Ulysses 2", err);
+    EXPECT_LE(err, 1e-2);
+  }
+}
+
 TEST(CudaNccl, TwoGpusMatchOneAtFullSize) {
   if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << cuda_device_count();
   const char* on = std::getenv("ZIMAGE_FULL_SIZE");

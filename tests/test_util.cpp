@@ -115,4 +115,74 @@ void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initiali
   }
 }
 
+namespace {
+
+uint32_t crc32(const uint8_t* p, size_t n) {
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) {
+    crc ^= p[i];
+    for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
+}
+
+void put_u32(std::vector<uint8_t>& v, uint32_t x) {
+  for (int s = 24; s >= 0; s -= 8) v.push_back(uint8_t(x >> s));
+}
+
+}  // namespace
+
+// A zlib stream of "stored" (uncompressed) deflate blocks: valid without needing a compressor.
+std::vector<uint8_t> zlib_stored(const std::vector<uint8_t>& raw) {
+  std::vector<uint8_t> out = {0x78, 0x01};
+  size_t pos = 0;
+  do {
+    const size_t n = std::min<size_t>(raw.size() - pos, 65535);
+    out.push_back(pos + n == raw.size() ? 1 : 0);
+    out.push_back(uint8_t(n)), out.push_back(uint8_t(n >> 8));
+    out.push_back(uint8_t(~n)), out.push_back(uint8_t(~n >> 8));
+    out.insert(out.end(), raw.begin() + long(pos), raw.begin() + long(pos + n));
+    pos += n;
+  } while (pos < raw.size());
+  uint32_t a = 1, b = 0;
+  for (uint8_t c : raw) a = (a + c) % 65521, b = (b + a) % 65521;
+  put_u32(out, (b << 16) | a);
+  return out;
+}
+
+// `scanlines`: each row prefixed by its filter byte (0, none).
+std::vector<uint8_t> make_png(uint32_t width, uint32_t height, uint8_t bit_depth, uint8_t color_type,
+                              const std::vector<uint8_t>& scanlines, const std::vector<PngChunk>& before_idat,
+                              const std::vector<PngChunk>& after_idat, bool interlaced) {
+  std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  auto add = [&](const PngChunk& c) {
+    put_u32(png, uint32_t(c.data.size()));
+    const size_t start = png.size();
+    png.insert(png.end(), c.type.begin(), c.type.end());
+    png.insert(png.end(), c.data.begin(), c.data.end());
+    put_u32(png, crc32(&png[start], png.size() - start));
+  };
+  std::vector<uint8_t> ihdr;
+  put_u32(ihdr, width);
+  put_u32(ihdr, height);
+  ihdr.insert(ihdr.end(), {bit_depth, color_type, 0, 0, uint8_t(interlaced ? 1 : 0)});
+  add({"IHDR", ihdr});
+  for (const auto& c : before_idat) add(c);
+  add({"IDAT", zlib_stored(scanlines)});
+  for (const auto& c : after_idat) add(c);
+  add({"IEND", {}});
+  return png;
+}
+
+// Rows of `bpp`-byte pixels, each prefixed by filter byte 0.
+std::vector<uint8_t> scanlines(const std::vector<uint8_t>& pixels, int width, int height, int bpp) {
+  std::vector<uint8_t> out;
+  const size_t stride = size_t(width) * bpp;
+  for (size_t y = 0; y < size_t(height); ++y) {
+    out.push_back(0);
+    for (size_t i = 0; i < stride; ++i) out.push_back(pixels[y * stride + i]);
+  }
+  return out;
+}
+
 }  // namespace zimage::testing

@@ -33,4 +33,19 @@ std::vector<std::string> golden_case_names();
 // The recorded per-item DiT tensors <prefix><j> [16, 1, h, w] stacked into [n, 16, h, w] float32.
 Tensor stack_golden_items(const SafetensorsFile& f, const std::string& prefix, int64_t n);
 
+// Hand-assembled PNG files, for layouts the engine's encoder never writes (gray, alpha, palette,
+// 16-bit, interlaced): zlib "stored" blocks, so no compressor is needed.
+struct PngChunk {
+  std::string type;
+  std::vector<uint8_t> data;
+};
+// A zlib stream of "stored" (uncompressed) deflate blocks.
+std::vector<uint8_t> zlib_stored(const std::vector<uint8_t>& raw);
+// `scanlines`: each row prefixed by its filter byte (scanlines() below).
+std::vector<uint8_t> make_png(uint32_t width, uint32_t height, uint8_t bit_depth, uint8_t color_type,
+                              const std::vector<uint8_t>& scanlines, const std::vector<PngChunk>& before_idat = {},
+                              const std::vector<PngChunk>& after_idat = {}, bool interlaced = false);
+// Rows of `bpp`-byte pixels, each prefixed by filter byte 0.
+std::vector<uint8_t> scanlines(const std::vector<uint8_t>& pixels, int width, int height, int bpp);
+
 }  // namespace zimage::testing

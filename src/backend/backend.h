@@ -166,6 +166,23 @@ class Backend {
   virtual void cfg_euler_step_(Tensor& latents, const Tensor& model_out, float guidance, float cfg_norm,
                                float dt) = 0;
 
+  // ---- latents from images (image-to-image, inpainting) ----
+  // y = min(max(x, lo), hi) elementwise, same dtype as x (the VAE encoder's logvar clamp).
+  virtual Tensor clamp(const Tensor& x, float lo, float hi) = 0;
+  // A draw of diffusers' DiagonalGaussianDistribution taken into the DiT's latent space, float32 math:
+  //   out = (mean + exp(0.5 * logvar) * eps - shift) * scale
+  // mean, logvar [B, C, h, w] (activation dtype or f32), eps [B, C, h, w] f32 (the host generator's draw);
+  // out f32. shift 0, scale 1 gives the raw sample (what diffusers' retrieve_latents returns).
+  virtual Tensor gaussian_sample(const Tensor& mean, const Tensor& logvar, const Tensor& eps, float shift,
+                                 float scale) = 0;
+  // Flow-match noising of clean latents (diffusers' scale_noise), optionally kept only outside a mask
+  // (the inpaint blend after each step), float32, in place on x [B, C, h, w]:
+  //   n = sigma * noise + (1 - sigma) * init          (init, noise [B, C, h, w] f32)
+  //   x = n                                           (mask null: image-to-image's start latents)
+  //   x = (1 - m) * n + m * x                         (mask [B, 1, h, w] f32, broadcast over C)
+  virtual void flow_match_blend_(Tensor& x, const Tensor& init, const Tensor& noise, const Tensor* mask,
+                                 float sigma) = 0;
+
   // ---- numerical guards ----
   // counts[slot] += the number of NaN and Inf elements of x (float32 or the activation dtype); counts is
   // an int32 tensor of this backend. Queued like every op: a caller reads the counts once, when the

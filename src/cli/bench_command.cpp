@@ -82,8 +82,8 @@ void print_comparison(const nlohmann::json& a, const nlohmann::json& b) {
   std::printf("%s  (A: %s, B: %s)\n", a.value("resolution", std::string("?")).c_str(), a.value("device", std::string("?")).c_str(),
               b.value("device", std::string("?")).c_str());
   std::printf("  %-24s %12s %12s %12s %9s\n", "", "A", "B", "B - A", "");
-  for (const char* k : {"e2e_ms", "text_encoder_ms", "denoise_ms", "dit_forward_ms", "vae_decode_ms", "to_uint8_ms",
-                        "png_encode_ms", "peak_gpu_mib", "load_s", "first_image_s"})
+  for (const char* k : {"e2e_ms", "text_encoder_ms", "vae_encode_ms", "denoise_ms", "dit_forward_ms", "vae_decode_ms",
+                        "to_uint8_ms", "png_encode_ms", "peak_gpu_mib", "load_s", "first_image_s"})
     if (a.contains(k) && b.contains(k)) row(k, a[k], b[k]);
   auto steps_of = [](const nlohmann::json& r, const char* list) {
     std::map<std::string, nlohmann::json> out;
@@ -110,12 +110,15 @@ struct BenchOptions {
   bool profile = false;
   std::vector<std::string> compare;
   DeviceOptions device;
+  std::string image, mask;  // image to image / inpainting: resized to each resolution
+  std::optional<double> strength;
 };
 
 }  // namespace
 
 Command add_bench(CLI::App& app) {
-  auto* cmd = app.add_subcommand("bench", "Benchmark text-to-image (warm-up, median of runs, per stage) and write JSON");
+  auto* cmd = app.add_subcommand(
+      "bench", "Benchmark text-to-image or image-to-image (warm-up, median of runs, per stage) and write JSON");
   auto o = std::make_shared<BenchOptions>();
   cmd->add_option("--model,--model-path", o->model, "Model folder or synthetic:tiny|turbo (default synthetic:turbo)");
   cmd->add_option("--resolutions", o->resolutions, "WIDTHxHEIGHT list (default 512x512 1024x1024 2048x2048)")
@@ -128,6 +131,10 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--runs", o->runs, "Timed runs per resolution (at least 5 for reported numbers)")->check(CLI::PositiveNumber);
   cmd->add_option("--batch", o->batch, "Images per prompt")->check(CLI::PositiveNumber);
   add_device_options(cmd, o->device);
+  cmd->add_option("--image", o->image, "Benchmark image-to-image from this init image (resized to each resolution)");
+  cmd->add_option("--mask", o->mask, "With --image: benchmark inpainting with this mask (white = repaint)");
+  cmd->add_option("--strength", o->strength,
+                  "With --image: share of the schedule run, in (0, 1] (default 0.6; 1 with --mask)");
   cmd->add_option("--label", o->label, "Label in the result file name");
   cmd->add_flag("--profile", o->profile, "After the timed runs, one more run with per-op device times (CUDA)");
   cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
@@ -147,6 +154,10 @@ Command add_bench(CLI::App& app) {
               if (!any) throw Error(ErrorKind::InvalidArgument, "the two files share no resolution to compare");
               return 0;
             }
+            std::vector<ImageU8> init_images, masks;
+            if (!o->image.empty()) init_images.push_back(read_image(o->image));
+            if (!o->mask.empty()) masks.push_back(read_image(o->mask));
+            const char* kind = masks.empty() ? (init_images.empty() ? "text_to_image" : "image_to_image") : "inpaint";
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model);
             const ParallelConfig par = check_device_options(o->device, model);
@@ -165,6 +176,9 @@ Command add_bench(CLI::App& app) {
               req.guidance = o->guidance;
               req.num_images_per_prompt = o->batch;
               req.seed = 42;
+              req.images = init_images;
+              req.masks = masks;
+              req.strength = o->strength;
               requests.push_back(resolve_request(req, model, limits));
             }
             prepare_output_file((fs::path(o->out_dir) / "result.json").string(), "--output-dir", /*in_place=*/false);
@@ -186,13 +200,14 @@ Command add_bench(CLI::App& app) {
               GenerateResult warm = pipe.generate(req);  // warm-up: plans, algorithms, allocator cache
               double first_image_s = std::chrono::duration<double>(Clock::now() - kProcessStart).count();
               be->reset_peak_memory();
-              std::vector<double> e2e, te, den, dit, vae, u8, png;
+              std::vector<double> e2e, te, enc, den, dit, vae, u8, png;
               std::vector<std::vector<double>> steps;
               for (int r = 0; r < o->runs; ++r) {
                 auto t0 = Clock::now();
                 GenerateResult g = pipe.generate(req);
                 e2e.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
                 te.push_back(g.times.text_encoder_ms);
+                enc.push_back(g.times.vae_encode_ms);
                 den.push_back(g.times.denoise_ms);
                 dit.push_back(median(g.times.dit_ms));
                 vae.push_back(g.times.vae_decode_ms);
@@ -231,12 +246,16 @@ Command add_bench(CLI::App& app) {
                   {"commit", git_commit()},
                   {"model", model.name},
                   {"resolution", std::to_string(w) + "x" + std::to_string(h)},
+                  {"kind", kind},
+                  {"strength", req.strength ? nlohmann::json(*req.strength) : nlohmann::json(nullptr)},
                   {"steps", warm.steps},
+                  {"steps_run", warm.steps_run},
                   {"guidance_scale", warm.guidance},
                   {"batch", o->batch},
                   {"runs", o->runs},
                   {"e2e_ms", median(e2e)},
                   {"text_encoder_ms", median(te)},
+                  {"vae_encode_ms", median(enc)},
                   {"denoise_ms", median(den)},
                   {"dit_forward_ms", median(dit)},
                   {"vae_decode_ms", median(vae)},
@@ -248,6 +267,7 @@ Command add_bench(CLI::App& app) {
                   {"stages",
                    {{"steps",
                      {{{"name", "text_encoder"}, {"duration_ms", median(te)}},
+                      {{"name", "vae_encode"}, {"duration_ms", median(enc)}},
                       {{"name", "denoise"}, {"duration_ms", median(den)}},
                       {{"name", "vae_decode"}, {"duration_ms", median(vae)}},
                       {{"name", "to_uint8"}, {"duration_ms", median(u8)}}}},
@@ -255,9 +275,11 @@ Command add_bench(CLI::App& app) {
               };
               if (o->profile) r["op_profile"] = op_profile;
               first = false;
-              std::printf("%s %s: e2e %.1f ms, text encoder %.2f ms, DiT %.2f ms/forward, VAE decode %.2f ms, peak %.0f MiB\n",
-                          device.c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te),
-                          median(dit), median(vae), double(mem.peak) / (1 << 20));
+              std::printf(
+                  "%s %s: e2e %.1f ms, text encoder %.2f ms, VAE encode %.2f ms, DiT %.2f ms/forward, VAE decode "
+                  "%.2f ms, peak %.0f MiB\n",
+                  device.c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te), median(enc),
+                  median(dit), median(vae), double(mem.peak) / (1 << 20));
               results.push_back(r);
             }
             std::time_t now = std::time(nullptr);

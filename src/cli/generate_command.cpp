@@ -2,6 +2,7 @@
 // has one. Bad input exits with code 2 before anything is written.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -38,6 +39,9 @@ struct GenerateOptions {
   std::string seed = "42";  // parsed by parse_seed: CLI11 clamps 2^63 to 2^63-1 and reads 010 as octal
   bool warmup = false;
   DeviceOptions device;
+  std::vector<std::string> images;  // image to image / inpainting
+  std::string mask;
+  std::optional<double> strength;
 };
 
 // One prompt per line. A UTF-8 byte order mark (what Windows editors save) is not part of the first
@@ -129,8 +133,13 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
+  cmd->add_option("--image", o->images, "Init image for image-to-image (PNG, JPEG, WebP; repeat for several)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--mask", o->mask, "Inpainting mask for --image: white = repaint (any size: resized like the image)");
+  cmd->add_option("--strength", o->strength,
+                  "Share of the schedule run from --image, in (0, 1] (default 0.6; 1 with --mask)");
   add_device_options(cmd, o->device);
-  return {cmd, [o] {
+  return {cmd, [o, cmd] {
             if (!o->prompt_file.empty()) {
               auto more = read_prompt_file(o->prompt_file);
               o->prompts.insert(o->prompts.end(), more.begin(), more.end());
@@ -154,6 +163,9 @@ Command add_generate(CLI::App& app) {
             req.seed = parse_seed(o->seed, "--seed");
             req.generator = o->generator == "cpu" ? GeneratorDevice::Cpu : GeneratorDevice::Cuda;
             req.num_images_per_prompt = o->num_outputs_per_prompt;
+            for (const std::string& path : o->images) req.images.push_back(read_image(path));  // bad files fail first
+            if (!o->mask.empty()) req.masks = {read_image(o->mask)};
+            req.strength = o->strength;
 
             // Everything the user asked for is checked against the model's configs before a weight is
             // read: a bad size must not cost a 20 GB load.
@@ -161,6 +173,11 @@ Command add_generate(CLI::App& app) {
             ModelSource model = open_model(o->model);
             const ParallelConfig par = check_device_options(o->device, model);
             const PipelineLimits limits;
+            if (!req.images.empty()) {  // the size defaults to the first image's, rounded down to the model's multiple
+              const int m = size_multiple(model);
+              if (!cmd->count("--height")) req.height = std::max(req.images[0].height / m * m, m);
+              if (!cmd->count("--width")) req.width = std::max(req.images[0].width / m * m, m);
+            }
             req = resolve_request(req, model, limits);
             const int64_t n_images = int64_t(req.prompts.size()) * req.num_images_per_prompt;
             prepare_image_paths(o->output_path, n_images, req.seed);

@@ -317,11 +317,7 @@ Vae::Moments Vae::encode(const Tensor& image) {
 
   Moments m;
   m.mean = be_.nhwc_to_nchw(be_.slice_cols(x, 0, latent_channels_));
-  // The clamp has no backend op; logvar is small (B * C_lat * h * w values), so it is clamped on the host.
-  Tensor logvar = be_.to_host_f32(be_.nhwc_to_nchw(be_.slice_cols(x, latent_channels_, latent_channels_)));
-  float* p = logvar.f32();
-  for (int64_t i = 0; i < logvar.numel(); ++i) p[i] = std::clamp(p[i], kLogvarMin, kLogvarMax);
-  m.logvar = be_.upload(logvar);
+  m.logvar = be_.clamp(be_.nhwc_to_nchw(be_.slice_cols(x, latent_channels_, latent_channels_)), kLogvarMin, kLogvarMax);
   return m;
 }
 

@@ -30,6 +30,7 @@ class MultiGpuPipeline final : public ImageGenerator {
   GenerateResult generate(const GenerateRequest& request,
                           const std::function<void(int, int)>& progress = nullptr) override;
   Backend& backend() override { return ranks_[0]->backend(); }
+  int size_multiple() const override { return ranks_[0]->size_multiple(); }
 
  private:
   RankWorld& world_;

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "model/vae.h"
 #include "model/zimage_dit.h"
+#include "pipeline/denoise.h"
 #include "text/tokenizer.h"
 
 namespace zimage {
@@ -122,6 +123,43 @@ void check_prompt_text(std::string_view prompt, const std::string& what) {
   check_prompt(prompt, what);
 }
 
+namespace {
+
+// The init images, masks and strength of image to image and inpainting: defaults and checks.
+void resolve_image_inputs(GenerateRequest& r, int64_t batch, int multiple) {
+  if (r.images.empty()) {
+    if (!r.masks.empty()) throw bad("a mask needs an init image to inpaint");
+    if (r.strength) throw bad("strength applies to image-to-image and inpainting; no init image was given");
+    return;
+  }
+  const bool inpaint = !r.masks.empty();
+  auto check_size = [&](const ImageU8& im, const char* what) {
+    if (im.width < multiple || im.height < multiple)
+      throw bad(std::string(what) + " is " + std::to_string(im.width) + "x" + std::to_string(im.height) +
+                " pixels; it must be at least " + std::to_string(multiple) + " pixels on each side");
+    if (im.rgb.size() != size_t(im.width) * size_t(im.height) * 3) throw bad(std::string(what) + " is malformed");
+  };
+  for (const ImageU8& im : r.images) check_size(im, "an init image");
+  for (const ImageU8& im : r.masks) check_size(im, "a mask");
+  const int64_t n = int64_t(r.images.size());
+  if (batch % n)
+    throw bad(std::to_string(n) + " init images do not divide a batch of " + std::to_string(batch) +
+              " images (prompts x num_outputs_per_prompt)");
+  if (inpaint && r.masks.size() != 1 && r.masks.size() != r.images.size())
+    throw bad("got " + std::to_string(r.masks.size()) + " masks for " + std::to_string(n) +
+              " init images; give one mask for all or one per image");
+  if (!r.noise_groups.empty()) throw bad("noise groups are not supported with init images");
+  if (!r.strength) r.strength = inpaint ? 1.0 : 0.6;  // diffusers' defaults
+  if (!std::isfinite(*r.strength) || *r.strength <= 0.0 || *r.strength > 1.0)
+    throw bad("strength must be in (0, 1] (got " + std::to_string(*r.strength) + ")");
+  const int begin = strength_begin_index(*r.steps, *r.strength);
+  if (begin >= *r.steps)
+    throw bad("strength " + std::to_string(*r.strength) + " leaves no denoising step of " + std::to_string(*r.steps) +
+              "; raise strength or num_inference_steps");
+}
+
+}  // namespace
+
 GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, const PipelineLimits& limits) {
   if (!r.steps) r.steps = model.default_steps;
   if (!r.guidance) r.guidance = model.default_guidance;
@@ -169,6 +207,7 @@ GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, con
     check_prompt_text(r.prompts[i], prompt);
     check_prompt_text(r.negative_prompts[i], negative);
   }
+  resolve_image_inputs(r, batch, size_multiple(model));
   return r;
 }
 

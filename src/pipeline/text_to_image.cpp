@@ -10,6 +10,7 @@
 #include "parallel/cfg_parallel.h"
 #include "parallel/sequence_parallel_plan.h"
 #include "pipeline/flow_match_scheduler.h"
+#include "pipeline/image_processor.h"
 #include "pipeline/request_limits.h"
 
 namespace zimage {
@@ -19,14 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// [B, ...] -> [2B, ...]: the same latents for the positive and the negative branch.
-Tensor repeat_twice(Backend& be, const Tensor& x) {
-  Shape s = x.shape();
-  Tensor rows = x.reshape({s[0] * s[1] * s[2], s[3]});
-  s[0] *= 2;
-  return be.concat_rows(rows, rows).reshape(s);
 }
 
 }  // namespace
@@ -47,6 +40,22 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
 
 GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
   return resolve_request(std::move(r), model_, limits_);
+}
+
+StartLatents TextToImagePipeline::make_start_latents(const GenerateRequest& r, int64_t batch, float sigma) {
+  const Shape shape = {batch, latent_channels(), r.height / vae_.downscale(), r.width / vae_.downscale()};
+  if (r.images.empty()) {
+    // torch.randn draws of [count, C, 2*(H/16), 2*(W/16)], one per noise group (by default one group: the
+    // whole batch with the request's seed, as diffusers draws it).
+    std::vector<NoiseGroup> groups = r.noise_groups;
+    if (groups.empty()) groups.push_back({batch, r.seed});
+    return noise_start_latents(be_, shape, groups, r.generator);
+  }
+  const Tensor pixels = preprocess_images(r.images, r.height, r.width);
+  Tensor masks;
+  if (!r.masks.empty()) masks = preprocess_masks(r.masks, r.height, r.width);
+  TorchGenerator gen(r.seed, r.generator);
+  return image_start_latents(be_, vae_, pixels, r.masks.empty() ? nullptr : &masks, batch, sigma, gen);
 }
 
 std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
@@ -155,67 +164,54 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
   // Stage times come from marks in the backend's queue: no synchronization inside the loop.
   Backend::Mark m_start = be_.mark();
 
-  // 1-2. Prompts -> embeddings (positives, then negatives when CFG is on), repeated per image.
+  // 1. Prompts -> embeddings (positives, then negatives when CFG is on), repeated per image.
   std::vector<Tensor> pos = encode_prompts(r.prompts, r.max_sequence_length, &res.prompt_truncated);
   std::vector<Tensor> neg;
   if (cfg) neg = encode_prompts(r.negative_prompts, r.max_sequence_length);
+  DenoiseSpec spec;
+  for (size_t i = 0; i < pos.size(); ++i)
+    for (int k = 0; k < r.num_images_per_prompt; ++k) {
+      spec.caps.push_back(pos[i]);
+      if (cfg) spec.neg_caps.push_back(neg[i]);
+    }
+  const int64_t b = int64_t(spec.caps.size());
+
+  // 2. The schedule and where it starts: image to image runs the last `strength` share of it.
+  const int64_t lh = r.height / vae_.downscale(), lw = r.width / vae_.downscale();
+  const FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
+  spec.schedule = &sched;
+  spec.begin = r.strength ? strength_begin_index(steps, *r.strength) : 0;
+  spec.guidance = guidance;
+  spec.cfg_normalization = r.cfg_normalization;
+  spec.cfg_truncation = r.cfg_truncation;
+  const int run = steps - spec.begin;
+  res.steps_run = run;
+
   // Numerical guards: NaN/Inf counts per stage, read once at the end (slot 0: prompt embeddings,
-  // 1..steps: latents after each step, steps + 1: the decoded image).
-  Tensor non_finite = be_.upload(Tensor::zeros({steps + 2}, DType::I32), DType::I32);
+  // 1..run: latents after each step, run + 1: the decoded image).
+  Tensor non_finite = be_.upload(Tensor::zeros({run + 2}, DType::I32), DType::I32);
   for (const auto& e : pos) be_.count_non_finite(e, non_finite, 0);
   for (const auto& e : neg) be_.count_non_finite(e, non_finite, 0);
   Backend::Mark m_text = be_.mark();
-  std::vector<Tensor> caps, neg_caps;
-  for (size_t i = 0; i < pos.size(); ++i)
-    for (int k = 0; k < r.num_images_per_prompt; ++k) {
-      caps.push_back(pos[i]);
-      if (cfg) neg_caps.push_back(neg[i]);
-    }
-  const int64_t b = int64_t(caps.size());
 
-  // 3. Starting noise: torch.randn draws of [count, C, 2*(H/16), 2*(W/16)], one per noise group (by
-  // default one group: the whole batch with the request's seed, as diffusers draws it).
-  const int64_t lh = r.height / vae_.downscale(), lw = r.width / vae_.downscale();
-  std::vector<NoiseGroup> groups = r.noise_groups;
-  if (groups.empty()) groups.push_back({b, r.seed});
-  Tensor noise = Tensor::empty({b, latent_channels(), lh, lw}, DType::F32);
-  int64_t filled = 0;
-  for (const auto& g : groups) {
-    Tensor part = torch_randn({g.count, latent_channels(), lh, lw}, g.seed, r.generator);
-    std::copy(part.f32(), part.f32() + part.numel(), noise.f32() + filled);
-    filled += part.numel();
-  }
-  Tensor latents = be_.upload(noise, DType::F32);
-  FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
+  // 3. Start latents: noise, or the init images' latents noised to the first sigma that runs.
+  StartLatents start = make_start_latents(r, b, sched.sigmas[size_t(spec.begin)]);
+  Backend::Mark m_encode = be_.mark();
+  Tensor latents = start.latents;
+  if (start.blend) spec.blend = &*start.blend;
 
-  // 4. Denoising loop.
-  std::vector<Tensor> all_caps = caps;
-  all_caps.insert(all_caps.end(), neg_caps.begin(), neg_caps.end());
-  Backend::Mark m_loop = be_.mark();
-  std::vector<Backend::Mark> m_dit, m_step;
-  for (int i = 0; i < steps; ++i) {
-    float t = sched.dit_time(size_t(i));
-    float g = guidance;
-    if (cfg && r.cfg_truncation <= 1.0f && t > r.cfg_truncation) g = 0.0f;  // truncated: positive branch only
-    bool apply_cfg = cfg && g > 0;
-    Tensor out = apply_cfg ? dit_forward(repeat_twice(be_, latents), std::vector<float>(size_t(2 * b), t), all_caps, true)
-                           : dit_forward(latents, std::vector<float>(size_t(b), t), caps, false);
-    m_dit.push_back(be_.mark());
-    be_.cfg_euler_step_(latents, out, apply_cfg ? g : 0.0f, r.cfg_normalization, sched.dt(size_t(i)));
-    be_.count_non_finite(latents, non_finite, 1 + i);
-    m_step.push_back(be_.mark());
-    if (progress) {  // reports steps done, not steps queued: only then does the loop wait for the device
-      be_.wait(m_step.back());
-      progress(i + 1, steps);
-    }
-  }
+  // 4. The denoising loop.
+  DitCall dit = [this](const Tensor& x, const std::vector<float>& t, const std::vector<Tensor>& caps, bool cfg_batch) {
+    return dit_forward(x, t, caps, cfg_batch);
+  };
+  DenoiseMarks marks = denoise(be_, dit, spec, latents, non_finite, 1, progress);
 
   // The other ranks of a multi-GPU generation hold the same latents: rank 0 alone decodes.
   if (rank_.rank != 0) return res;
 
   // 5. Decode and convert to uint8 as diffusers' postprocess + PIL do.
   Tensor image = vae_.decode(latents);
-  be_.count_non_finite(image, non_finite, steps + 1);
+  be_.count_non_finite(image, non_finite, run + 1);
   Backend::Mark m_vae = be_.mark();
   Tensor u8 = be_.image_to_u8(image);
   Backend::Mark m_u8 = be_.mark();
@@ -230,13 +226,14 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
       res.non_finite.latents_max_abs = std::max(res.non_finite.latents_max_abs, std::fabs(res.latents.f32()[i]));
 
   res.times.text_encoder_ms = be_.elapsed_ms(m_start, m_text);
-  for (int i = 0; i < steps; ++i) {
-    const Backend::Mark& begin = i == 0 ? m_loop : m_step[size_t(i - 1)];
-    res.times.dit_ms.push_back(be_.elapsed_ms(begin, m_dit[size_t(i)]));
-    res.times.step_ms.push_back(be_.elapsed_ms(begin, m_step[size_t(i)]));
+  res.times.vae_encode_ms = be_.elapsed_ms(m_text, m_encode);
+  for (int i = 0; i < run; ++i) {
+    const Backend::Mark& begin = i == 0 ? marks.begin : marks.step[size_t(i - 1)];
+    res.times.dit_ms.push_back(be_.elapsed_ms(begin, marks.dit[size_t(i)]));
+    res.times.step_ms.push_back(be_.elapsed_ms(begin, marks.step[size_t(i)]));
   }
-  res.times.denoise_ms = be_.elapsed_ms(m_loop, m_step.back());
-  res.times.vae_decode_ms = be_.elapsed_ms(m_step.back(), m_vae);
+  res.times.denoise_ms = be_.elapsed_ms(marks.begin, marks.step.back());
+  res.times.vae_decode_ms = be_.elapsed_ms(marks.step.back(), m_vae);
   res.times.to_u8_ms = be_.elapsed_ms(m_vae, m_u8);
   res.times.total_ms = ms_since(t_start);
   return res;

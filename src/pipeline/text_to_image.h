@@ -1,7 +1,9 @@
 // Text to image, as diffusers' ZImagePipeline: chat-templated prompts -> Qwen3 hidden_states[-2] ->
 // flow-match Euler denoising with the DiT (batched CFG with normalization and truncation) -> VAE
-// decode -> uint8 RGB. Validation of a request happens here, at the edge, with messages a user
-// understands; the models below assume valid input.
+// decode -> uint8 RGB. A request with init images (and masks) is image to image (inpainting) as
+// ZImageImg2ImgPipeline (ZImageInpaintPipeline): other start latents (start_latents.h) and another spec
+// of the same denoising loop (denoise.h). Validation of a request happens here, at the edge, with
+// messages a user understands; the models below assume valid input.
 #pragma once
 
 #include <functional>
@@ -12,23 +14,18 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "io/image.h"
 #include "model/model_source.h"
 #include "model/qwen3.h"
 #include "model/vae.h"
 #include "model/zimage_dit.h"
 #include "parallel/communicator.h"
+#include "pipeline/denoise.h"
+#include "pipeline/start_latents.h"
 #include "pipeline/torch_rng.h"
 #include "text/tokenizer.h"
 
 namespace zimage {
-
-// Images [first, first + count) of a batch start from one torch.randn draw of [count, C, h, w] with
-// `seed`: how a batch made of several independent requests keeps each request's images identical to
-// the request made alone.
-struct NoiseGroup {
-  int64_t count = 1;
-  uint64_t seed = 0;
-};
 
 struct GenerateRequest {
   std::vector<std::string> prompts;           // one image per prompt (times num_images_per_prompt)
@@ -43,11 +40,20 @@ struct GenerateRequest {
   std::vector<NoiseGroup> noise_groups;  // else: their counts sum to the batch size
   GeneratorDevice generator = GeneratorDevice::Cuda;
   int num_images_per_prompt = 1;
+  // Image to image (diffusers' ZImageImg2ImgPipeline) when `images` is set, inpainting
+  // (ZImageInpaintPipeline) when `masks` is set too. The images (and masks: white = repaint) are resized
+  // to height x width as diffusers' VaeImageProcessor does; their counts divide the batch and item b
+  // uses image b % n (diffusers repeats the list). strength in (0, 1]: the share of the schedule that runs
+  // (default 0.6 for image to image, 1.0 for inpainting). The VAE's draws and the noise come from one
+  // generator seeded with `seed`, in diffusers' order.
+  std::vector<ImageU8> images;
+  std::vector<ImageU8> masks;  // empty, one for all images, or one per image
+  std::optional<double> strength;
 };
 
 // Stage durations of one call, from marks in the backend's queue (text_encoder includes tokenization).
 struct StageTimes {
-  double text_encoder_ms = 0, denoise_ms = 0, vae_decode_ms = 0, to_u8_ms = 0, total_ms = 0;
+  double text_encoder_ms = 0, vae_encode_ms = 0, denoise_ms = 0, vae_decode_ms = 0, to_u8_ms = 0, total_ms = 0;
   std::vector<double> step_ms;    // per denoising step
   std::vector<double> dit_ms;     // per DiT forward
 };
@@ -55,7 +61,7 @@ struct StageTimes {
 // How many NaN/Inf values each stage produced (counted on the device as the stages ran).
 struct NonFiniteCounts {
   int64_t prompt_embeddings = 0;  // the text encoder's output, every prompt of the call
-  std::vector<int64_t> latents;   // the latents after each denoising step
+  std::vector<int64_t> latents;   // the latents after each denoising step that ran
   int64_t image = 0;              // the VAE's decoded image
   float latents_max_abs = 0;      // the final latents' largest magnitude, filled when `image` > 0
 };
@@ -63,7 +69,8 @@ struct NonFiniteCounts {
 struct GenerateResult {
   Tensor images;   // uint8 [B, H, W, 3] (host)
   Tensor latents;  // float32 [B, 16, H/8, W/8] final latents (host)
-  int steps = 0;
+  int steps = 0;   // num_inference_steps of the schedule
+  int steps_run = 0;  // the steps after the strength cut (all of them for text to image)
   float guidance = 0;
   std::vector<bool> prompt_truncated;
   StageTimes times;
@@ -118,6 +125,8 @@ class ImageGenerator {
                                   const std::function<void(int, int)>& progress = nullptr) = 0;
   // The backend that returns the images (rank 0): memory statistics and op profiles.
   virtual Backend& backend() = 0;
+  // Heights and widths are multiples of this (the VAE's downscale times the DiT's patch: 16).
+  virtual int size_multiple() const = 0;
 };
 
 // One pipeline's share of a multi-GPU generation; the default is a pipeline alone on its device.
@@ -139,12 +148,18 @@ class TextToImagePipeline final : public ImageGenerator {
   GenerateResult generate_unchecked(const GenerateRequest& request,
                                     const std::function<void(int, int)>& progress = nullptr);
 
+  // The start latents of a resolved request: noise, or the init images' latents noised to `sigma` (the
+  // schedule's sigma at the strength cut). Public for the tests, which check every draw.
+  StartLatents make_start_latents(const GenerateRequest& resolved, int64_t batch, float sigma);
+
   // Prompt embeddings: one [len_i, hidden] backend tensor per prompt.
   std::vector<Tensor> encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length,
                                      std::vector<bool>* truncated = nullptr);
 
   Backend& backend() override { return be_; }
+  int size_multiple() const override { return vae_.downscale() * int(dit_.config().patch); }
   const ModelSource& model() const { return model_; }
+  Vae& vae() { return vae_; }
   int latent_channels() const { return int(dit_.config().in_channels); }
 
  private:

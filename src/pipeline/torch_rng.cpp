@@ -271,16 +271,24 @@ void TorchCudaGenerator::randn(float* out, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------------------
 
-Tensor torch_randn(const Shape& shape, uint64_t seed, GeneratorDevice device, int cuda_sm_count) {
+TorchGenerator::TorchGenerator(uint64_t seed, GeneratorDevice device, int cuda_sm_count) {
+  if (device == GeneratorDevice::Cpu)
+    cpu_.emplace(seed);
+  else
+    cuda_.emplace(seed, cuda_sm_count);
+}
+
+Tensor TorchGenerator::randn(const Shape& shape) {
   Tensor t = Tensor::empty(shape, DType::F32);
-  if (device == GeneratorDevice::Cpu) {
-    TorchCpuGenerator gen(seed);
-    gen.randn(t.f32(), t.numel());
-  } else {
-    TorchCudaGenerator gen(seed, cuda_sm_count);
-    gen.randn(t.f32(), t.numel());
-  }
+  if (cpu_)
+    cpu_->randn(t.f32(), t.numel());
+  else
+    cuda_->randn(t.f32(), t.numel());
   return t;
+}
+
+Tensor torch_randn(const Shape& shape, uint64_t seed, GeneratorDevice device, int cuda_sm_count) {
+  return TorchGenerator(seed, device, cuda_sm_count).randn(shape);
 }
 
 }  // namespace zimage

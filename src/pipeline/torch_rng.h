@@ -71,6 +71,18 @@ class TorchCudaGenerator {
   int max_threads_per_sm_;
 };
 
+// One torch.Generator(device).manual_seed(seed) whose successive randn calls continue its stream: how
+// diffusers' image-to-image draws the VAE posterior's sample and then the noise from one generator.
+class TorchGenerator {
+ public:
+  TorchGenerator(uint64_t seed, GeneratorDevice device, int cuda_sm_count = 132);
+  Tensor randn(const Shape& shape);  // float32, as torch.randn(shape, generator=this)
+
+ private:
+  std::optional<TorchCpuGenerator> cpu_;
+  std::optional<TorchCudaGenerator> cuda_;
+};
+
 // Same values as torch.randn(shape, generator=torch.Generator(device).manual_seed(seed)) in float32.
 // The CUDA values depend on the GPU's multiprocessor count once the tensor holds more than
 // cuda_sm_count * 2048 values (the most threads torch launches on an H100/H200-class GPU).

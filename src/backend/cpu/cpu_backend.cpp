@@ -534,6 +534,52 @@ class CpuBackend final : public Backend {
     }
   }
 
+  Tensor clamp(const Tensor& x, float lo, float hi) override {
+    check_f32(x, "clamp");
+    Tensor y = Tensor::empty(x.shape(), DType::F32);
+    for (int64_t i = 0; i < x.numel(); ++i) y.f32()[i] = std::min(std::max(x.f32()[i], lo), hi);
+    return y;
+  }
+
+  Tensor gaussian_sample(const Tensor& mean, const Tensor& logvar, const Tensor& eps, float shift,
+                         float scale) override {
+    check_f32(mean, "gaussian_sample");
+    check_f32(logvar, "gaussian_sample");
+    check_f32(eps, "gaussian_sample");
+    ZI_ASSERT(mean.shape() == logvar.shape() && mean.shape() == eps.shape());
+    Tensor y = Tensor::empty(mean.shape(), DType::F32);
+    for (int64_t i = 0; i < y.numel(); ++i) {
+      const float std_dev = std::exp(0.5f * logvar.f32()[i]);
+      y.f32()[i] = (mean.f32()[i] + std_dev * eps.f32()[i] - shift) * scale;
+    }
+    return y;
+  }
+
+  void flow_match_blend_(Tensor& x, const Tensor& init, const Tensor& noise, const Tensor* mask, float sigma) override {
+    check_f32(x, "flow_match_blend_");
+    check_f32(init, "flow_match_blend_");
+    check_f32(noise, "flow_match_blend_");
+    ZI_ASSERT(x.ndim() == 4 && x.shape() == init.shape() && x.shape() == noise.shape());
+    const int64_t b = x.dim(0), c = x.dim(1), hw = x.dim(2) * x.dim(3);
+    if (mask) {
+      check_f32(*mask, "flow_match_blend_");
+      ZI_ASSERT(mask->numel() == b * hw);
+    }
+    float* xp = x.f32();
+    for (int64_t n = 0; n < b; ++n)
+      for (int64_t k = 0; k < c; ++k)
+        for (int64_t p = 0; p < hw; ++p) {
+          const int64_t i = (n * c + k) * hw + p;
+          const float noised = sigma * noise.f32()[i] + (1.0f - sigma) * init.f32()[i];
+          if (!mask) {
+            xp[i] = noised;
+          } else {
+            const float m = mask->f32()[n * hw + p];
+            xp[i] = (1.0f - m) * noised + m * xp[i];
+          }
+        }
+  }
+
   void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) override {
     check_f32(x, "count_non_finite");
     ZI_ASSERT(counts.dtype() == DType::I32 && slot >= 0 && slot < counts.numel());

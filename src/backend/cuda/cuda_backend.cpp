@@ -548,6 +548,50 @@ class CudaBackend final : public Backend {
     cuda::cfg_euler_step(latents.data_as<float>(), model_out.data_as<float>(), b, per, guidance, cfg_norm, dt, stream_);
   }
 
+  Tensor clamp(const Tensor& x, float lo, float hi) override {
+    auto scope = profile("clamp");
+    check_bf16(x, "clamp");
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::clamp(cbf(x), mbf(y), x.numel(), lo, hi, stream_);
+    return y;
+  }
+
+  Tensor gaussian_sample(const Tensor& mean, const Tensor& logvar, const Tensor& eps, float shift,
+                         float scale) override {
+    auto scope = profile("gaussian_sample");
+    check(mean, "gaussian_sample");
+    check(logvar, "gaussian_sample");
+    check(eps, "gaussian_sample");
+    ZI_ASSERT(mean.shape() == logvar.shape() && mean.shape() == eps.shape() && mean.dtype() == logvar.dtype() &&
+              eps.dtype() == DType::F32);
+    Tensor y = empty(mean.shape(), DType::F32);
+    if (mean.dtype() == DType::F32) {
+      cuda::gaussian_sample_f32(mean.data_as<float>(), logvar.data_as<float>(), eps.data_as<float>(),
+                                y.data_as<float>(), y.numel(), shift, scale, stream_);
+    } else {
+      check_bf16(mean, "gaussian_sample");
+      cuda::gaussian_sample_bf16(cbf(mean), cbf(logvar), eps.data_as<float>(), y.data_as<float>(), y.numel(), shift,
+                                 scale, stream_);
+    }
+    return y;
+  }
+
+  void flow_match_blend_(Tensor& x, const Tensor& init, const Tensor& noise, const Tensor* mask, float sigma) override {
+    auto scope = profile("flow_match_blend_");
+    check(x, "flow_match_blend_");
+    check(init, "flow_match_blend_");
+    check(noise, "flow_match_blend_");
+    ZI_ASSERT(x.ndim() == 4 && x.shape() == init.shape() && x.shape() == noise.shape() && x.dtype() == DType::F32 &&
+              init.dtype() == DType::F32 && noise.dtype() == DType::F32);
+    const int64_t b = x.dim(0), c = x.dim(1), hw = x.dim(2) * x.dim(3);
+    if (mask) {
+      check(*mask, "flow_match_blend_");
+      ZI_ASSERT(mask->dtype() == DType::F32 && mask->numel() == b * hw);
+    }
+    cuda::flow_match_blend(x.data_as<float>(), init.data_as<float>(), noise.data_as<float>(),
+                           mask ? mask->data_as<float>() : nullptr, b, c, hw, sigma, stream_);
+  }
+
   std::unique_ptr<Graph> make_graph(GraphFn fn) override { return std::make_unique<CudaGraph>(*this, std::move(fn)); }
 
   void count_non_finite(const Tensor& x, Tensor& counts, int64_t slot) override {

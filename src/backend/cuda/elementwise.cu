@@ -100,7 +100,7 @@ __global__ void add_inplace_kernel(bf16* __restrict__ x, const bf16* __restrict_
   }
 }
 
-// ---- unary maps: silu, scale_shift ----
+// ---- unary maps: silu, scale_shift, clamp ----
 
 struct SiluOp {
   __device__ float operator()(float v) const { return v / (1.0f + __expf(-v)); }
@@ -108,6 +108,10 @@ struct SiluOp {
 struct ScaleShiftOp {
   float scale, shift;
   __device__ float operator()(float v) const { return fmaf(v, scale, shift); }
+};
+struct ClampOp {
+  float lo, hi;
+  __device__ float operator()(float v) const { return fminf(fmaxf(v, lo), hi); }
 };
 
 // y[i] = op(x[i]). Reads 2n + writes 2n bytes; memory bound.
@@ -243,6 +247,10 @@ void silu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream) { launch_map_b
 
 void scale_shift(const bf16* x, bf16* y, int64_t n, float scale, float shift, cudaStream_t stream) {
   launch_map_bf16(x, y, n, ScaleShiftOp{scale, shift}, stream);
+}
+
+void clamp(const bf16* x, bf16* y, int64_t n, float lo, float hi, cudaStream_t stream) {
+  launch_map_bf16(x, y, n, ClampOp{lo, hi}, stream);
 }
 
 void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream) {

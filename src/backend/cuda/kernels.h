@@ -20,6 +20,7 @@ void silu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
 // x [rows, 2f] -> y [rows, f] = silu(x[:, :f]) * x[:, f:]
 void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream);
 void scale_shift(const bf16* x, bf16* y, int64_t n, float scale, float shift, cudaStream_t stream);
+void clamp(const bf16* x, bf16* y, int64_t n, float lo, float hi, cudaStream_t stream);  // min(max(x, lo), hi)
 // latent [c, h, w] <-> tokens [(h/p)*(w/p), p*p*c] (features ordered ph, pw, c)
 void patchify(const bf16* latent, bf16* tokens, int c, int h, int w, int p, cudaStream_t stream);
 void unpatchify(const bf16* tokens, bf16* latent, int c, int h, int w, int p, cudaStream_t stream);
@@ -36,6 +37,17 @@ void count_non_finite_bf16(const bf16* x, int64_t n, int* count, cudaStream_t st
 // (per item) pred is scaled down to that norm; latents += dt * (-pred).
 void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64_t per_item, float guidance,
                     float cfg_norm, float dt, cudaStream_t stream);
+
+// ---- latents from images (latent_sampling.cu) ----
+// out[n] f32 = (mean + exp(0.5 * logvar) * eps - shift) * scale (the VAE posterior's draw in DiT latent space).
+void gaussian_sample_bf16(const bf16* mean, const bf16* logvar, const float* eps, float* out, int64_t n, float shift,
+                          float scale, cudaStream_t stream);
+void gaussian_sample_f32(const float* mean, const float* logvar, const float* eps, float* out, int64_t n, float shift,
+                         float scale, cudaStream_t stream);
+// In place on x [b, c, hw] f32: noised = sigma*noise + (1 - sigma)*init; x = noised without a mask, else
+// (1 - m)*noised + m*x with m = mask[b, hw] (broadcast over c).
+void flow_match_blend(float* x, const float* init, const float* noise, const float* mask, int64_t b, int64_t c,
+                      int64_t hw, float sigma, cudaStream_t stream);
 
 // [n, dim] bf16 = [cos(t_i * f_k) | sin(t_i * f_k)], f_k = exp(-ln(max_period) * k / (dim/2)); t: n device floats.
 void timestep_embedding(const float* t, float t_scale, bf16* y, int64_t n, int dim, float max_period,

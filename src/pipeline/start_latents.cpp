@@ -1,0 +1,71 @@
+#include "pipeline/start_latents.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "pipeline/image_processor.h"
+
+namespace zimage {
+
+namespace {
+
+// Rows b of the batch take item b % n of x [n, ...] (diffusers' torch.cat([x] * (batch // n))).
+Tensor repeat_to_batch(Backend& be, const Tensor& x, int64_t batch) {
+  const int64_t n = x.dim(0);
+  if (n == batch) return x;
+  std::vector<int32_t> idx(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) idx[size_t(b)] = int32_t(b % n);
+  Shape s = x.shape();
+  s[0] = batch;
+  return be.gather_rows(x.reshape({n, x.numel() / n}), idx).reshape(s);
+}
+
+}  // namespace
+
+StartLatents noise_start_latents(Backend& be, const Shape& shape, const std::vector<NoiseGroup>& groups,
+                                 GeneratorDevice generator) {
+  Tensor noise = Tensor::empty(shape, DType::F32);
+  int64_t filled = 0;
+  for (const auto& g : groups) {
+    Shape part_shape = shape;
+    part_shape[0] = g.count;
+    Tensor part = torch_randn(part_shape, g.seed, generator);
+    ZI_ASSERT(filled + part.numel() <= noise.numel());
+    std::copy(part.f32(), part.f32() + part.numel(), noise.f32() + filled);
+    filled += part.numel();
+  }
+  ZI_ASSERT(filled == noise.numel());
+  StartLatents s;
+  s.latents = be.upload(noise, DType::F32);
+  return s;
+}
+
+Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& pixels, TorchGenerator& gen) {
+  Vae::Moments m = vae.encode(be.upload(pixels));
+  Tensor eps = be.upload(gen.randn(m.mean.shape()), DType::F32);
+  return be.gaussian_sample(m.mean, m.logvar, eps, vae.shift_factor(), vae.scaling_factor());
+}
+
+StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor* masks, int64_t batch,
+                                 float sigma, TorchGenerator& gen) {
+  ZI_ASSERT(pixels.ndim() == 4 && batch % pixels.dim(0) == 0);
+  StartLatents s;
+  s.image_latents = sample_image_latents(be, vae, pixels, gen);
+  Tensor init = repeat_to_batch(be, s.image_latents, batch);
+  Shape shape = init.shape();
+  Tensor noise = be.upload(gen.randn(shape), DType::F32);
+  s.latents = be.empty(shape, DType::F32);
+  be.flow_match_blend_(s.latents, init, noise, nullptr, sigma);  // scale_noise(init, sigma, noise)
+  if (masks) {
+    ZI_ASSERT(masks->ndim() == 4 && batch % masks->dim(0) == 0);
+    Tensor small = downsample_mask_nearest(*masks, int(shape[2]), int(shape[3]));
+    s.blend = InpaintBlend{init, noise, repeat_to_batch(be, be.upload(small, DType::F32), batch)};
+  }
+  return s;
+}
+
+Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator& gen) {
+  return sample_image_latents(be, vae, mask_out_images(pixels, masks), gen);
+}
+
+}  // namespace zimage
