@@ -8,23 +8,25 @@
 #   export LD_LIBRARY_PATH=/tmp/z/lib:$NV/cudnn/lib:$NV/nccl/lib:/usr/local/cuda/lib64
 #   export ZIMAGE_GOLDEN_DIR=$PWD/tests/golden ZIMAGE_ASSETS=$PWD/assets ZIMAGE_BINARY=/tmp/z/bin/zimage
 #   /tmp/z/bin/cuda_backend_test
+#   BUILD_DIR=build scripts/device_bundle.sh   reuses another CUDA-enabled build folder (default build-cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DZIMAGE_CUDA=ON >/dev/null
-cmake --build build-cuda -j"$(nproc)"
+B=${BUILD_DIR:-build-cuda}
+cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DZIMAGE_CUDA=ON >/dev/null
+cmake --build "$B" -j"$(nproc)"
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
-cp build-cuda/zimage "$stage/bin/"
-for t in build-cuda/tests/*_test; do cp "$t" "$stage/bin/"; done
+cp "$B/zimage" "$stage/bin/"
+for t in "$B"/tests/*_test; do cp "$t" "$stage/bin/"; done
 strip "$stage"/bin/*
 # Shared libraries outside glibc/libstdc++ and outside CUDA (those come from the GPU machine).
-for lib in $(ldd build-cuda/zimage build-cuda/tests/*_test | awk '/=>/ {print $3}' | sort -u); do
+for lib in $(ldd "$B/zimage" "$B"/tests/*_test | awk '/=>/ {print $3}' | sort -u); do
   case "$(basename "$lib")" in
     libc.so*|libm.so*|libgcc_s*|libstdc++*|libpthread*|libdl*|librt*|ld-linux*|libcud*|libcublas*|libnccl*) ;;
     *) cp -L "$lib" "$stage/lib/" ;;
   esac
 done
 mkdir -p build-dev
-tar cJf build-dev/bundle.tar.xz -C "$stage" .
+XZ_OPT=-1 tar cJf build-dev/bundle.tar.xz -C "$stage" .
 rm -rf "$stage"
 ls -la build-dev/bundle.tar.xz
