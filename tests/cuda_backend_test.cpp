@@ -247,6 +247,14 @@ TEST_F(CudaOps, ImageToU8IsExactWithinOneLevel) {
   EXPECT_EQ(worst, 0);  // the inputs are bf16 values: both sides round the same float
 }
 
+// Every byte value: the GPU's bf16 is the CPU's float32 value rounded once.
+TEST_F(CudaOps, U8ToImageIsExact) {
+  Tensor x = Tensor::empty({1, 16, 16, 3}, DType::U8);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data_as<uint8_t>()[i] = uint8_t((i * 7) % 256);
+  const std::vector<float> ref = Tensor(cpu_->u8_to_image(x)).to_dtype(DType::BF16).to_f32().to_vector();
+  EXPECT_EQ(gpu_->to_host_f32(gpu_->u8_to_image(gpu_->upload(x, DType::U8))).to_vector(), ref);
+}
+
 // NaN and both infinities counted, huge finite values and -0 not, in float32 and bf16, over more
 // elements than one pass of the grid (the grid-stride loop), accumulating into the chosen slot.
 TEST_F(CudaOps, CountNonFinite) {

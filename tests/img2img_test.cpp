@@ -162,7 +162,7 @@ TEST(ImageToImage, GoldenDrawsAndStartLatents) {
       ASSERT_TRUE(start.blend.has_value());
       EXPECT_EQ(be.to_host_f32(start.blend->noise).to_vector(), noise.to_vector());
       // The masked image's draw, third from the generator (diffusers makes it; its loop never reads it).
-      const Tensor pixels = preprocess_images(r.images, r.height, r.width);
+      const Tensor pixels = resize_images(r.images, r.height, r.width);
       const Tensor masks = preprocess_masks(r.masks, r.height, r.width);
       const Tensor masked = be.to_host_f32(masked_image_latents(be, p.vae(), pixels, masks, gen));
       const double masked_err = max_abs_diff(raw_vae_sample(p.vae(), masked), c.tensors->get("rec.vae_latents.1"));
@@ -294,9 +294,14 @@ TEST(ImageProcessor, MasksAreResizedConvertedAndBinarized) {
   // Gray 127 keeps, 128 repaints.
   EXPECT_EQ(preprocess_masks({solid(16, 16, 127)}, 16, 16).f32()[0], 0.0f);
   EXPECT_EQ(preprocess_masks({solid(16, 16, 128)}, 16, 16).f32()[0], 1.0f);
-  // Images: 0 -> -1, 255 -> 1.
-  EXPECT_EQ(preprocess_images({solid(16, 16, 0)}, 16, 16).f32()[0], -1.0f);
-  EXPECT_EQ(preprocess_images({solid(16, 16, 255)}, 16, 16).f32()[5], 1.0f);
+  // Images: bytes at the size asked; on the backend 0 -> -1, 255 -> 1, 51 -> 2 * (51 / 255) - 1 = -0.6f.
+  auto be = make_cpu_backend();
+  const Tensor pixels = resize_images({solid(16, 16, 0), solid(16, 16, 255), solid(16, 16, 51)}, 16, 16);
+  ASSERT_EQ(pixels.dtype(), DType::U8);
+  const Tensor x = be->u8_to_image(pixels);
+  EXPECT_EQ(x.f32()[0], -1.0f);
+  EXPECT_EQ(x.f32()[16 * 16 * 3 + 5], 1.0f);
+  EXPECT_EQ(x.f32()[2 * 16 * 16 * 3], 2.0f * (51.0f / 255.0f) - 1.0f);
 }
 
 // Gray, gray + alpha, RGBA and 16-bit PNGs decode to the RGB that PIL's convert("RGB") gives (gray

@@ -144,6 +144,9 @@ class Backend {
   virtual Tensor nhwc_to_nchw(const Tensor& x) = 0;
   // [N, H, W, 3] in [-1, 1] -> uint8 round(clamp(x/2 + 0.5, 0, 1) * 255), ties to even (numpy's round).
   virtual Tensor image_to_u8(const Tensor& x) = 0;
+  // uint8 [N, H, W, 3] -> activation dtype 2 * (x / 255) - 1 in float32 arithmetic (diffusers' normalize of
+  // numpy's float32(x) / 255): the init images of image to image go up as bytes, 4x less than float32.
+  virtual Tensor u8_to_image(const Tensor& x) = 0;
 
   // ---- DiT token layout ----
   // latent [C, H, W] -> tokens [(H/p)*(W/p), p*p*C], tokens row-major over (H/p, W/p), features (ph, pw, c).

@@ -105,20 +105,13 @@ ImageU8 resize_lanczos(const ImageU8& image, int width, int height) {
   return out;
 }
 
-Tensor preprocess_images(const std::vector<ImageU8>& images, int height, int width) {
-  // As numpy: float32(u8) / 255, then 2x - 1, both in float32; a table of the 256 values (a 1024^2 image
-  // is 3M lookups).
-  float table[256];
-  for (int v = 0; v < 256; ++v) table[v] = 2.0f * (float(v) / 255.0f) - 1.0f;
-  Tensor out = Tensor::empty({int64_t(images.size()), height, width, 3}, DType::F32);
-  float* p = out.f32();
+Tensor resize_images(const std::vector<ImageU8>& images, int height, int width) {
+  Tensor out = Tensor::empty({int64_t(images.size()), height, width, 3}, DType::U8);
+  auto* p = out.data_as<uint8_t>();
   for (const ImageU8& image : images) {
     check_image(image, "an init image");
-    if (image.width == width && image.height == height) {
-      for (uint8_t v : image.rgb) *p++ = table[v];
-      continue;
-    }
-    for (uint8_t v : resize_lanczos(image, width, height).rgb) *p++ = table[v];
+    const ImageU8 sized = image.width == width && image.height == height ? image : resize_lanczos(image, width, height);
+    p = std::copy(sized.rgb.begin(), sized.rgb.end(), p);
   }
   return out;
 }

@@ -2,7 +2,7 @@
 // 8-bit RGB images (io/image.h converts gray, palette and alpha to RGB as PIL's convert("RGB") does:
 // gray replicated, alpha dropped):
 //   image: resize to the requested size (PIL's Image.resize with LANCZOS; skipped at the same size),
-//          /255, then 2x - 1: float32 in [-1, 1].
+//          /255, then 2x - 1: float32 in [-1, 1] (that last step on the device: Backend::u8_to_image).
 //   mask:  resize the same way, convert to luminance as PIL's convert("L") does, /255, then binarize
 //          (< 0.5 -> 0, else 1): 1 = repaint. Then nearest-neighbour down to the latent size, as
 //          torch.nn.functional.interpolate(mode="nearest").
@@ -19,8 +19,8 @@ namespace zimage {
 // first, fixed-point coefficients (22 fraction bits), each pass rounded and clipped to uint8.
 ImageU8 resize_lanczos(const ImageU8& image, int width, int height);
 
-// Images -> float32 NHWC [n, height, width, 3] in [-1, 1].
-Tensor preprocess_images(const std::vector<ImageU8>& images, int height, int width);
+// Images -> uint8 NHWC [n, height, width, 3] at the requested size.
+Tensor resize_images(const std::vector<ImageU8>& images, int height, int width);
 // Masks -> float32 [n, 1, height, width] of 0 and 1 (1 = repaint).
 Tensor preprocess_masks(const std::vector<ImageU8>& masks, int height, int width);
 // [n, 1, H, W] -> [n, 1, h, w]: nearest neighbour, source index floor(i * (H / h)) in float32 (torch).

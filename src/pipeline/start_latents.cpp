@@ -20,6 +20,12 @@ Tensor repeat_to_batch(Backend& be, const Tensor& x, int64_t batch) {
   return be.gather_rows(x.reshape({n, x.numel() / n}), idx).reshape(s);
 }
 
+// Bytes [n, H, W, 3] (resize_images) -> the VAE's input in [-1, 1] on the backend.
+Tensor device_images(Backend& be, const Tensor& pixels) {
+  ZI_ASSERT(pixels.ndim() == 4 && pixels.dtype() == DType::U8);
+  return be.u8_to_image(be.upload(pixels, DType::U8));
+}
+
 }  // namespace
 
 StartLatents noise_start_latents(Backend& be, const Shape& shape, const std::vector<NoiseGroup>& groups,
@@ -40,8 +46,8 @@ StartLatents noise_start_latents(Backend& be, const Shape& shape, const std::vec
   return s;
 }
 
-Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& pixels, TorchGenerator& gen) {
-  Vae::Moments m = vae.encode(be.upload(pixels));
+Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& images, TorchGenerator& gen) {
+  Vae::Moments m = vae.encode(images);
   Tensor eps = be.upload(gen.randn(m.mean.shape()), DType::F32);
   return be.gaussian_sample(m.mean, m.logvar, eps, vae.shift_factor(), vae.scaling_factor());
 }
@@ -50,7 +56,7 @@ StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, co
                                  float sigma, TorchGenerator& gen) {
   ZI_ASSERT(pixels.ndim() == 4 && batch % pixels.dim(0) == 0);
   StartLatents s;
-  s.image_latents = sample_image_latents(be, vae, pixels, gen);
+  s.image_latents = sample_image_latents(be, vae, device_images(be, pixels), gen);
   Tensor init = repeat_to_batch(be, s.image_latents, batch);
   Shape shape = init.shape();
   Tensor noise = be.upload(gen.randn(shape), DType::F32);
@@ -65,7 +71,9 @@ StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, co
 }
 
 Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator& gen) {
-  return sample_image_latents(be, vae, mask_out_images(pixels, masks), gen);
+  // Zeroed in [-1, 1] space (0 is no byte value), on the host: one draw per request, not per step.
+  const Tensor images = be.to_host_f32(device_images(be, pixels));
+  return sample_image_latents(be, vae, be.upload(mask_out_images(images, masks)), gen);
 }
 
 }  // namespace zimage

@@ -43,8 +43,8 @@ struct StartLatents {
 StartLatents noise_start_latents(Backend& be, const Shape& shape, const std::vector<NoiseGroup>& groups,
                                  GeneratorDevice generator);
 
-// Image to image (masks null) or inpainting. pixels: float32 NHWC [n_images, H, W, 3] in [-1, 1]
-// (preprocess_images); masks: float32 [n_masks, 1, H, W] of 0/1 (preprocess_masks). n_images and n_masks
+// Image to image (masks null) or inpainting. pixels: uint8 NHWC [n_images, H, W, 3] (resize_images),
+// normalized to [-1, 1] on the backend; masks: float32 [n_masks, 1, H, W] of 0/1 (preprocess_masks). n_images and n_masks
 // divide `batch`; item b uses image b % n_images and mask b % n_masks (diffusers repeats the list).
 // sigma: the schedule's sigma at the strength cut's begin index. Draws from `gen` in diffusers' order:
 // the posterior's sample, then the noise.
@@ -52,8 +52,9 @@ StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, co
                                  float sigma, TorchGenerator& gen);
 
 // The VAE draw of each image in DiT latent space: (mean + std * eps - shift) * scale, eps drawn from
-// `gen` with the moments' shape. [n, C, H/8, W/8] float32 on the backend.
-Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& pixels, TorchGenerator& gen);
+// `gen` with the moments' shape. images: NHWC [n, H, W, 3] in [-1, 1] on the backend. [n, C, H/8, W/8]
+// float32 on the backend.
+Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& images, TorchGenerator& gen);
 
 // diffusers' masked-image latents: the draw of the images with the repainted pixels zeroed. Its
 // inpainting pipeline makes them after the start latents (a third draw from the generator) but its loop

@@ -51,7 +51,7 @@ StartLatents TextToImagePipeline::make_start_latents(const GenerateRequest& r, i
     if (groups.empty()) groups.push_back({batch, r.seed});
     return noise_start_latents(be_, shape, groups, r.generator);
   }
-  const Tensor pixels = preprocess_images(r.images, r.height, r.width);
+  const Tensor pixels = resize_images(r.images, r.height, r.width);
   Tensor masks;
   if (!r.masks.empty()) masks = preprocess_masks(r.masks, r.height, r.width);
   TorchGenerator gen(r.seed, r.generator);

@@ -447,6 +447,15 @@ class CpuBackend final : public Backend {
     return y;
   }
 
+  Tensor u8_to_image(const Tensor& x) override {
+    ZI_ASSERT(x.dtype() == DType::U8 && x.device() == Device::Host && x.is_contiguous());
+    Tensor y = Tensor::empty(x.shape(), DType::F32);
+    const auto* xp = x.data_as<uint8_t>();
+    float* yp = y.f32();
+    for (int64_t i = 0; i < x.numel(); ++i) yp[i] = 2.0f * (float(xp[i]) / 255.0f) - 1.0f;
+    return y;
+  }
+
   Tensor patchify(const Tensor& latent, int p) override {
     check_f32(latent, "patchify");
     ZI_ASSERT(latent.ndim() == 3);

@@ -509,6 +509,14 @@ class CudaBackend final : public Backend {
     return y;
   }
 
+  Tensor u8_to_image(const Tensor& x) override {
+    auto scope = profile("u8_to_image");
+    ZI_ASSERT(x.dtype() == DType::U8 && x.device() == Device::Cuda && x.is_contiguous());
+    Tensor y = empty(x.shape(), DType::BF16);
+    cuda::u8_to_image(x.data_as<uint8_t>(), mbf(y), x.numel(), stream_);
+    return y;
+  }
+
   Tensor patchify(const Tensor& latent, int p) override {
     auto scope = profile("patchify");
     check_bf16(latent, "patchify");

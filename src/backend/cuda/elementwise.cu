@@ -190,6 +190,15 @@ __global__ void image_to_u8_kernel(const bf16* __restrict__ x, uint8_t* __restri
   }
 }
 
+// ---- u8_to_image ----
+
+// x [n] uint8 -> y [n] bf16 2 * (x / 255) - 1: an IEEE division (no fast math), and 2 * q is exact, so a
+// fused multiply-add gives the CPU's float32 value; then rounded once to bf16. Reads n, writes 2n bytes.
+__global__ void u8_to_image_kernel(const uint8_t* __restrict__ x, bf16* __restrict__ y, int64_t n) {
+  const int64_t i = thread_index();
+  if (i < n) y[i] = __float2bfloat16_rn(2.0f * (float(x[i]) / 255.0f) - 1.0f);
+}
+
 // ---- count_non_finite ----
 
 // *count += #{i : x[i] is NaN or Inf}: the exponent bits (`exp_mask`) all set. Grid-stride, one atomic
@@ -260,6 +269,12 @@ void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream
   const int64_t units = vec ? f / 8 : f;
   const dim3 grid(grid_for(units, kBlock), unsigned(rows < 65535 ? rows : 65535));
   swiglu_kernel<<<grid, kBlock, 0, stream>>>(x, y, rows, f, vec);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void u8_to_image(const uint8_t* x, bf16* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  u8_to_image_kernel<<<grid_for(n, kBlock), kBlock, 0, stream>>>(x, y, n);
   ZI_CUDA_LAUNCH_CHECK();
 }
 

@@ -29,6 +29,7 @@ void nhwc_to_nchw(const bf16* x, bf16* y, int64_t n, int64_t h, int64_t w, int64
 void upsample_nearest2x(const bf16* x, bf16* y, int64_t n, int64_t h, int64_t w, int64_t c, cudaStream_t stream);
 // uint8 round-half-even(clamp(x/2 + 0.5, 0, 1) * 255)
 void image_to_u8(const bf16* x, uint8_t* y, int64_t n, cudaStream_t stream);
+void u8_to_image(const uint8_t* x, bf16* y, int64_t n, cudaStream_t stream);
 // *count += the number of NaN/Inf elements of x[n] (count on the device; the caller zeroes it once).
 void count_non_finite_f32(const float* x, int64_t n, int* count, cudaStream_t stream);
 void count_non_finite_bf16(const bf16* x, int64_t n, int* count, cudaStream_t stream);
