@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "io/image.h"
 #include "io/safetensors.h"
+#include "model/lora.h"
 #include "parallel/parallel_config.h"
 #include "pipeline/text_to_image.h"
 
@@ -25,7 +26,7 @@ namespace {
 
 struct GenerateOptions {
   std::string model, generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
-  std::vector<std::string> prompts;
+  std::vector<std::string> prompts, loras;
   std::string prompt_file, negative_prompt;
   int height = 1024, width = 1024, max_sequence_length = 512, num_outputs_per_prompt = 1;
   std::optional<int> steps;
@@ -127,6 +128,8 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--output-path", o->output_path, "Output file (.png, .jpg, .webp) or folder");
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
+  cmd->add_option("--lora", o->loras, "LoRA file merged into the DiT at load, FILE[:SCALE] (default scale 1; repeat to add several)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
   add_device_options(cmd, o->device);
   return {cmd, [o] {
@@ -151,6 +154,7 @@ Command add_generate(CLI::App& app) {
 
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
+            merge_loras(model, o->loras);
             const ParallelConfig par = check_device_options(o->device, model);
             model.prefetch_weights();  // the files are read while the device initializes
             Engine engine = make_engine(o->device, par, model);

@@ -1,0 +1,290 @@
+// LoRA: the key formats trainers write (one mapping table), merge at load against diffusers'
+// load_lora_weights + set_adapters (tests/golden/wave2), and what is refused or reported.
+#include "model/lora.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/model_source.h"
+#include "model/zimage_dit.h"
+#include "pipeline/text_to_image.h"
+#include "test_util.h"
+
+using namespace zimage;
+using zimage::testing::expect_error;
+using zimage::testing::golden_path;
+using zimage::testing::max_abs_diff;
+using zimage::testing::temp_path;
+
+namespace {
+
+// A DiT of dim 8 (1 head of 8), one layer and one refiner of each kind: every LoRA-able module exists.
+std::vector<WeightSpec> small_specs() {
+  Config c = Config::parse(R"({"dim": 8, "n_heads": 1, "n_layers": 1, "n_refiner_layers": 1, "in_channels": 4,
+    "all_patch_size": [2], "all_f_patch_size": [1], "cap_feat_dim": 6, "axes_dims": [2, 2, 4],
+    "rope_theta": 256.0, "t_scale": 1000.0, "norm_eps": 1e-5})",
+                           "small");
+  return ZImageDit::weight_specs(c);
+}
+
+Tensor ramp(const Shape& shape, float step, float offset = 0.0f) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = offset + step * float((i * 7) % 13 - 6);
+  return t;
+}
+
+std::shared_ptr<const LoraAdapter> write_and_load(const std::string& file,
+                                                  const std::vector<std::pair<std::string, Tensor>>& tensors,
+                                                  const std::vector<WeightSpec>& specs,
+                                                  const std::map<std::string, std::string>& metadata = {}) {
+  const std::string path = temp_path(file);
+  write_safetensors(path, tensors, metadata);
+  return std::make_shared<const LoraAdapter>(load_lora(path, specs));
+}
+
+// The update one adapter makes to `name` (merged minus base), as float32 [rows, in].
+Tensor delta_of(const LoraAdapter& a, const std::string& name, const Shape& shape, float scale = 1.0f) {
+  Tensor w = Tensor::zeros(shape, DType::F32);
+  for (const auto& f : a.factors)
+    if (f.target == name) add_low_rank_(w, f, scale);
+  return w;
+}
+
+}  // namespace
+
+TEST(LoraKeys, EveryFormatMapsToTheCanonicalModule) {
+  const auto specs = small_specs();
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      // kohya / musubi
+      {"lora_unet_layers_0_attention_to_q.lora_down.weight", "layers.0.attention.to_q"},
+      {"lora_unet_layers_0_attention_to_out_0.lora_up.weight", "layers.0.attention.to_out.0"},
+      {"lora_unet_noise_refiner_0_feed_forward_w1.alpha", "noise_refiner.0.feed_forward.w1"},
+      {"lora_unet_context_refiner_0_feed_forward_w2.lora_down.weight", "context_refiner.0.feed_forward.w2"},
+      {"lora_unet_layers_0_adaLN_modulation_0.lora_down.weight", "layers.0.adaLN_modulation.0"},
+      {"lora_unet_all_final_layer_2_1_linear.lora_up.weight", "all_final_layer.2-1.linear"},
+      // PEFT / diffusers, every prefix, adapter names
+      {"transformer.layers.0.attention.to_k.lora_A.weight", "layers.0.attention.to_k"},
+      {"diffusion_model.layers.0.attention.to_v.lora_B.weight", "layers.0.attention.to_v"},
+      {"layers.0.feed_forward.w3.lora_A.weight", "layers.0.feed_forward.w3"},
+      {"transformer.layers.0.attention.to_q.lora_A.default.weight", "layers.0.attention.to_q"},
+      {"base_model.model.layers.0.attention.to_q.lora_B.my_style.weight", "layers.0.attention.to_q"},
+      {"transformer.noise_refiner.0.adaLN_modulation.0.lora_A.weight", "noise_refiner.0.adaLN_modulation.0"},
+      {"transformer.t_embedder.mlp.2.lora_A.weight", "t_embedder.mlp.2"},
+      // ai-toolkit
+      {"diffusion_model.noise_refiner.0.attention.to_out.0.lora_A.weight", "noise_refiner.0.attention.to_out.0"},
+      // ComfyUI / original names: fused qkv, out, final_layer, x_embedder
+      {"diffusion_model.layers.0.attention.qkv.lora_A.weight", "layers.0.attention.qkv"},
+      {"model.diffusion_model.layers.0.attention.out.lora_B.weight", "layers.0.attention.to_out.0"},
+      {"lora_unet_layers_0_attention_qkv.lora_down.weight", "layers.0.attention.qkv"},
+      {"diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight", "all_final_layer.2-1.adaLN_modulation.1"},
+      {"diffusion_model.x_embedder.lora_A.weight", "all_x_embedder.2-1"},
+      {"diffusion_model.cap_embedder.1.lora_A.weight", "cap_embedder.1"},
+      // dot forms
+      {"diffusion_model.layers.0.attention.to.q.lora.down.weight", "layers.0.attention.to_q"},
+      {"layers.0.attention.to_out.0.lora.up.weight", "layers.0.attention.to_out.0"},
+      // nothing: text encoder, norms, modules that do not exist
+      {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", ""},
+      {"diffusion_model.layers.0.attention_norm1.lora_A.weight", ""},
+      {"diffusion_model.layers.7.attention.to_q.lora_A.weight", ""},
+      {"diffusion_model.layers.0.attention.to_q.weight", ""},
+  };
+  for (const auto& [key, module] : cases) EXPECT_EQ(lora_module_for_key(key, specs), module) << key;
+}
+
+TEST(LoraKeys, KohyaPeftComfyAndDotFormsGiveTheSameUpdate) {
+  const auto specs = small_specs();
+  const std::string q = "layers.0.attention.to_q.weight";
+  Tensor down = ramp({2, 8}, 0.1f), up = ramp({8, 2}, 0.05f, 0.01f);
+  Tensor alpha = Tensor::from_f32({}, {1.0f});  // alpha 1, rank 2: x0.5
+  auto kohya = write_and_load("k.safetensors",
+                              {{"lora_unet_layers_0_attention_to_q.lora_down.weight", down.to_dtype(DType::BF16)},
+                               {"lora_unet_layers_0_attention_to_q.lora_up.weight", up.to_dtype(DType::BF16)},
+                               {"lora_unet_layers_0_attention_to_q.alpha", alpha}},
+                              specs);
+  auto peft = write_and_load("p.safetensors",
+                             {{"transformer.layers.0.attention.to_q.lora_A.default.weight", down},
+                              {"transformer.layers.0.attention.to_q.lora_B.default.weight", up}},
+                             specs);
+  auto dots = write_and_load("d.safetensors",
+                             {{"diffusion_model.layers.0.attention.to.q.lora.down.weight", down},
+                              {"diffusion_model.layers.0.attention.to.q.lora.up.weight", up},
+                              {"diffusion_model.layers.0.attention.to_q.alpha", alpha}},
+                             specs);
+  // PEFT metadata alpha (diffusers' save_lora_weights writes lora_adapter_metadata).
+  auto meta = write_and_load(
+      "m.safetensors", {{"layers.0.attention.to_q.lora_A.weight", down}, {"layers.0.attention.to_q.lora_B.weight", up}},
+      specs, {{"lora_adapter_metadata", R"({"r": 2, "lora_alpha": 1})"}});
+  // Reference: 0.5 * up * down in double.
+  Tensor ref = Tensor::zeros({8, 8}, DType::F32);
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      double s = 0;
+      for (int k = 0; k < 2; ++k) s += double(up.f32()[i * 2 + k]) * double(down.f32()[k * 8 + j]);
+      ref.f32()[i * 8 + j] = float(0.5 * s);
+    }
+  EXPECT_LE(max_abs_diff(delta_of(*peft, q, {8, 8}, 0.5f), ref), 1e-6) << "PEFT without alpha: alpha = r";
+  EXPECT_LE(max_abs_diff(delta_of(*dots, q, {8, 8}), ref), 1e-6);
+  EXPECT_LE(max_abs_diff(delta_of(*meta, q, {8, 8}), ref), 1e-6);
+  EXPECT_LE(max_abs_diff(delta_of(*kohya, q, {8, 8}), ref), 2e-3) << "bf16 factors";
+  EXPECT_EQ(kohya->factors.size(), 1u);
+  EXPECT_EQ(kohya->max_rank, 2);
+}
+
+TEST(LoraKeys, FusedQkvLandsInRowSlicesAndDuplicatesAreSkipped) {
+  const auto specs = small_specs();
+  Tensor down = ramp({2, 8}, 0.1f), up = ramp({24, 2}, 0.05f);
+  auto fused = write_and_load("qkv.safetensors",
+                              {{"diffusion_model.layers.0.attention.qkv.lora_A.weight", down},
+                               {"diffusion_model.layers.0.attention.qkv.lora_B.weight", up},
+                               {"diffusion_model.layers.0.attention.out.lora_A.weight", down},
+                               {"diffusion_model.layers.0.attention.out.lora_B.weight", up.narrow0(0, 8).clone()}},
+                              specs);
+  ASSERT_EQ(fused->factors.size(), 4u);
+  const char* names[] = {"to_q", "to_k", "to_v"};
+  for (int p = 0; p < 3; ++p) {
+    auto separate = write_and_load(
+        std::string("sep_") + names[p] + ".safetensors",
+        {{std::string("layers.0.attention.") + names[p] + ".lora_A.weight", down},
+         {std::string("layers.0.attention.") + names[p] + ".lora_B.weight", up.narrow0(8 * p, 8).clone()}},
+        specs);
+    const std::string w = std::string("layers.0.attention.") + names[p] + ".weight";
+    EXPECT_EQ(max_abs_diff(delta_of(*fused, w, {8, 8}), delta_of(*separate, w, {8, 8})), 0.0) << names[p];
+  }
+  EXPECT_GT(
+      max_abs_diff(delta_of(*fused, "layers.0.attention.to_out.0.weight", {8, 8}), Tensor::zeros({8, 8}, DType::F32)),
+      0);
+  // Anime-Z style files carry qkv beside to_q/k/v and out beside to_out.0: diffusers uses the individual
+  // ones; so do we, and say so.
+  auto both = write_and_load("both.safetensors",
+                             {{"layers.0.attention.qkv.lora_A.weight", down},
+                              {"layers.0.attention.qkv.lora_B.weight", up},
+                              {"layers.0.attention.to_q.lora_A.weight", down},
+                              {"layers.0.attention.to_q.lora_B.weight", up.narrow0(0, 8).clone()},
+                              {"layers.0.attention.out.lora_A.weight", down},
+                              {"layers.0.attention.out.lora_B.weight", up.narrow0(0, 8).clone()},
+                              {"layers.0.attention.to_out.0.lora_A.weight", down},
+                              {"layers.0.attention.to_out.0.lora_B.weight", up.narrow0(0, 8).clone()}},
+                             specs);
+  EXPECT_EQ(both->factors.size(), 2u);
+  EXPECT_EQ(both->ignored.size(), 2u);
+  EXPECT_EQ(max_abs_diff(delta_of(*both, "layers.0.attention.to_k.weight", {8, 8}), Tensor::zeros({8, 8}, DType::F32)),
+            0);
+}
+
+TEST(LoraKeys, UnmatchedKeysAreReportedAndNothingMatchedIsAnError) {
+  const auto specs = small_specs();
+  Tensor down = ramp({2, 8}, 0.1f), up = ramp({8, 2}, 0.05f);
+  auto partly = write_and_load("partly.safetensors",
+                               {{"layers.0.attention.to_q.lora_A.weight", down},
+                                {"layers.0.attention.to_q.lora_B.weight", up},
+                                {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", down},
+                                {"layers.9.attention.to_q.lora_A.weight", down}},
+                               specs);
+  EXPECT_EQ(partly->factors.size(), 1u);
+  EXPECT_EQ(partly->unmatched,
+            (std::vector<std::string>{"layers.9.attention.to_q.lora_A.weight",
+                                      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"}));
+  write_safetensors(temp_path("none.safetensors"), {{"lora_te_x.lora_down.weight", down}, {"something_else", up}});
+  expect_error([&] { load_lora(temp_path("none.safetensors"), specs); }, ErrorKind::InvalidArgument,
+               {"no key matches", "lora_te_x.lora_down.weight", "something_else"});
+}
+
+TEST(LoraKeys, RefusesLycorisAndMismatchedShapes) {
+  const auto specs = small_specs();
+  Tensor m = ramp({4, 4}, 0.1f);
+  write_safetensors(temp_path("lokr.safetensors"), {{"lycoris_layers_0_attention_to_q.lokr_w1", m}});
+  expect_error([&] { load_lora(temp_path("lokr.safetensors"), specs); }, ErrorKind::Format, {"LoKr", "LoRA only"});
+  write_safetensors(temp_path("loha.safetensors"), {{"lycoris_layers_0_attention_to_q.hada_w1_a", m}});
+  expect_error([&] { load_lora(temp_path("loha.safetensors"), specs); }, ErrorKind::Format, {"LoHa"});
+  write_safetensors(temp_path("big.safetensors"), {{"layers.0.attention.to_q.lora_A.weight", ramp({2, 16}, 0.1f)},
+                                                   {"layers.0.attention.to_q.lora_B.weight", ramp({16, 2}, 0.1f)}});
+  expect_error([&] { load_lora(temp_path("big.safetensors"), specs); }, ErrorKind::Format, {"another model"});
+  write_safetensors(temp_path("half.safetensors"), {{"layers.0.attention.to_q.lora_A.weight", ramp({2, 8}, 0.1f)}});
+  expect_error([&] { load_lora(temp_path("half.safetensors"), specs); }, ErrorKind::Format, {"no up"});
+  expect_error([&] { load_lora(temp_path("missing.safetensors"), specs); }, ErrorKind::NotFound, {"does not exist"});
+}
+
+TEST(LoraFlag, FileAndOptionalScale) {
+  EXPECT_EQ(parse_lora_flag("a.safetensors"), (std::pair<std::string, float>{"a.safetensors", 1.0f}));
+  EXPECT_EQ(parse_lora_flag("a.safetensors:0.8"), (std::pair<std::string, float>{"a.safetensors", 0.8f}));
+  EXPECT_EQ(parse_lora_flag("/x/a:b.safetensors"), (std::pair<std::string, float>{"/x/a:b.safetensors", 1.0f}));
+  EXPECT_EQ(parse_lora_flag("a.safetensors:-1.5"), (std::pair<std::string, float>{"a.safetensors", -1.5f}));
+}
+
+// ---- Golden: diffusers' ZImagePipeline.load_lora_weights + set_adapters on the tiny model. ----
+
+namespace {
+
+struct LoraCase {
+  std::string name;
+  nlohmann::json args;
+  std::shared_ptr<SafetensorsFile> tensors;
+};
+
+LoraCase lora_case(const std::string& name) {
+  const auto dir = std::filesystem::path(golden_path("wave2/cases")) / name;
+  std::ifstream in(dir / "case.json");
+  return {name, nlohmann::json::parse(in), SafetensorsFile::open((dir / "tensors.safetensors").string())};
+}
+
+GenerateRequest request_for(const LoraCase& c) {
+  GenerateRequest r;
+  r.prompts = {c.args["prompt"].get<std::string>()};
+  r.height = c.args["height"];
+  r.width = c.args["width"];
+  r.steps = c.args["steps"].get<int>();
+  r.guidance = c.args["guidance_scale"].get<float>();
+  r.max_sequence_length = c.args["max_sequence_length"];
+  r.seed = c.args["seed"].get<uint64_t>();
+  r.generator = GeneratorDevice::Cpu;
+  return r;
+}
+
+// The case's adapter (none for lora_none), as diffusers loaded it.
+std::vector<ScaledLora> adapters_for(const LoraCase& c, const ModelSource& m) {
+  if (!c.args.contains("lora")) return {};
+  auto a = std::make_shared<const LoraAdapter>(load_lora(
+      golden_path("wave2/" + c.args["lora"]["file"].get<std::string>()), ZImageDit::weight_specs(m.transformer)));
+  return {{a, c.args["lora"]["scale"].get<float>()}};
+}
+
+void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
+  ASSERT_EQ(out.shape(), ref.shape()) << what;
+  const auto* a = out.data_as<uint8_t>();
+  const auto* b = ref.data_as<uint8_t>();
+  int64_t off = 0, worst = 0;
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    int64_t d = std::abs(int(a[i]) - int(b[i]));
+    off += d > 0;
+    worst = std::max(worst, d);
+  }
+  EXPECT_LE(worst, 1) << what;
+  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
+  std::printf("%-18s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off,
+              (long long)out.numel(), (long long)worst);
+}
+
+const char* const kLoraCases[] = {"lora_kohya", "lora_peft_scaled", "lora_none"};
+
+}  // namespace
+
+TEST(LoraGolden, MergedAtLoadMatchesDiffusers) {
+  auto be = make_cpu_backend();
+  for (const char* name : kLoraCases) {
+    const LoraCase c = lora_case(name);
+    ModelSource m = open_model(golden_path("tiny-zimage"));
+    auto adapters = adapters_for(c, m);
+    if (!adapters.empty()) m.transformer_weights = std::make_shared<LoraMergedWeights>(m.transformer_weights, adapters);
+    TextToImagePipeline p(*be, m);
+    GenerateResult res = p.generate(request_for(c));
+    const double err = max_abs_diff(res.latents, c.tensors->get("output.latents"));
+    EXPECT_LE(err, 1e-3) << name;
+    std::printf("%-18s merged: final latents max abs error %.3g\n", name, err);
+    expect_images_match(res.images, c.tensors->get("output.image_u8"), name);
+  }
+}
