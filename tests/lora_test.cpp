@@ -3,16 +3,22 @@
 #include "model/lora.h"
 
 #include <gtest/gtest.h>
+#include <httplib.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/model_source.h"
 #include "model/zimage_dit.h"
 #include "pipeline/text_to_image.h"
+#include "server/batcher.h"
+#include "server/http_server.h"
+#include "server/lora_library.h"
+#include "server/metrics.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -287,4 +293,164 @@ TEST(LoraGolden, MergedAtLoadMatchesDiffusers) {
     std::printf("%-18s merged: final latents max abs error %.3g\n", name, err);
     expect_images_match(res.images, c.tensors->get("output.image_u8"), name);
   }
+}
+
+TEST(LoraGolden, RuntimeAdaptersMatchDiffusersAndTheMergedPath) {
+  auto be = make_cpu_backend();
+  const ModelSource m = open_model(golden_path("tiny-zimage"));
+  TextToImagePipeline p(*be, m);  // base weights, adapters per request
+  for (const char* name : kLoraCases) {
+    const LoraCase c = lora_case(name);
+    GenerateRequest r = request_for(c);
+    r.lora_groups = {{1, adapters_for(c, m)}};
+    GenerateResult res = p.generate(r);
+    const double err = max_abs_diff(res.latents, c.tensors->get("output.latents"));
+    EXPECT_LE(err, 1e-3) << name;
+    std::printf("%-18s runtime: final latents max abs error %.3g\n", name, err);
+    expect_images_match(res.images, c.tensors->get("output.image_u8"), name);
+  }
+}
+
+TEST(LoraGolden, ItemsWithDifferentAdaptersShareABatch) {
+  auto be = make_cpu_backend();
+  const ModelSource m = open_model(golden_path("tiny-zimage"));
+  TextToImagePipeline p(*be, m);
+  const LoraCase kohya = lora_case("lora_kohya"), peft = lora_case("lora_peft_scaled"), none = lora_case("lora_none");
+  // Three requests in one batch, as the server's batcher makes it: [kohya, none, peft], each its own noise.
+  GenerateRequest r = request_for(none);
+  r.prompts = {r.prompts[0], r.prompts[0], r.prompts[0]};
+  r.noise_groups = {{1, r.seed}, {1, r.seed}, {1, r.seed}};
+  r.lora_groups = {{1, adapters_for(kohya, m)}, {1, {}}, {1, adapters_for(peft, m)}};
+  GenerateResult batch = p.generate(r);
+  const LoraCase* refs[] = {&kohya, &none, &peft};
+  for (int64_t i = 0; i < 3; ++i) {
+    const double err = max_abs_diff(batch.latents.narrow0(i, 1), refs[i]->tensors->get("output.latents"));
+    EXPECT_LE(err, 1e-3) << refs[i]->name;
+    std::printf("batch item %lld (%s): final latents max abs error %.3g\n", (long long)i, refs[i]->name.c_str(), err);
+  }
+  // The same request alone gives the same latents (the CPU backend is batch-invariant), and a later
+  // request without adapters sees the base weights.
+  GenerateRequest alone = request_for(kohya);
+  alone.lora_groups = {{1, adapters_for(kohya, m)}};
+  EXPECT_EQ(max_abs_diff(p.generate(alone).latents, batch.latents.narrow0(0, 1)), 0.0);
+  EXPECT_LE(max_abs_diff(p.generate(request_for(none)).latents, none.tensors->get("output.latents")), 1e-3);
+  // Counts that do not cover the batch are the caller's error.
+  r.lora_groups = {{2, {}}};
+  expect_error([&] { p.generate(r); }, ErrorKind::InvalidArgument, {"LoRA groups cover 2 images of a batch of 3"});
+}
+
+TEST(LoraGolden, RuntimeEqualsMergedWithinFloat32Rounding) {
+  auto be = make_cpu_backend();
+  ModelSource base = open_model(golden_path("tiny-zimage"));
+  const LoraCase c = lora_case("lora_kohya");
+  // Two adapters at once, scales adding as set_adapters(["a", "b"], [0.7, -0.4]).
+  auto specs = ZImageDit::weight_specs(base.transformer);
+  std::vector<ScaledLora> two = {
+      {std::make_shared<const LoraAdapter>(load_lora(golden_path("wave2/lora_kohya.safetensors"), specs)), 0.7f},
+      {std::make_shared<const LoraAdapter>(load_lora(golden_path("wave2/lora_peft.safetensors"), specs)), -0.4f}};
+  GenerateRequest r = request_for(c);
+  r.lora_groups = {{1, two}};
+  TextToImagePipeline runtime(*be, base);
+  const Tensor a = runtime.generate(r).latents;
+  ModelSource merged_model = base;
+  merged_model.transformer_weights = std::make_shared<LoraMergedWeights>(base.transformer_weights, two);
+  TextToImagePipeline merged(*be, merged_model);
+  r.lora_groups.clear();
+  const Tensor b = merged.generate(r).latents;
+  const double err = max_abs_diff(a, b);
+  std::printf("two adapters, runtime vs merged: final latents max abs difference %.3g\n", err);
+  EXPECT_LE(err, 1e-5);
+  EXPECT_GT(max_abs_diff(a, c.tensors->get("output.latents")), 1e-3) << "the second adapter changes the image";
+}
+
+// ---- Runtime adapters through the server: one session, requests with and without a LoRA. ----
+
+TEST(LoraServer, RequestsWithAndWithoutAnAdapterShareOneModel) {
+  namespace fs = std::filesystem;
+  using nlohmann::json;
+  const fs::path dir = temp_path("lora_dir");
+  fs::create_directories(dir);
+  fs::copy_file(golden_path("wave2/lora_kohya.safetensors"), dir / "pixel.safetensors",
+                fs::copy_options::overwrite_existing);
+  fs::copy_file(golden_path("wave2/lora_peft.safetensors"), dir / "soft.safetensors",
+                fs::copy_options::overwrite_existing);
+
+  auto be = make_cpu_backend();
+  const ModelSource m = open_model(golden_path("tiny-zimage"));
+  TextToImagePipeline pipeline(*be, m);
+  std::vector<size_t> batch_groups;  // lora_groups of every batch the model ran
+  server::Metrics metrics;
+  server::Batcher::Options bo;
+  bo.batch_delay = std::chrono::milliseconds(200);  // the two concurrent requests below share a batch
+  server::Batcher batcher(
+      [&](const GenerateRequest& r) {
+        batch_groups.push_back(r.lora_groups.size());
+        return pipeline.generate(r);
+      },
+      bo, metrics);
+  server::ServerOptions so;
+  so.port = 0;
+  so.model_id = "tiny-zimage";
+  so.policy.default_steps = 3;
+  so.loras = std::make_shared<server::LoraLibrary>(dir.string(), ZImageDit::weight_specs(m.transformer), 1);
+  so.policy.lora_names = {"pixel", "soft"};
+  server::HttpServer http(so, batcher, metrics);
+  const int port = http.start();
+  http.set_ready();
+  httplib::Client client("127.0.0.1", port);
+  client.set_read_timeout(120, 0);
+
+  auto body = [](json lora) {
+    json b = {{"prompt", "pixel art robot"},
+              {"size", "64x64"},
+              {"num_inference_steps", 3},
+              {"seed", 25},
+              {"max_sequence_length", 64}};
+    if (!lora.is_null()) b["lora"] = lora;
+    return b;
+  };
+  auto image_of = [&](const json& b) {
+    httplib::Client c("127.0.0.1", port);  // one per call: the concurrent ones below need their own
+    c.set_read_timeout(120, 0);
+    auto r = c.Post("/v1/images/generations", b.dump(), "application/json");
+    EXPECT_TRUE(r && r->status == 200) << (r ? r->body : "no answer");
+    return r && r->status == 200 ? json::parse(r->body)["data"][0]["b64_json"].get<std::string>() : std::string();
+  };
+  const std::string base = image_of(body(nullptr));
+  const std::string pixel = image_of(body(json::array({{{"name", "pixel"}, {"scale", 1.0}}})));
+  const std::string soft = image_of(body(json::array({{{"name", "soft"}, {"scale", 0.6}}})));
+  json sglang = body(nullptr);
+  sglang["lora_path"] = "pixel";
+  const std::string pixel_sglang = image_of(sglang);
+  const std::string base_after = image_of(body(nullptr));
+  EXPECT_NE(base, pixel);
+  EXPECT_NE(pixel, soft);
+  EXPECT_EQ(pixel, pixel_sglang) << "lora_path names the same adapter at scale 1";
+  EXPECT_EQ(base, base_after) << "the base weights never change";
+
+  // Two requests, different adapters, arriving together: one batch, each image as made alone.
+  std::string together[2];
+  std::thread a([&] { together[0] = image_of(body(json::array({{{"name", "pixel"}}}))); });
+  std::thread b([&] { together[1] = image_of(body(nullptr)); });
+  a.join();
+  b.join();
+  EXPECT_EQ(together[0], pixel);
+  EXPECT_EQ(together[1], base);
+  std::string sizes;
+  for (size_t g : batch_groups) sizes += std::to_string(g) + " ";
+  EXPECT_EQ(batch_groups.back(), 2u) << "the last batch held both requests, each with its adapters; batches: " << sizes;
+
+  // Unknown adapters are 400 naming the field; /v1/models lists the adapters.
+  auto bad = client.Post("/v1/images/generations", body(json::array({{{"name", "nope"}}})).dump(), "application/json");
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->status, 400);
+  EXPECT_EQ(json::parse(bad->body)["error"]["param"], "lora");
+  EXPECT_NE(bad->body.find("unknown LoRA adapter 'nope'"), std::string::npos) << bad->body;
+  auto models = client.Get("/v1/models");
+  ASSERT_TRUE(models && models->status == 200);
+  std::vector<std::string> ids;
+  const json listed = json::parse(models->body);
+  for (const auto& d : listed["data"]) ids.push_back(d["id"]);
+  EXPECT_EQ(ids, (std::vector<std::string>{"tiny-zimage", "pixel", "soft"}));
+  http.stop();
 }

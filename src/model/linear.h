@@ -52,6 +52,12 @@ class LoraSet {
   int64_t bytes_ = 0;
 };
 
+// The adapters of images [first, first + count) of a batch (as NoiseGroup): one request's "lora" field.
+struct LoraGroup {
+  int64_t count = 1;
+  std::vector<ScaledLora> adapters;  // empty: none
+};
+
 // Per batch item, the adapter set of its request (null: none).
 struct LoraBatch {
   std::vector<std::shared_ptr<const LoraSet>> items;

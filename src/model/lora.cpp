@@ -261,7 +261,13 @@ LoraAdapter parse_lora(const SafetensorsFile& file, const std::vector<WeightSpec
                    std::to_string(down.dim(1)) + "] update for '" + g.entry->canonical + "' of shape [" +
                    std::to_string(rows) + ", " + std::to_string(in) + "]: a LoRA for another model?");
       const int64_t r = down.dim(0);
+      ZI_CHECK(r >= 1, ErrorKind::Format, file.path() + ": module '" + module + "' has rank 0");
+      for (const Tensor* t : {&down, &up})
+        for (int64_t i = 0; i < t->numel(); ++i)
+          ZI_CHECK(std::isfinite(t->f32()[i]), ErrorKind::Format,
+                   file.path() + ": module '" + module + "' holds NaN or Inf values");
       const float alpha = !g.alpha.empty() ? scalar_of(file, g.alpha) : meta_alpha ? *meta_alpha : float(r);
+      ZI_CHECK(std::isfinite(alpha), ErrorKind::Format, file.path() + ": '" + g.alpha + "' is not finite");
       const float k = alpha / float(r);
       float* u = up.f32();
       for (int64_t i = 0; i < up.numel(); ++i) u[i] *= k;

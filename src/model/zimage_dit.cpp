@@ -1,5 +1,6 @@
 #include "model/zimage_dit.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -128,13 +129,14 @@ ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string
   b.norm2 = load_weight(be_, ws, p + "attention_norm2.weight", {c.dim});
   b.ffn_norm1 = load_weight(be_, ws, p + "ffn_norm1.weight", {c.dim});
   b.ffn_norm2 = load_weight(be_, ws, p + "ffn_norm2.weight", {c.dim});
-  b.qkv = load_packed_linear(be_, ws, {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
-                           {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
+  b.qkv = load_packed_linear(be_, ws,
+                             {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
+                             {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
   b.norm_q = load_weight(be_, ws, p + "attention.norm_q.weight", {c.head_dim});
   b.norm_k = load_weight(be_, ws, p + "attention.norm_k.weight", {c.head_dim});
   b.out = load_linear(be_, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
   b.w13 = load_packed_linear(be_, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
-                           {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
+                             {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
   b.w2 = load_linear(be_, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
   return b;
 }
@@ -194,6 +196,28 @@ std::shared_ptr<const LoraSet> ZImageDit::prepare_lora(const std::vector<ScaledL
   return std::make_shared<const LoraSet>(be_, adapters, all);
 }
 
+void ZImageDit::set_lora(const std::vector<LoraGroup>& groups, int64_t items) {
+  LoraBatch batch;
+  for (const auto& g : groups) {
+    std::shared_ptr<const LoraSet> set;
+    if (!g.adapters.empty()) {
+      std::string key;  // the adapters' identities and scales
+      for (const auto& a : g.adapters)
+        key += std::to_string(reinterpret_cast<uintptr_t>(a.adapter.get())) + ":" + std::to_string(a.scale) + ";";
+      auto it = std::find_if(lora_sets_.begin(), lora_sets_.end(), [&](const auto& e) { return e.first == key; });
+      set = it != lora_sets_.end() ? it->second : prepare_lora(g.adapters);
+      if (it != lora_sets_.end()) lora_sets_.erase(it);
+      lora_sets_.insert(lora_sets_.begin(), {key, set});
+      if (lora_sets_.size() > kLoraSetsKept) lora_sets_.pop_back();
+    }
+    batch.items.insert(batch.items.end(), size_t(g.count), set);
+  }
+  ZI_CHECK(
+      groups.empty() || int64_t(batch.items.size()) == items, ErrorKind::InvalidArgument,
+      "LoRA groups cover " + std::to_string(batch.items.size()) + " images of a batch of " + std::to_string(items));
+  lora_ = std::move(batch);
+}
+
 ZImageDit::Modulation ZImageDit::modulation(const Block& b, const Tensor* mod) {
   Modulation m;
   if (!mod) return m;
@@ -233,8 +257,8 @@ void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Te
     be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
     Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
                              : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
-    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, &lora_, &rows), b.norm2, opt(m, m.gate_msa), b.ffn_norm1,
-                                                  opt(m, m.scale_mlp), eps);
+    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, &lora_, &rows), b.norm2,
+                                                  opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps);
     Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, &lora_, &rows)), &lora_, &rows);
     if (i + 1 == blocks.size()) {
       be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), eps);
@@ -401,7 +425,8 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
     patches = i == 0 ? p : be_.concat_rows(patches, p);
   }
   const std::vector<int64_t> per_item_tokens(size_t(n), ni);
-  Tensor x_src = be_.concat_rows(apply(be_, x_proj_, patches, &lora_, &per_item_tokens), x_pad_);  // last row: the pad token
+  Tensor x_src =
+      be_.concat_rows(apply(be_, x_proj_, patches, &lora_, &per_item_tokens), x_pad_);  // last row: the pad token
   Tensor x = be_.gather_rows(x_src, plan.x_idx).reshape({n, nip, c.dim});
 
   // Caption tokens: RMSNorm + Linear, then [N, cap_max, dim] with pad-token and zero rows.

@@ -72,6 +72,11 @@ class ZImageDit {
   // twice the items (CFG: [positives | negatives]) uses the list for both halves. Base weights never change.
   std::shared_ptr<const LoraSet> prepare_lora(const std::vector<ScaledLora>& adapters) const;
   void set_lora(LoraBatch batch) { lora_ = std::move(batch); }
+  // The batch for `items` images grouped as `groups` (empty: no adapters); the prepared sets are kept by
+  // adapters and scales (the kLoraSetsKept most recently used), so a request's steps and the requests that
+  // repeat an adapter reuse them. Throws InvalidArgument when the counts do not sum to `items`.
+  void set_lora(const std::vector<LoraGroup>& groups, int64_t items);
+  static constexpr size_t kLoraSetsKept = 8;
   bool has_lora() const { return lora_.any(); }
 
  private:
@@ -105,6 +110,7 @@ class ZImageDit {
   std::vector<Block> noise_refiner_, context_refiner_, layers_;
   std::shared_ptr<const LayoutPlan> plan_;  // of the last call: a request's steps all share it
   LoraBatch lora_;
+  std::vector<std::pair<std::string, std::shared_ptr<const LoraSet>>> lora_sets_;  // most recent first
 };
 
 // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,

@@ -129,7 +129,8 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
 Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector<float>& t,
                                         const std::vector<Tensor>& caps, bool cfg_batch) {
   BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
-    if (!rank_.ulysses) return graphs_ ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
+    // A recorded graph holds the adapters of its recording: runs with adapters run eagerly.
+    if (!rank_.ulysses) return graphs_ && !dit_.has_lora() ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
     const DitConfig& c = dit_.config();
     SequenceParallelPlan plan =
         plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
@@ -234,6 +235,7 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
   FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
 
   // 4. Denoising loop.
+  dit_.set_lora(r.lora_groups, b);
   std::vector<Tensor> all_caps = caps;
   all_caps.insert(all_caps.end(), neg_caps.begin(), neg_caps.end());
   Backend::Mark m_loop = be_.mark();

@@ -43,6 +43,9 @@ struct GenerateRequest {
   std::vector<NoiseGroup> noise_groups;  // else: their counts sum to the batch size
   GeneratorDevice generator = GeneratorDevice::Cuda;
   int num_images_per_prompt = 1;
+  // Runtime LoRA (model/linear.h): the adapters of images [first, first + count), counts summing to the
+  // batch size; empty: none. Base weights never change.
+  std::vector<LoraGroup> lora_groups;
 };
 
 // Stage durations of one call, from marks in the backend's queue (text_encoder includes tokenization).
