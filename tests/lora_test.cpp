@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <sys/wait.h>
 
 #include <filesystem>
 #include <fstream>
@@ -453,4 +454,47 @@ TEST(LoraServer, RequestsWithAndWithoutAnAdapterShareOneModel) {
   for (const auto& d : listed["data"]) ids.push_back(d["id"]);
   EXPECT_EQ(ids, (std::vector<std::string>{"tiny-zimage", "pixel", "soft"}));
   http.stop();
+}
+
+// ---- zimage generate --lora: the whole command against diffusers. ----
+
+namespace {
+
+std::pair<int, std::string> run_zimage(const std::string& args) {
+  const char* bin = std::getenv("ZIMAGE_BINARY");  // the binary of a build carried elsewhere
+  FILE* p = popen((std::string(bin && *bin ? bin : ZIMAGE_BINARY) + " " + args + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+}  // namespace
+
+TEST(LoraCli, GenerateMergesLoraFilesAtLoad) {
+  const std::string base =
+      "generate --backend cpu --model " + golden_path("tiny-zimage") +
+      " --prompt 'pixel art robot' --height 64 --width 64 --num-inference-steps 3 --guidance-scale 0"
+      " --max-sequence-length 64 --seed 25 --generator-device cpu --output-path " +
+      temp_path("cli_lora.png");
+  for (const auto& [name, flag] : std::vector<std::pair<std::string, std::string>>{
+           {"lora_kohya", " --lora " + golden_path("wave2/lora_kohya.safetensors")},
+           {"lora_peft_scaled", " --lora " + golden_path("wave2/lora_peft.safetensors") + ":0.6"}}) {
+    const std::string latents = temp_path(name + "_latents.safetensors");
+    auto [code, out] = run_zimage(base + flag + " --save-latents " + latents);
+    ASSERT_EQ(code, 0) << out;
+    EXPECT_NE(out.find("merged at load"), std::string::npos) << out;
+    const double err =
+        max_abs_diff(SafetensorsFile::open(latents)->get("latents"), lora_case(name).tensors->get("output.latents"));
+    std::printf("zimage generate %-18s final latents max abs error %.3g\n", name.c_str(), err);
+    EXPECT_LE(err, 1e-3) << name;
+  }
+  // A file that is not a LoRA for this model fails before any work, naming what is wrong.
+  write_safetensors(temp_path("te_only.safetensors"),
+                    {{"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", ramp({2, 8}, 0.1f)}});
+  auto [code, out] = run_zimage(base + " --lora " + temp_path("te_only.safetensors"));
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("no key matches a weight of the Z-Image DiT"), std::string::npos) << out;
+  EXPECT_NE(out.find("lora_te_text_model_encoder_layers_0_self_attn_q_proj"), std::string::npos) << out;
 }
