@@ -6,6 +6,7 @@
 #include <httplib.h>
 #include <sys/wait.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/linear.h"
 #include "model/model_source.h"
 #include "model/zimage_dit.h"
 #include "parallel/local_communicator.h"
@@ -216,6 +218,53 @@ TEST(LoraKeys, RefusesLycorisAndMismatchedShapes) {
   write_safetensors(temp_path("half.safetensors"), {{"layers.0.attention.to_q.lora_A.weight", ramp({2, 8}, 0.1f)}});
   expect_error([&] { load_lora(temp_path("half.safetensors"), specs); }, ErrorKind::Format, {"no up"});
   expect_error([&] { load_lora(temp_path("missing.safetensors"), specs); }, ErrorKind::NotFound, {"does not exist"});
+}
+
+// apply(): y_i = W x_i + b + B_i (A_i x_i) per item, items of uneven row counts (row offsets that break
+// 16-byte alignment take the copy path), a packed Linear whose second part alone has an adapter, and an
+// item without one, against the sums in double.
+TEST(LinearApply, PerItemAdaptersMatchTheMath) {
+  auto be = make_cpu_backend();
+  const int64_t in = 170, out_q = 6, out_k = 4;
+  Tensor wq = ramp({out_q, in}, 0.01f), wk = ramp({out_k, in}, 0.02f, 0.001f), bias = ramp({out_q + out_k}, 0.1f);
+  Linear l;
+  l.w = be->upload(Tensor::zeros({out_q + out_k, in}, DType::F32));
+  std::memcpy(l.w.f32(), wq.f32(), wq.nbytes());
+  std::memcpy(l.w.f32() + out_q * in, wk.f32(), wk.nbytes());
+  l.bias = be->upload(bias);
+  l.parts = {"q.weight", "k.weight"};
+  l.part_rows = {out_q, out_k};
+  auto adapter = [&](float s) {
+    auto a = std::make_shared<LoraAdapter>();
+    a->factors.push_back({"k.weight", 0, ramp({3, in}, 0.03f * s), ramp({out_k, 3}, 0.05f), "k"});
+    return a;
+  };
+  std::vector<ScaledLora> one = {{adapter(1.0f), 0.5f}}, two = {{adapter(-2.0f), 1.0f}, {adapter(1.0f), 0.25f}};
+  auto s1 = std::make_shared<const LoraSet>(*be, one, std::vector<const Linear*>{&l});
+  auto s2 = std::make_shared<const LoraSet>(*be, two, std::vector<const Linear*>{&l});
+  LoraBatch batch{{s1, nullptr, s2, s2}};
+  const std::vector<int64_t> rows = {1, 2, 3, 1};
+  Tensor x = ramp({7, in}, 0.05f, 0.01f);
+  Tensor y = be->to_host_f32(apply(*be, l, be->upload(x), &batch, &rows));
+  const std::vector<ScaledLora>* sets[] = {&one, nullptr, &two, &two};
+  double worst = 0;
+  for (int64_t item = 0, r = 0; item < 4; ++item)
+    for (int64_t k = 0; k < rows[size_t(item)]; ++k, ++r)
+      for (int64_t o = 0; o < out_q + out_k; ++o) {
+        double want = bias.f32()[o];
+        for (int64_t j = 0; j < in; ++j) want += double(l.w.f32()[o * in + j]) * x.f32()[r * in + j];
+        if (sets[item] && o >= out_q)
+          for (const auto& sa : *sets[item])
+            for (const auto& f : sa.adapter->factors)
+              for (int64_t q = 0; q < 3; ++q) {
+                double ax = 0;
+                for (int64_t j = 0; j < in; ++j) ax += double(f.down.f32()[q * in + j]) * x.f32()[r * in + j];
+                want += sa.scale * double(f.up.f32()[(o - out_q) * 3 + q]) * ax;
+              }
+        worst = std::max(worst, std::abs(want - double(y.f32()[r * (out_q + out_k) + o])));
+      }
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_EQ(s1->find(l) != nullptr, true);
 }
 
 TEST(LoraFlag, FileAndOptionalScale) {

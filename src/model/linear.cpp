@@ -11,6 +11,15 @@ namespace {
 // The adapters' rank dimension R is padded with zero rows of A / columns of B to this multiple, so
 // the low-rank GEMMs see aligned leading dimensions on every backend (cuBLASLt wants 16-byte rows).
 constexpr int64_t kRankMultiple = 16;
+// Rows [r0, r0 + len) of x [rows, in] as a GEMM input: a view when its start keeps the 16-byte alignment
+// the GEMM libraries plan for (cuBLASLt picks its algorithm for aligned pointers), else a copy.
+Tensor rows_of(Backend& be, const Tensor& x, int64_t r0, int64_t len) {
+  if ((r0 * x.dim(1) * int64_t(dtype_size(x.dtype()))) % 16 == 0) return x.narrow0(r0, len);
+  std::vector<int32_t> idx(static_cast<size_t>(len));
+  for (int64_t i = 0; i < len; ++i) idx[size_t(i)] = int32_t(r0 + i);
+  return be.gather_rows(x, idx);
+}
+
 }  // namespace
 
 Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name, const Shape& shape,
@@ -108,7 +117,7 @@ Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lor
     if (lr) {
       const int64_t r0 = first[size_t(i)], len = first[size_t(j)] - r0;
       Tensor ys = y2.narrow0(r0, len);
-      be.add_(ys, be.linear(be.linear(x2.narrow0(r0, len), lr->a), lr->b));
+      be.add_(ys, be.linear(be.linear(rows_of(be, x2, r0, len), lr->a), lr->b));
     }
     i = j;
   }
