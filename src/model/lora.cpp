@@ -1,6 +1,7 @@
 #include "model/lora.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -314,7 +315,9 @@ void merge_loras(ModelSource& model, const std::vector<std::string>& flags) {
   for (const auto& flag : flags) {
     auto [path, scale] = parse_lora_flag(flag);
     auto a = std::make_shared<const LoraAdapter>(load_lora(path, specs));
-    log_info("LoRA " + a->name + " (scale " + std::to_string(scale) + "): " + std::to_string(a->factors.size()) +
+    char scale_text[32];
+    std::snprintf(scale_text, sizeof scale_text, "%g", double(scale));
+    log_info("LoRA " + a->name + " (scale " + scale_text + "): " + std::to_string(a->factors.size()) +
              " weights, rank up to " + std::to_string(a->max_rank) + ", merged at load");
     adapters.push_back({std::move(a), scale});
   }
@@ -354,7 +357,11 @@ Tensor LoraMergedWeights::get(const std::string& name, const Shape& shape) const
 
 std::string LoraMergedWeights::describe() const {
   std::string s = base_->describe();
-  for (const auto& sa : adapters_) s += " + LoRA " + sa.adapter->name + " x" + std::to_string(sa.scale);
+  for (const auto& sa : adapters_) {
+    char scale_text[32];
+    std::snprintf(scale_text, sizeof scale_text, "%g", double(sa.scale));
+    s += " + LoRA " + sa.adapter->name + " x" + scale_text;
+  }
   return s;
 }
 
