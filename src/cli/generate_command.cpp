@@ -17,6 +17,7 @@
 #include "core/log.h"
 #include "io/image.h"
 #include "io/safetensors.h"
+#include "model/lora.h"
 #include "parallel/parallel_config.h"
 #include "pipeline/request_limits.h"
 #include "pipeline/text_to_image.h"
@@ -29,7 +30,7 @@ namespace {
 
 struct GenerateOptions {
   std::string model, generator = "cuda", output_path = "outputs/", save_latents, perf_dump;
-  std::vector<std::string> prompts;
+  std::vector<std::string> prompts, loras;
   std::string prompt_file;
   std::vector<std::string> negative_prompts;
   int height = 1024, width = 1024, max_sequence_length = 512, num_outputs_per_prompt = 1;
@@ -132,6 +133,8 @@ Command add_generate(CLI::App& app) {
                   "Output file (.png, .jpg, .jpeg, .webp) or folder (a path without an extension; created if missing)");
   cmd->add_option("--save-latents", o->save_latents, "Also write the final latents (float32 'latents') to this .safetensors file");
   cmd->add_option("--perf-dump-path", o->perf_dump, "Write stage timings as JSON to this file");
+  cmd->add_option("--lora", o->loras, "LoRA file merged into the DiT at load, FILE[:SCALE] (default scale 1; repeat to add several)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_flag("--warmup", o->warmup, "Run one untimed generation first");
   cmd->add_option("--image", o->images, "Init image for image-to-image (PNG, JPEG, WebP; repeat for several)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
@@ -171,6 +174,7 @@ Command add_generate(CLI::App& app) {
             // read: a bad size must not cost a 20 GB load.
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model);
+            merge_loras(model, o->loras);
             const ParallelConfig par = check_device_options(o->device, model);
             const PipelineLimits limits;
             if (!req.images.empty()) {  // the size defaults to the first image's, rounded down to the model's multiple

@@ -17,13 +17,15 @@
 #include "pipeline/text_to_image.h"
 #include "server/batcher.h"
 #include "server/http_server.h"
+#include "server/lora_library.h"
 
 namespace zimage::cli {
 
 namespace {
 
 struct ServeOptions {
-  std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024", public_url;
+  std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024", public_url, lora_dir;
+  size_t lora_cache = 16;
   int port = 30000, max_batch_size = 4, batch_delay_ms = 10, max_queue = 64, max_n = 4, max_connections = 1024;
   double request_timeout_s = 600, read_timeout_s = 30;
   int64_t max_pixels = int64_t(2048) * 2048;
@@ -117,6 +119,12 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--max-connections", o->max_connections,
                   "Connections served at once, one thread each (default 1024); more get 503")
       ->check(CLI::Range(1, 100000));
+  cmd->add_option(
+      "--lora-dir", o->lora_dir,
+      "Folder of LoRA files (*.safetensors) requests may name (\"lora\": [{\"name\": STEM, \"scale\": S}]); "
+      "applied per request, base weights unchanged");
+  cmd->add_option("--lora-cache", o->lora_cache, "LoRA files kept loaded (least recently used dropped; default 16)")
+      ->check(CLI::Range(1, 100000));
   return {cmd, [o] {
             install_signal_handlers();
             const auto [warmup_w, warmup_h] = parse_warmup_size(o->warmup_size);
@@ -153,6 +161,12 @@ Command add_serve(CLI::App& app) {
             so.policy.max_pixels = o->max_pixels;
             so.policy.default_steps = model.default_steps;
             so.policy.default_guidance = model.default_guidance;
+            if (!o->lora_dir.empty()) {
+              so.loras = std::make_shared<server::LoraLibrary>(o->lora_dir, ZImageDit::weight_specs(model.transformer),
+                                                               o->lora_cache);
+              so.policy.lora_names.insert(so.loras->names().begin(), so.loras->names().end());
+              log_info("LoRA adapters in " + o->lora_dir + ": " + std::to_string(so.loras->names().size()));
+            }
             server::HttpServer http(so, batcher, metrics);
             int port = http.start();
             std::printf("zimage serve: listening on http://%s:%d\n", o->host.c_str(), port);

@@ -1,5 +1,6 @@
 #include "model/zimage_dit.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -128,14 +129,15 @@ ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string
   b.norm2 = load_weight(be_, ws, p + "attention_norm2.weight", {c.dim});
   b.ffn_norm1 = load_weight(be_, ws, p + "ffn_norm1.weight", {c.dim});
   b.ffn_norm2 = load_weight(be_, ws, p + "ffn_norm2.weight", {c.dim});
-  b.qkv = load_packed_rows(be_, ws, {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
-                           {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
+  b.qkv = load_packed_linear(be_, ws,
+                             {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
+                             {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
   b.norm_q = load_weight(be_, ws, p + "attention.norm_q.weight", {c.head_dim});
   b.norm_k = load_weight(be_, ws, p + "attention.norm_k.weight", {c.head_dim});
-  b.out = load_weight(be_, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
-  b.w13 = load_packed_rows(be_, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
-                           {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
-  b.w2 = load_weight(be_, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
+  b.out = load_linear(be_, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
+  b.w13 = load_packed_linear(be_, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
+                             {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
+  b.w2 = load_linear(be_, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
   return b;
 }
 
@@ -144,21 +146,15 @@ ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : b
   const int64_t a = c.adaln_dim, patch_dim = c.patch * c.patch * c.in_channels;
   const std::string px = "all_x_embedder." + std::to_string(c.patch) + "-1.";
   const std::string pf = "all_final_layer." + std::to_string(c.patch) + "-1.";
-  t_mlp0_w_ = load_weight(be, ws, "t_embedder.mlp.0.weight", {kTimeMlpHidden, kTimeFeatures});
-  t_mlp0_b_ = load_weight(be, ws, "t_embedder.mlp.0.bias", {kTimeMlpHidden});
-  t_mlp2_w_ = load_weight(be, ws, "t_embedder.mlp.2.weight", {a, kTimeMlpHidden});
-  t_mlp2_b_ = load_weight(be, ws, "t_embedder.mlp.2.bias", {a});
+  t_mlp0_ = load_linear(be, ws, "t_embedder.mlp.0.weight", {kTimeMlpHidden, kTimeFeatures}, "t_embedder.mlp.0.bias");
+  t_mlp2_ = load_linear(be, ws, "t_embedder.mlp.2.weight", {a, kTimeMlpHidden}, "t_embedder.mlp.2.bias");
   cap_norm_ = load_weight(be, ws, "cap_embedder.0.weight", {c.cap_feat_dim});
-  cap_w_ = load_weight(be, ws, "cap_embedder.1.weight", {c.dim, c.cap_feat_dim});
-  cap_b_ = load_weight(be, ws, "cap_embedder.1.bias", {c.dim});
-  x_w_ = load_weight(be, ws, px + "weight", {c.dim, patch_dim});
-  x_b_ = load_weight(be, ws, px + "bias", {c.dim});
+  cap_proj_ = load_linear(be, ws, "cap_embedder.1.weight", {c.dim, c.cap_feat_dim}, "cap_embedder.1.bias");
+  x_proj_ = load_linear(be, ws, px + "weight", {c.dim, patch_dim}, px + "bias");
   x_pad_ = load_weight(be, ws, "x_pad_token", {1, c.dim});
   cap_pad_ = load_weight(be, ws, "cap_pad_token", {1, c.dim});
-  final_mod_w_ = load_weight(be, ws, pf + "adaLN_modulation.1.weight", {c.dim, a});
-  final_mod_b_ = load_weight(be, ws, pf + "adaLN_modulation.1.bias", {c.dim});
-  final_w_ = load_weight(be, ws, pf + "linear.weight", {patch_dim, c.dim});
-  final_b_ = load_weight(be, ws, pf + "linear.bias", {patch_dim});
+  final_mod_ = load_linear(be, ws, pf + "adaLN_modulation.1.weight", {c.dim, a}, pf + "adaLN_modulation.1.bias");
+  final_proj_ = load_linear(be, ws, pf + "linear.weight", {patch_dim, c.dim}, pf + "linear.bias");
 
   // Modulated blocks (noise_refiner, layers): their adaLN weights are stacked so the modulations of a
   // whole forward are one [N, A] x [A, blocks*4*dim] GEMM.
@@ -182,14 +178,44 @@ ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : b
     layers_.push_back(load_block(ws, p));
     add_mod(layers_.back(), p);
   }
-  mod_w_ = load_packed_rows(be, ws, mod_names, mod_shapes);
+  mod_ = load_packed_linear(be, ws, mod_names, mod_shapes);
   // The biases stack the same way, into one [blocks * 4 * dim] vector.
   Tensor packed_bias = Tensor::empty({int64_t(mod_bias_names.size()) * 4 * c.dim}, DType::F32);
   for (size_t i = 0; i < mod_bias_names.size(); ++i) {
     Tensor bias = host_f32(ws, mod_bias_names[i], {4 * c.dim});
     std::copy(bias.f32(), bias.f32() + 4 * c.dim, packed_bias.f32() + int64_t(i) * 4 * c.dim);
   }
-  mod_b_ = be.upload(packed_bias);
+  mod_.bias = be.upload(packed_bias);
+}
+
+std::shared_ptr<const LoraSet> ZImageDit::prepare_lora(const std::vector<ScaledLora>& adapters) const {
+  std::vector<const Linear*> all = {&t_mlp0_, &t_mlp2_, &cap_proj_, &x_proj_, &final_mod_, &final_proj_, &mod_};
+  for (const auto* blocks : {&noise_refiner_, &context_refiner_, &layers_})
+    for (const Block& b : *blocks)
+      for (const Linear* l : {&b.qkv, &b.out, &b.w13, &b.w2}) all.push_back(l);
+  return std::make_shared<const LoraSet>(be_, adapters, all);
+}
+
+void ZImageDit::set_lora(const std::vector<LoraGroup>& groups, int64_t items) {
+  LoraBatch batch;
+  for (const auto& g : groups) {
+    std::shared_ptr<const LoraSet> set;
+    if (!g.adapters.empty()) {
+      std::string key;  // the adapters' identities and scales
+      for (const auto& a : g.adapters)
+        key += std::to_string(reinterpret_cast<uintptr_t>(a.adapter.get())) + ":" + std::to_string(a.scale) + ";";
+      auto it = std::find_if(lora_sets_.begin(), lora_sets_.end(), [&](const auto& e) { return e.first == key; });
+      set = it != lora_sets_.end() ? it->second : prepare_lora(g.adapters);
+      if (it != lora_sets_.end()) lora_sets_.erase(it);
+      lora_sets_.insert(lora_sets_.begin(), {key, set});
+      if (lora_sets_.size() > kLoraSetsKept) lora_sets_.pop_back();
+    }
+    batch.items.insert(batch.items.end(), size_t(g.count), set);
+  }
+  ZI_CHECK(
+      groups.empty() || int64_t(batch.items.size()) == items, ErrorKind::InvalidArgument,
+      "LoRA groups cover " + std::to_string(batch.items.size()) + " images of a batch of " + std::to_string(items));
+  lora_ = std::move(batch);
 }
 
 ZImageDit::Modulation ZImageDit::modulation(const Block& b, const Tensor* mod) {
@@ -222,17 +248,18 @@ void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Te
   const int h = int(c.heads), d = int(c.head_dim);
   const float scale = float(1.0 / std::sqrt(double(d)));
   auto opt = [](const Modulation& m, const Tensor& t) { return m.on ? &t : nullptr; };
+  const std::vector<int64_t> rows(size_t(x.dim(0)), x.dim(1));  // per item, for the adapters
   Modulation m = modulation(blocks[0], mod);
   Tensor hn = be_.modulated_rms_norm(x, blocks[0].norm1, opt(m, m.scale_msa), eps);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& b = blocks[i];
-    Tensor qkv = be_.linear(hn, b.qkv);
+    Tensor qkv = apply(be_, b.qkv, hn, &lora_, &rows);
     be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
     Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
                              : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
-    Tensor fn = be_.gated_residual_then_rms_norm_(x, be_.linear(attn, b.out), b.norm2, opt(m, m.gate_msa), b.ffn_norm1,
-                                                  opt(m, m.scale_mlp), eps);
-    Tensor ff = be_.linear(be_.swiglu(be_.linear(fn, b.w13)), b.w2);
+    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, &lora_, &rows), b.norm2,
+                                                  opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps);
+    Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, &lora_, &rows)), &lora_, &rows);
     if (i + 1 == blocks.size()) {
       be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), eps);
       break;
@@ -387,8 +414,8 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
   Tensor tf = be_.timestep_embedding(t, float(c.t_scale), int(kTimeFeatures), kTimeMaxPeriod);
-  Tensor adaln = be_.linear(be_.silu(be_.linear(tf, t_mlp0_w_, &t_mlp0_b_)), t_mlp2_w_, &t_mlp2_b_);
-  Tensor mod = be_.linear(adaln, mod_w_, &mod_b_);
+  Tensor adaln = apply(be_, t_mlp2_, be_.silu(apply(be_, t_mlp0_, tf, &lora_)), &lora_);
+  Tensor mod = apply(be_, mod_, adaln, &lora_);
 
   // Image tokens: patchify each item, embed, then lay out this rank's [N, nip, dim] with x_pad_token rows.
   Tensor lat = be_.cast(latents, be_.activation_dtype());
@@ -397,7 +424,9 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
     Tensor p = be_.patchify(lat.narrow0(i, 1).reshape({c.in_channels, lh, lw}), int(c.patch));
     patches = i == 0 ? p : be_.concat_rows(patches, p);
   }
-  Tensor x_src = be_.concat_rows(be_.linear(patches, x_w_, &x_b_), x_pad_);  // last row: the pad token
+  const std::vector<int64_t> per_item_tokens(size_t(n), ni);
+  Tensor x_src =
+      be_.concat_rows(apply(be_, x_proj_, patches, &lora_, &per_item_tokens), x_pad_);  // last row: the pad token
   Tensor x = be_.gather_rows(x_src, plan.x_idx).reshape({n, nip, c.dim});
 
   // Caption tokens: RMSNorm + Linear, then [N, cap_max, dim] with pad-token and zero rows.
@@ -406,8 +435,8 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
     Tensor ci = be_.cast(caps[size_t(i)], be_.activation_dtype());
     cap_all = i == 0 ? ci : be_.concat_rows(cap_all, ci);
   }
-  Tensor cap_src =
-      be_.concat_rows(be_.linear(be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), cap_w_, &cap_b_), cap_pad_);
+  Tensor cap_src = be_.concat_rows(
+      apply(be_, cap_proj_, be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), &lora_, &lay.cap_len), cap_pad_);
   Tensor cap = be_.gather_rows(cap_src, plan.cap_idx).reshape({n, lay.cap_max, c.dim});
 
   run_blocks(noise_refiner_, x, &mod, plan.x, comm);
@@ -420,9 +449,10 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
   // Final layer on this rank's image rows: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch
   // values). Sharded, every rank's rows are gathered and put in grid order. Then each item's
   // image_tokens rows back to a latent.
-  Tensor fscale = be_.linear(be_.silu(adaln), final_mod_w_, &final_mod_b_);
+  Tensor fscale = apply(be_, final_mod_, be_.silu(adaln), &lora_);
   Tensor img = be_.gather_rows(u, plan.final_idx).reshape({n, nip, c.dim});
-  Tensor flat = be_.linear(be_.modulated_layer_norm(img, fscale, kFinalNormEps), final_w_, &final_b_)
+  const std::vector<int64_t> final_rows(size_t(n), nip);
+  Tensor flat = apply(be_, final_proj_, be_.modulated_layer_norm(img, fscale, kFinalNormEps), &lora_, &final_rows)
                     .reshape({n * nip, c.patch * c.patch * c.in_channels});
   int64_t stride = nip;  // rows per item in `flat`
   if (sp) {

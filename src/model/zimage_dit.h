@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "io/config.h"
+#include "model/linear.h"
 #include "model/weight_spec.h"
 #include "model/weights.h"
 #include "parallel/communicator.h"
@@ -66,9 +67,22 @@ class ZImageDit {
   Tensor forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
                          const SequenceParallelPlan& plan, Communicator& comm);
 
+  // Runtime LoRA (model/linear.h): an adapter set prepared on the device for this model's projections,
+  // and the sets of the items of the following forward calls (an item without one: null). A call of
+  // twice the items (CFG: [positives | negatives]) uses the list for both halves. Base weights never change.
+  std::shared_ptr<const LoraSet> prepare_lora(const std::vector<ScaledLora>& adapters) const;
+  void set_lora(LoraBatch batch) { lora_ = std::move(batch); }
+  // The batch for `items` images grouped as `groups` (empty: no adapters); the prepared sets are kept by
+  // adapters and scales (the kLoraSetsKept most recently used), so a request's steps and the requests that
+  // repeat an adapter reuse them. Throws InvalidArgument when the counts do not sum to `items`.
+  void set_lora(const std::vector<LoraGroup>& groups, int64_t items);
+  static constexpr size_t kLoraSetsKept = 8;
+  bool has_lora() const { return lora_.any(); }
+
  private:
   struct Block {
-    Tensor norm1, norm2, ffn_norm1, ffn_norm2, qkv, norm_q, norm_k, out, w13, w2;
+    Tensor norm1, norm2, ffn_norm1, ffn_norm2, norm_q, norm_k;
+    Linear qkv, out, w13, w2;
     int64_t mod_offset = -1;  // column of this block's 4*dim modulation in the packed adaLN output; -1: none
   };
   struct Sharding {  // this call's share of a sequence-parallel group
@@ -90,12 +104,13 @@ class ZImageDit {
 
   Backend& be_;
   DitConfig cfg_;
-  Tensor t_mlp0_w_, t_mlp0_b_, t_mlp2_w_, t_mlp2_b_;
-  Tensor cap_norm_, cap_w_, cap_b_, x_w_, x_b_, x_pad_, cap_pad_;
-  Tensor final_mod_w_, final_mod_b_, final_w_, final_b_;
-  Tensor mod_w_, mod_b_;  // every modulated block's adaLN Linear(A -> 4*dim) stacked: one GEMM per call
+  Linear t_mlp0_, t_mlp2_, cap_proj_, x_proj_, final_mod_, final_proj_;
+  Tensor cap_norm_, x_pad_, cap_pad_;
+  Linear mod_;  // every modulated block's adaLN Linear(A -> 4*dim) stacked: one GEMM per call
   std::vector<Block> noise_refiner_, context_refiner_, layers_;
   std::shared_ptr<const LayoutPlan> plan_;  // of the last call: a request's steps all share it
+  LoraBatch lora_;
+  std::vector<std::pair<std::string, std::shared_ptr<const LoraSet>>> lora_sets_;  // most recent first
 };
 
 // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,

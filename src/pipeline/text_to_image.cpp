@@ -93,7 +93,8 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
 Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector<float>& t,
                                         const std::vector<Tensor>& caps, bool cfg_batch) {
   BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
-    if (!rank_.ulysses) return graphs_ ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
+    // A recorded graph holds the adapters of its recording: runs with adapters run eagerly.
+    if (!rank_.ulysses) return graphs_ && !dit_.has_lora() ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
     const DitConfig& c = dit_.config();
     SequenceParallelPlan plan =
         plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
@@ -204,6 +205,7 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
   DitCall dit = [this](const Tensor& x, const std::vector<float>& t, const std::vector<Tensor>& caps, bool cfg_batch) {
     return dit_forward(x, t, caps, cfg_batch);
   };
+  dit_.set_lora(r.lora_groups, b);
   DenoiseMarks marks = denoise(be_, dit, spec, latents, non_finite, 1, progress);
 
   // The other ranks of a multi-GPU generation hold the same latents: rank 0 alone decodes.

@@ -40,6 +40,9 @@ struct GenerateRequest {
   std::vector<NoiseGroup> noise_groups;  // else: their counts sum to the batch size
   GeneratorDevice generator = GeneratorDevice::Cuda;
   int num_images_per_prompt = 1;
+  // Runtime LoRA (model/linear.h): the adapters of images [first, first + count), counts summing to the
+  // batch size; empty: none. Base weights never change.
+  std::vector<LoraGroup> lora_groups;
   // Image to image (diffusers' ZImageImg2ImgPipeline) when `images` is set, inpainting
   // (ZImageInpaintPipeline) when `masks` is set too. The images (and masks: white = repaint) are resized
   // to height x width as diffusers' VaeImageProcessor does; their counts divide the batch and item b

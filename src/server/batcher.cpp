@@ -36,12 +36,16 @@ GenerateRequest batch_request(const std::vector<std::shared_ptr<Job>>& jobs) {
       g.prompts.push_back(r.prompt);
       g.negative_prompts.push_back(r.negative_prompt);
     }
+    g.lora_groups.push_back({r.n, r.adapters});  // different adapters share the batch, per image
     if (r.seeds.size() == 1) {
       g.noise_groups.push_back({r.n, r.seeds[0]});
     } else {
       for (uint64_t s : r.seeds) g.noise_groups.push_back({1, s});
     }
   }
+  bool any_lora = false;
+  for (const auto& lg : g.lora_groups) any_lora = any_lora || !lg.adapters.empty();
+  if (!any_lora) g.lora_groups.clear();
   return g;
 }
 

@@ -145,7 +145,16 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
              [this](const httplib::Request& req, httplib::Response& res) { image_content(req, res); });
   http_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     json model = {{"id", options_.model_id}, {"object", "model"}, {"created", created_}, {"owned_by", "zimage"}};
-    res.set_content(json{{"object", "list"}, {"data", json::array({model})}}.dump(), "application/json");
+    json data = json::array({model});
+    if (options_.loras)  // the adapters a request may name, as vLLM lists its LoRA modules
+      for (const auto& name : options_.loras->names())
+        data.push_back({{"id", name},
+                        {"object", "model"},
+                        {"created", created_},
+                        {"owned_by", "zimage"},
+                        {"root", name},
+                        {"parent", options_.model_id}});
+    res.set_content(json{{"object", "list"}, {"data", data}}.dump(), "application/json");
   });
   http_->Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     const char* state = draining_ ? "shutting_down" : ready_ ? "ok" : "loading";
@@ -211,6 +220,15 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
                                     ", --url-max-images); ask for fewer or use b64_json",
                                 "n"));
   if (request.seeds.empty()) request.seeds.push_back(random_seed());
+  if (!request.loras.empty()) {
+    if (!options_.loras)
+      return fail(invalid_request("this server has no LoRA adapters (start it with --lora-dir)", "lora"));
+    try {
+      request.adapters = options_.loras->resolve(request.loras);
+    } catch (const Error& e) {
+      return fail(invalid_request(e.what(), "lora"));
+    }
+  }
 
   auto job = std::make_shared<Job>(request);
   switch (batcher_.submit(job)) {

@@ -46,6 +46,7 @@ struct ServerOptions {
   int max_connections = 1024;  // served at once, one thread each; more are answered 503
   std::string model_id;        // what /v1/models reports and PNG metadata names
   RequestPolicy policy;
+  std::shared_ptr<LoraLibrary> loras;  // serve --lora-dir; null: none (policy.lora_names lists them)
 };
 
 class HttpServer {

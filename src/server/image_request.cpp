@@ -117,6 +117,51 @@ void check_side(const char* what, int64_t v, const std::string& param, int multi
   }
 }
 
+// "lora": a name, {"name", "scale"}, or a list of either; "lora_path" (SGLang): a name or a list of names.
+std::vector<LoraRef> get_loras(const json& body, const RequestPolicy& p) {
+  std::vector<LoraRef> out;
+  auto one = [&](const json& v, const std::string& param) {
+    LoraRef ref;
+    if (v.is_string()) {
+      ref.name = v.get<std::string>();
+    } else if (v.is_object() && param == "lora") {
+      for (auto it = v.begin(); it != v.end(); ++it)
+        if (it.key() != "name" && it.key() != "scale") reject("unrecognized LoRA field: " + it.key(), param);
+      if (!v.contains("name") || !v["name"].is_string()) reject("every LoRA needs a \"name\" string", param);
+      ref.name = v["name"].get<std::string>();
+      if (v.contains("scale")) {
+        if (!v["scale"].is_number()) reject("a LoRA scale must be a number", param);
+        const double s = v["scale"].get<double>();
+        if (!(s >= -100.0 && s <= 100.0)) reject("a LoRA scale must be between -100 and 100", param);
+        ref.scale = float(s);
+      }
+    } else {
+      reject(param == "lora" ? "lora must be a name, {\"name\": ..., \"scale\": ...}, or a list of them"
+                             : "lora_path must be a name or a list of names",
+             param);
+    }
+    if (p.lora_names.empty()) reject("this server has no LoRA adapters (start it with --lora-dir)", param);
+    if (!p.lora_names.count(ref.name)) {
+      std::string known;
+      for (const auto& n : p.lora_names) known += (known.empty() ? "" : ", ") + n;
+      reject("unknown LoRA adapter '" + ref.name.substr(0, 200) + "'; available: " + known, param);
+    }
+    out.push_back(ref);
+  };
+  for (const char* param : {"lora", "lora_path"}) {
+    const json* v = field(body, param);
+    if (!v || v->is_null()) continue;
+    if (v->is_array()) {
+      for (const auto& e : *v) one(e, param);
+    } else {
+      one(*v, param);
+    }
+    if (int(out.size()) > p.max_loras)
+      reject("at most " + std::to_string(p.max_loras) + " LoRA adapters per request", param);
+  }
+  return out;
+}
+
 const std::set<std::string>& known_fields() {
   static const std::set<std::string> k = {"prompt",         "n",
                                           "size",           "response_format",
@@ -125,7 +170,8 @@ const std::set<std::string>& known_fields() {
                                           "height",         "num_inference_steps",
                                           "guidance_scale", "negative_prompt",
                                           "seed",           "cfg_normalization",
-                                          "cfg_truncation", "max_sequence_length"};
+                                          "cfg_truncation", "max_sequence_length",
+                                          "lora",           "lora_path"};
   return k;
 }
 
@@ -201,6 +247,8 @@ ImageRequest parse(std::string_view text, const RequestPolicy& p) {
       r.seeds.push_back(uint64_t(to_int(*seed, "seed", "seed", 0, seed_max)));
     }
   }
+
+  r.loras = get_loras(body, p);
 
   std::string format = get_string(body, "response_format", "b64_json");
   if (format == "b64_json")

@@ -6,13 +6,16 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <string_view>
 #include <variant>
 #include <vector>
 
 #include "io/image.h"
+#include "model/lora.h"
 #include "model/model_source.h"
+#include "server/lora_library.h"
 
 namespace zimage::server {
 
@@ -33,6 +36,10 @@ struct ImageRequest {
   bool seed_is_list = false;
   ResponseFormat response_format = ResponseFormat::B64Json;
   ImageFormat output_format = ImageFormat::Png;
+  // Runtime LoRA: "lora": [{"name": "x", "scale": 0.8}] (or "x", or {"name": "x"}), or SGLang's
+  // "lora_path": "x" / ["x", "y"] (scale 1). Scales add as diffusers' set_adapters.
+  std::vector<LoraRef> loras;
+  std::vector<ScaledLora> adapters;  // the named adapters, filled by the server from its LoraLibrary
 };
 
 // What the server accepts and what it fills in for fields left out.
@@ -45,6 +52,8 @@ struct RequestPolicy {
   int default_steps = kTurboSteps;  // the model's recipe (serve sets it from the model)
   float default_guidance = 0.0f;  // the model's recipe
   int default_width = 1024, default_height = 1024;
+  std::set<std::string> lora_names;  // the adapters a request may name (serve --lora-dir)
+  int max_loras = 8;                 // per request
 };
 
 struct RequestError {

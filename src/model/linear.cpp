@@ -1,0 +1,127 @@
+#include "model/linear.h"
+
+#include <cstring>
+
+#include "core/error.h"
+#include "model/weight_loading.h"
+
+namespace zimage {
+
+namespace {
+// The adapters' rank dimension R is padded with zero rows of A / columns of B to this multiple, so
+// the low-rank GEMMs see aligned leading dimensions on every backend (cuBLASLt wants 16-byte rows).
+constexpr int64_t kRankMultiple = 16;
+// Rows [r0, r0 + len) of x [rows, in] as a GEMM input: a view when its start keeps the 16-byte alignment
+// the GEMM libraries plan for (cuBLASLt picks its algorithm for aligned pointers), else a copy.
+Tensor rows_of(Backend& be, const Tensor& x, int64_t r0, int64_t len) {
+  if ((r0 * x.dim(1) * int64_t(dtype_size(x.dtype()))) % 16 == 0) return x.narrow0(r0, len);
+  std::vector<int32_t> idx(static_cast<size_t>(len));
+  for (int64_t i = 0; i < len; ++i) idx[size_t(i)] = int32_t(r0 + i);
+  return be.gather_rows(x, idx);
+}
+
+}  // namespace
+
+Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name, const Shape& shape,
+                   const std::string& bias_name) {
+  Linear l;
+  l.w = load_weight(be, ws, name, shape);
+  if (!bias_name.empty()) l.bias = load_weight(be, ws, bias_name, {shape[0]});
+  l.parts = {name};
+  l.part_rows = {shape[0]};
+  return l;
+}
+
+Linear load_packed_linear(Backend& be, const WeightSource& ws, const std::vector<std::string>& names,
+                          const std::vector<Shape>& shapes) {
+  Linear l;
+  l.w = load_packed_rows(be, ws, names, shapes);
+  l.parts = names;
+  for (const auto& s : shapes) l.part_rows.push_back(s[0]);
+  return l;
+}
+
+LoraSet::LoraSet(Backend& be, const std::vector<ScaledLora>& adapters, const std::vector<const Linear*>& linears)
+    : adapters_(adapters) {
+  for (const Linear* l : linears) {
+    // Every factor on one of this Linear's parts: (factor, scale, first row of its part in w).
+    struct Hit {
+      const LoraFactor* f;
+      float scale;
+      int64_t row;
+    };
+    std::vector<Hit> hits;
+    int64_t rank = 0;
+    for (const auto& sa : adapters) {
+      for (const auto& f : sa.adapter->factors) {
+        int64_t row = 0;
+        for (size_t p = 0; p < l->parts.size(); ++p) {
+          if (l->parts[p] == f.target) {
+            hits.push_back({&f, sa.scale, row + f.row_offset});
+            rank += f.down.dim(0);
+          }
+          row += l->part_rows[p];
+        }
+      }
+    }
+    if (hits.empty()) continue;
+    const int64_t out = l->w.dim(0), in = l->w.dim(1);
+    const int64_t padded = (rank + kRankMultiple - 1) / kRankMultiple * kRankMultiple;
+    Tensor a = Tensor::zeros({padded, in}, DType::F32), b = Tensor::zeros({out, padded}, DType::F32);
+    int64_t col = 0;
+    for (const Hit& h : hits) {
+      const int64_t r = h.f->down.dim(0), rows = h.f->up.dim(0);
+      ZI_ASSERT(h.f->down.dim(1) == in && h.row + rows <= out);
+      std::memcpy(a.f32() + col * in, h.f->down.f32(), size_t(r * in) * sizeof(float));
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = 0; k < r; ++k) b.f32()[(h.row + i) * padded + col + k] = h.scale * h.f->up.f32()[i * r + k];
+      col += r;
+    }
+    LowRank lr{be.upload(a), be.upload(b)};
+    bytes_ += int64_t(lr.a.nbytes() + lr.b.nbytes());
+    low_rank_.emplace(l, std::move(lr));
+  }
+}
+
+const LoraSet::LowRank* LoraSet::find(const Linear& l) const {
+  auto it = low_rank_.find(&l);
+  return it == low_rank_.end() ? nullptr : &it->second;
+}
+
+bool LoraBatch::any() const {
+  for (const auto& s : items)
+    if (s) return true;
+  return false;
+}
+
+Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora,
+             const std::vector<int64_t>* item_rows) {
+  Tensor y = be.linear(x, l.w, l.bias_or_null());
+  if (!lora || !lora->any()) return y;
+  const int64_t in = x.dim(-1), out = y.dim(-1), rows = x.numel() / in;
+  const int64_t n_sets = int64_t(lora->items.size());
+  const int64_t n = item_rows ? int64_t(item_rows->size()) : (x.ndim() == 3 ? x.dim(0) : rows);
+  ZI_CHECK(n == n_sets || n == 2 * n_sets, ErrorKind::Internal,
+           "LoRA adapters for " + std::to_string(n_sets) + " items given to a call of " + std::to_string(n));
+  std::vector<int64_t> first(size_t(n) + 1, 0);  // item i's rows: [first[i], first[i + 1])
+  for (int64_t i = 0; i < n; ++i)
+    first[size_t(i) + 1] = first[size_t(i)] + (item_rows ? (*item_rows)[size_t(i)] : rows / n);
+  ZI_ASSERT(first[size_t(n)] == rows);
+  const Tensor x2 = x.reshape({rows, in});
+  Tensor y2 = y.reshape({rows, out});
+  for (int64_t i = 0; i < n;) {
+    const LoraSet* set = lora->items[size_t(i % n_sets)].get();
+    int64_t j = i + 1;
+    while (j < n && lora->items[size_t(j % n_sets)].get() == set) ++j;
+    const LoraSet::LowRank* lr = set ? set->find(l) : nullptr;
+    if (lr) {
+      const int64_t r0 = first[size_t(i)], len = first[size_t(j)] - r0;
+      Tensor ys = y2.narrow0(r0, len);
+      be.add_(ys, be.linear(be.linear(rows_of(be, x2, r0, len), lr->a), lr->b));
+    }
+    i = j;
+  }
+  return y;
+}
+
+}  // namespace zimage
