@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/component_flags.h"
 #include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -94,6 +95,7 @@ struct BenchOptions {
   std::string model = "synthetic:turbo", label = "bench", out_dir = "bench/results";
   std::string prompt = "A futuristic cyberpunk city at night, neon lights reflecting on wet streets";
   std::string negative_prompt;
+  ComponentFiles files;
   std::vector<std::string> resolutions = {"512x512", "1024x1024", "2048x2048"};
   std::optional<int> steps;
   std::optional<float> guidance;
@@ -110,6 +112,7 @@ Command add_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--model,--model-path", o->model, "Model folder or synthetic:tiny|turbo (default synthetic:turbo)");
+  add_component_flags(cmd, o->files);
   cmd->add_option("--resolutions", o->resolutions, "WIDTHxHEIGHT list (default 512x512 1024x1024 2048x2048)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
       ->delimiter(',');
@@ -140,7 +143,7 @@ Command add_bench(CLI::App& app) {
               return 0;
             }
             auto t_load = Clock::now();
-            ModelSource model = open_model(o->model);
+            ModelSource model = open_model(o->model, o->files);
             model.prefetch_weights();  // the files are read while the device initializes
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;

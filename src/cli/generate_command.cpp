@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/component_flags.h"
 #include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -34,6 +35,7 @@ struct GenerateOptions {
   uint64_t seed = 42;
   bool warmup = false;
   DeviceOptions device;
+  ComponentFiles files;
 };
 
 std::vector<std::string> read_prompt_file(const std::string& path) {
@@ -109,7 +111,8 @@ Command add_generate(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   // A flag given twice takes its last value (as shells and wrappers expect); --prompt collects all.
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo")->required();
+  cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo");
+  add_component_flags(cmd, o->files);
   cmd->add_option("--prompt", o->prompts, "Prompt (repeat for a batch)")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--prompt-file", o->prompt_file, "File with one prompt per line");
   cmd->add_option("--negative-prompt", o->negative_prompt, "Negative prompt for CFG (default \"\")");
@@ -150,7 +153,7 @@ Command add_generate(CLI::App& app) {
             req.num_images_per_prompt = o->num_outputs_per_prompt;
 
             auto t0 = std::chrono::steady_clock::now();
-            ModelSource model = open_model(o->model);
+            ModelSource model = open_model(o->model, o->files);
             const ParallelConfig par = check_device_options(o->device, model);
             model.prefetch_weights();  // the files are read while the device initializes
             Engine engine = make_engine(o->device, par, model);
