@@ -130,6 +130,62 @@ TEST(CheckpointLayout, Qwen3SingleFileWithOrWithoutModelPrefix) {
   EXPECT_EQ(max_error_against(*w, "tiny-zimage/text_encoder"), 0.0);
 }
 
+TEST(CheckpointLayout, Qwen3GgufWithLlamaCppNames) {
+  // The tiny text encoder as llama.cpp names it (convert_hf_to_gguf.py, architecture qwen3), in F32.
+  Checkpoint ref = Checkpoint::open_dir(golden_path("tiny-zimage/text_encoder"));
+  const std::pair<const char*, const char*> renames[] = {
+      {"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"}, {"self_attn.k_proj", "attn_k"},
+      {"self_attn.v_proj", "attn_v"}, {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
+      {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"}, {"mlp.gate_proj", "ffn_gate"},
+      {"mlp.up_proj", "ffn_up"}, {"mlp.down_proj", "ffn_down"}};
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& n : ref.names()) {
+    std::string g = n == "embed_tokens.weight" ? "token_embd.weight" : n == "norm.weight" ? "output_norm.weight" : n;
+    if (g.rfind("layers.", 0) == 0) {
+      g = "blk." + g.substr(7);
+      for (auto [from, to] : renames)
+        if (size_t at = g.find(from); at != std::string::npos) g.replace(at, std::string(from).size(), to);
+    }
+    tensors.emplace_back(g, ref.get(n).to_f32());
+  }
+  const std::string path = temp_path("qwen3.gguf");
+  write_gguf(path, {{"general.architecture", "qwen3"}}, tensors);
+  auto w = open_layout(path);
+  EXPECT_STREQ(w->layout().name, "llama_cpp_qwen3");
+  EXPECT_EQ(max_error_against(*w, "tiny-zimage/text_encoder"), 0.0);
+  Config c = infer_component_config(*w, path);
+  EXPECT_EQ(c.integer("num_key_value_heads"), 2);
+  EXPECT_EQ(c.integer("num_hidden_layers"), 3);
+}
+
+TEST(CheckpointLayout, Fp8E5M2AndScaleMarkers) {
+  // A plain e5m2 weight is its stored value.
+  std::vector<float> v = {1.0f, -0.375f, 57344.0f, 0.0f};
+  Tensor e5 = Tensor::empty({2, 2}, DType::F8E5M2);
+  convert_from_f32(DType::F8E5M2, v.data(), e5.data(), 4);
+  Tensor x = Tensor::zeros({64, 64}, DType::BF16);
+  const std::string plain = temp_path("e5m2.safetensors");
+  write_safetensors(plain, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", e5}});
+  EXPECT_EQ(open_layout(plain)->get("layers.0.feed_forward.w1.weight", {2, 2}).to_vector(), v);
+  // ComfyUI's scaled_fp8 marker or a _quantization_metadata entry: the weight needs its scale.
+  const std::string marked = temp_path("marked.safetensors");
+  write_safetensors(marked, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", e5},
+                             {"scaled_fp8", Tensor::zeros({0}, DType::F8E4M3)}});
+  expect_error([&] { open_layout(marked)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
+               {"marked.safetensors", "'layers.0.feed_forward.w1.weight'", "no scale"});
+  const std::string meta = temp_path("quant_meta.safetensors");
+  write_safetensors(meta, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", e5},
+                           {"layers.0.feed_forward.w1.weight_scale", Tensor::from_f32({}, {2.0f})}},
+                    {{"_quantization_metadata", R"({"format_version": "1.0", "layers": {"layers.0.feed_forward.w1": {"format": "float8_e4m3fn"}}})"}});
+  expect_error([&] { open_layout(meta)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
+               {"quant_meta.safetensors", "_quantization_metadata", "float8_e5m2"});
+  EXPECT_EQ(f8e5m2_to_f32(0x3c), 1.0f);
+  for (int b = 0; b < 256; ++b)
+    if ((b & 0x7c) != 0x7c) {
+      EXPECT_EQ(f32_to_f8e5m2(f8e5m2_to_f32(uint8_t(b))), b) << b;
+    }
+}
+
 TEST(CheckpointLayout, Fp8ScaledIsValueTimesScaleExactly) {
   auto w = open_layout(formats("z_image_dit_fp8_scaled.safetensors"));
   auto raw = SafetensorsFile::open(formats("z_image_dit_fp8_scaled.safetensors"));
@@ -248,4 +304,9 @@ TEST(CheckpointFilesCli, BadComponentFlagsExitWithCode2) {
           formats("ae.safetensors") + " --backend cpu");
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("holds a VAE"), std::string::npos) << r.out;
+  for (const char* cmd : {"serve", "bench"}) {
+    r = run(std::string(cmd) + " --help");
+    for (const char* flag : {"--diffusion-model", "--text-encoder", "--vae", "--recipe"})
+      EXPECT_NE(r.out.find(flag), std::string::npos) << cmd << " " << flag;
+  }
 }

@@ -453,6 +453,55 @@ Tensor GgufFile::get(const std::string& name) const {
   return t;
 }
 
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, std::string>>& metadata,
+                const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  std::vector<uint8_t> out;
+  auto put = [&](const void* p, size_t n) {  // resize + memcpy: GCC 12 misreads vector::insert here
+    const size_t at = out.size();
+    out.resize(at + n);
+    if (n) std::memcpy(out.data() + at, p, n);
+  };
+  auto u32 = [&](uint32_t v) { put(&v, 4); };
+  auto u64 = [&](uint64_t v) { put(&v, 8); };
+  auto str = [&](const std::string& s) {
+    u64(s.size());
+    put(s.data(), s.size());
+  };
+  auto pad = [&] {
+    while (out.size() % 32) out.push_back(0);
+  };
+  u32(kMagic);
+  u32(3);
+  u64(tensors.size());
+  u64(metadata.size());
+  for (const auto& [k, v] : metadata) {
+    str(k);
+    u32(kString);
+    str(v);
+  }
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    ZI_ASSERT(t.device() == Device::Host && t.is_contiguous());
+    GgmlType type = t.dtype() == DType::F32 ? GgmlType::F32 : t.dtype() == DType::F16 ? GgmlType::F16 : GgmlType::BF16;
+    ZI_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16, ErrorKind::InvalidArgument,
+             "write_gguf: tensor '" + name + "' is " + dtype_name(t.dtype()) + " (f32, f16 or bf16 only)");
+    str(name);
+    u32(uint32_t(t.ndim()));
+    for (int d = t.ndim() - 1; d >= 0; --d) u64(uint64_t(t.dim(d)));
+    u32(uint32_t(type));
+    u64(offset);
+    offset += (t.nbytes() + 31) / 32 * 32;
+  }
+  pad();
+  for (const auto& [name, t] : tensors) {
+    put(t.data(), t.nbytes());
+    pad();
+  }
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(out.data()), std::streamsize(out.size()));
+  if (!f) throw Error(ErrorKind::Io, path + ": cannot write the GGUF file");
+}
+
 bool is_gguf_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   char magic[4] = {};

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -77,6 +78,11 @@ class GgufFile {
   std::map<std::string, GgufTensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
 };
+
+// Writes a GGUF v3 file of unquantized tensors (host, contiguous; F32, F16 or BF16) with string metadata,
+// tensors in the given order, 32-byte alignment. Io error naming the file when it cannot be written.
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, std::string>>& metadata,
+                const std::vector<std::pair<std::string, Tensor>>& tensors);
 
 // True when the file at `path` starts with the GGUF magic.
 bool is_gguf_file(const std::string& path);

@@ -40,6 +40,7 @@ const Anchor kAnchors[] = {
     {"encoder.down_blocks.0.resnets.0.conv1.weight", nullptr, ModelPart::Vae, LayoutKind::DiffusersVae, "diffusers_vae"},
     {"encoder.down.0.block.0.conv1.weight", nullptr, ModelPart::Vae, LayoutKind::BflVae, "bfl_vae"},
     {"embed_tokens.weight", nullptr, ModelPart::TextEncoder, LayoutKind::Qwen3, "qwen3"},
+    {"token_embd.weight", nullptr, ModelPart::TextEncoder, LayoutKind::LlamaCppQwen3, "llama_cpp_qwen3"},
 };
 
 // comfy_dit: renames of the name after the prefix. `to` empty: a fused q|k|v (rows split in three parts).
@@ -56,7 +57,7 @@ const Rename kComfyDit[] = {
     {"x_embedder.", "all_x_embedder.2-1.", true},
     {"final_layer.", "all_final_layer.2-1.", true},
 };
-const char* const kComfyDitIgnored[] = {"norm_final.weight"};
+const char* const kComfyDitIgnored[] = {"norm_final.weight", "scaled_fp8"};
 
 // bfl_vae: regular-expression renames applied in order to the name after the prefix; "{up}" stands for
 // the reversed decoder level (diffusers' up_blocks.i is BFL's up.(levels - 1 - i)).
@@ -78,6 +79,23 @@ const RegexRename kBflVae[] = {
     {R"(^(encoder|decoder)\.mid\.attn_1\.v\.)", "$1.mid_block.attentions.0.to_v."},
     {R"(^(encoder|decoder)\.mid\.attn_1\.proj_out\.)", "$1.mid_block.attentions.0.to_out.0."},
     {R"(^(encoder|decoder)\.norm_out\.)", "$1.conv_norm_out."},
+};
+
+// llama_cpp_qwen3: llama.cpp's tensor names (llama-arch.cpp) to transformers' Qwen3Model names.
+const RegexRename kLlamaCpp[] = {
+    {R"(^token_embd\.)", "embed_tokens."},
+    {R"(^output_norm\.)", "norm."},
+    {R"(^blk\.(\d+)\.attn_norm\.)", "layers.$1.input_layernorm."},
+    {R"(^blk\.(\d+)\.attn_q\.)", "layers.$1.self_attn.q_proj."},
+    {R"(^blk\.(\d+)\.attn_k\.)", "layers.$1.self_attn.k_proj."},
+    {R"(^blk\.(\d+)\.attn_v\.)", "layers.$1.self_attn.v_proj."},
+    {R"(^blk\.(\d+)\.attn_output\.)", "layers.$1.self_attn.o_proj."},
+    {R"(^blk\.(\d+)\.attn_q_norm\.)", "layers.$1.self_attn.q_norm."},
+    {R"(^blk\.(\d+)\.attn_k_norm\.)", "layers.$1.self_attn.k_norm."},
+    {R"(^blk\.(\d+)\.ffn_norm\.)", "layers.$1.post_attention_layernorm."},
+    {R"(^blk\.(\d+)\.ffn_gate\.)", "layers.$1.mlp.gate_proj."},
+    {R"(^blk\.(\d+)\.ffn_up\.)", "layers.$1.mlp.up_proj."},
+    {R"(^blk\.(\d+)\.ffn_down\.)", "layers.$1.mlp.down_proj."},
 };
 
 int count_indices(const std::vector<std::string>& names, const std::string& head) {
@@ -129,16 +147,25 @@ LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout
   const std::vector<std::string> all = file_->names();
   std::vector<std::string> local;  // names after the prefix
   for (const auto& n : all) {
-    if (is_scale_tensor(n)) {
+    if (is_scale_tensor(n) || n == "scaled_fp8") {  // ComfyUI's marker of a scaled FP8 file
       scaled_ = true;
       continue;
     }
     if (starts_with(n, layout_.prefix)) local.push_back(n.substr(layout_.prefix.size()));
   }
+  if (std::string q = file_->metadata("_quantization_metadata"); !q.empty()) {
+    nlohmann::json j = nlohmann::json::parse(q, nullptr, false);
+    if (!j.is_object() || !j.contains("layers") || !j["layers"].is_object())
+      throw format_error(file_->describe(), "the _quantization_metadata header entry is not JSON with a \"layers\" object");
+    quantization_ = j["layers"];
+    scaled_ = true;
+  }
   const int up_levels = count_indices(local, "decoder.up.");
-  std::vector<std::pair<std::regex, std::string>> bfl;
+  std::vector<std::pair<std::regex, std::string>> regex_table;
   if (layout_.kind == LayoutKind::BflVae)
-    for (const auto& r : kBflVae) bfl.emplace_back(std::regex(r.from), r.to);
+    for (const auto& r : kBflVae) regex_table.emplace_back(std::regex(r.from), r.to);
+  if (layout_.kind == LayoutKind::LlamaCppQwen3)
+    for (const auto& r : kLlamaCpp) regex_table.emplace_back(std::regex(r.from), r.to);
 
   for (const auto& name : local) {
     const std::string stored = layout_.prefix + name;
@@ -179,9 +206,10 @@ LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout
         if (fused) continue;
         break;
       }
+      case LayoutKind::LlamaCppQwen3:
       case LayoutKind::BflVae: {
         std::smatch m;
-        for (const auto& [re, to] : bfl) {
+        for (const auto& [re, to] : regex_table) {
           if (!std::regex_search(canonical, m, re)) continue;
           std::string replacement = to;
           if (size_t at = replacement.find("{up}"); at != std::string::npos) {
@@ -229,12 +257,20 @@ Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
   Tensor t = file_->read(stored);
   if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return t;
   const std::string module = ends_with(stored, ".weight") ? stored.substr(0, stored.size() - 7) : stored;
+  const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
+  const std::string unprefixed = module.substr(std::min(module.size(), layout_.prefix.size()));
+  for (const std::string& key : {module, unprefixed}) {
+    if (!quantization_.is_object() || !quantization_.contains(key)) continue;
+    const nlohmann::json& e = quantization_[key];
+    if (!e.is_object() || !e.contains("format") || !e["format"].is_string() || e["format"].get<std::string>() != want)
+      throw format_error(file_->describe(), "_quantization_metadata entry '" + key + "' does not give the format \"" +
+                                                want + "\" of its " + dtype_name(t.dtype()) + " weight");
+  }
   if (file_->has(module + ".comfy_quant")) {
     Tensor q = file_->read(module + ".comfy_quant");
     std::string text;
     if (q.dtype() == DType::U8) text.assign(q.data_as<const char>(), size_t(q.numel()));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
     if (!j.is_object() || !j.contains("format") || !j["format"].is_string() || j["format"].get<std::string>() != want)
       throw format_error(file_->describe(), "'" + module + ".comfy_quant' is not the JSON {\"format\": \"" + want +
                                                 "\"} its " + dtype_name(t.dtype()) + " weight needs");
@@ -318,6 +354,8 @@ Config infer_component_config(const LayoutWeights& w, const std::string& where) 
       break;
     }
     case ModelPart::TextEncoder: {
+      ZI_CHECK(w.has("layers.0.self_attn.q_norm.weight"), ErrorKind::Format,
+               w.describe() + ": not a Qwen3 text encoder (no layers.0.self_attn.q_norm.weight)");
       const Shape emb = w.shape("embed_tokens.weight");  // [vocab, hidden]
       const int64_t head_dim = w.shape("layers.0.self_attn.q_norm.weight")[0];
       ZI_CHECK(head_dim > 0, ErrorKind::Format, w.describe() + ": q_norm is empty");

@@ -2,6 +2,8 @@
 // to the canonical (diffusers / transformers) names the models ask for; one detector picks the table
 // from the keys (never from the file name), and one WeightSource decorator serves canonical names.
 //   diffusers DiT / VAE, transformers Qwen3: the canonical names themselves (Qwen3 with or without "model.").
+//   llama_cpp_qwen3: a GGUF text encoder with llama.cpp's names (token_embd, blk.N.attn_q, ffn_gate, ...;
+//     Qwen3's rotary embedding is NeoX-style, so llama.cpp stores q/k unpermuted and only names change).
 //   comfy_dit: ComfyUI / original Z-Image names (optionally under "model.diffusion_model."): fused
 //     attention.qkv served as row slices to_q | to_k | to_v, attention.out, q_norm / k_norm,
 //     x_embedder, final_layer; norm_final.weight is not used by the model and ignored.
@@ -9,14 +11,17 @@
 //     mid.block_1/2, mid.attn_1.{norm,q,k,v,proj_out} (1x1 convolutions served as matrices),
 //     decoder.up.N numbered from the lowest resolution up (diffusers' up_blocks run the other way), norm_out.
 // Stored FP8 weights (float8_e4m3fn / e5m2) are served dequantized, value x scale in float32, with the
-// scale found as <module>.weight_scale or <module>.scale_weight; a file that carries scales (or a
-// <module>.comfy_quant entry) must carry one for every FP8 weight.
+// scale found as <module>.weight_scale or <module>.scale_weight; a file that carries scales (a
+// <module>.comfy_quant entry, a `_quantization_metadata` header entry, ComfyUI's `scaled_fp8` marker)
+// must carry one for every FP8 weight.
 #pragma once
 
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "io/config.h"
 #include "model/weights.h"
@@ -27,7 +32,7 @@ namespace zimage {
 enum class ModelPart { DiT, TextEncoder, Vae };
 const char* model_part_name(ModelPart p);  // "diffusion model", "text encoder", "VAE"
 
-enum class LayoutKind { DiffusersDit, ComfyDit, DiffusersVae, BflVae, Qwen3 };
+enum class LayoutKind { DiffusersDit, ComfyDit, DiffusersVae, BflVae, Qwen3, LlamaCppQwen3 };
 
 struct DetectedLayout {
   ModelPart part;
@@ -65,6 +70,7 @@ class LayoutWeights final : public WeightSource {
   DetectedLayout layout_;
   std::map<std::string, Source> map_;
   bool scaled_ = false;  // the file carries FP8 scales: every FP8 weight needs one
+  nlohmann::json quantization_;  // the `_quantization_metadata` header entry's "layers" (module -> format)
 };
 
 // The component config a single file implies, from its tensors' shapes (what is not in the shapes is

@@ -18,6 +18,11 @@ class SafetensorsTensors final : public StoredTensors {
   DType dtype(const std::string& name) const override { return entry(name).dtype; }
   Tensor read(const std::string& name) const override { return ckpt_.get(name); }
   std::string describe() const override { return ckpt_.description(); }
+  std::string metadata(const std::string& key) const override {
+    for (const auto& f : ckpt_.files())
+      if (auto it = f->metadata().find(key); it != f->metadata().end()) return it->second;
+    return "";
+  }
   void prefetch() override { ckpt_.prefetch(); }
 
  private:
@@ -31,8 +36,9 @@ class SafetensorsTensors final : public StoredTensors {
   Checkpoint ckpt_;
 };
 
-// city96's ComfyUI-GGUF writes the PyTorch shape of a tensor it had to reshape (to give the quantizer
-// whole rows) as `comfy.gguf.orig_shape.<name>`; this reader keeps GGUF's own shape otherwise.
+// GGUF's shapes reversed. city96's ComfyUI-GGUF records the PyTorch shape of a tensor it had to reshape
+// as an array `comfy.gguf.orig_shape.<name>`; no Z-Image tensor needs that (all are 1-D or 2-D), and a
+// reshaped tensor would fail the models' shape check with its name.
 class GgufTensors final : public StoredTensors {
  public:
   explicit GgufTensors(std::shared_ptr<GgufFile> f) : f_(std::move(f)) {}
@@ -49,6 +55,7 @@ class GgufTensors final : public StoredTensors {
   }
   Tensor read(const std::string& name) const override { return f_->get(name); }
   std::string describe() const override { return f_->path(); }
+  std::string metadata(const std::string& key) const override { return f_->metadata_string(key); }
 
  private:
   const GgufTensorInfo& info(const std::string& name) const {

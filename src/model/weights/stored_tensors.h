@@ -22,6 +22,8 @@ class StoredTensors {
   virtual DType dtype(const std::string& name) const = 0;  // what read() returns
   virtual Tensor read(const std::string& name) const = 0;  // a host tensor
   virtual std::string describe() const = 0;
+  // A header entry (safetensors __metadata__, GGUF scalar metadata); "" when absent.
+  virtual std::string metadata(const std::string& key) const = 0;
   virtual void prefetch() {}
 };
 
