@@ -179,6 +179,11 @@ TEST(CheckpointLayout, Fp8E5M2AndScaleMarkers) {
                     {{"_quantization_metadata", R"({"format_version": "1.0", "layers": {"layers.0.feed_forward.w1": {"format": "float8_e4m3fn"}}})"}});
   expect_error([&] { open_layout(meta)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
                {"quant_meta.safetensors", "_quantization_metadata", "float8_e5m2"});
+  // An integer weight is a quantization this engine does not know: an error, not garbage.
+  const std::string int8 = temp_path("int8.safetensors");
+  write_safetensors(int8, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", Tensor::zeros({2, 2}, DType::U8)}});
+  expect_error([&] { open_layout(int8)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
+               {"int8.safetensors", "'layers.0.feed_forward.w1.weight'", "u8"});
   EXPECT_EQ(f8e5m2_to_f32(0x3c), 1.0f);
   for (int b = 0; b < 256; ++b)
     if ((b & 0x7c) != 0x7c) {

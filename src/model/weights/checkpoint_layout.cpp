@@ -255,6 +255,10 @@ Shape LayoutWeights::shape(const std::string& canonical) const {
 // An FP8 weight as float32 value x scale; any other tensor as stored.
 Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
   Tensor t = file_->read(stored);
+  if (t.dtype() == DType::U8 || t.dtype() == DType::I32 || t.dtype() == DType::I64)
+    throw format_error(file_->describe(), "weight '" + stored + "' is stored as " + dtype_name(t.dtype()) +
+                                              ": a quantization other than FP8 and GGUF (e.g. ComfyUI's int8 or nvfp4), "
+                                              "which this engine does not read");
   if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return t;
   const std::string module = ends_with(stored, ".weight") ? stored.substr(0, stored.size() - 7) : stored;
   const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
