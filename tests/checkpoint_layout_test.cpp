@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "io/gguf.h"
@@ -105,9 +107,10 @@ TEST(CheckpointLayout, DiffusersFilesServeThemselves) {
 }
 
 TEST(CheckpointLayout, ConfigsInferredFromShapesAreTheTinyModels) {
-  for (auto [file, dir] : {std::pair{formats("z_image_dit_comfy.safetensors"), "tiny-zimage/transformer"},
-                           std::pair{formats("ae.safetensors"), "tiny-zimage/vae"},
-                           std::pair{golden_path("tiny-zimage/text_encoder/model.safetensors"), "tiny-zimage/text_encoder"}}) {
+  for (auto [file, dir] :
+       {std::pair{formats("z_image_dit_comfy.safetensors"), "tiny-zimage/transformer"},
+        std::pair{formats("ae.safetensors"), "tiny-zimage/vae"},
+        std::pair{golden_path("tiny-zimage/text_encoder/model.safetensors"), "tiny-zimage/text_encoder"}}) {
     auto w = open_layout(file);
     Config inferred = infer_component_config(*w, file);
     Config ref = Config::load(golden_path(std::string(dir) + "/config.json"));
@@ -134,10 +137,12 @@ TEST(CheckpointLayout, Qwen3GgufWithLlamaCppNames) {
   // The tiny text encoder as llama.cpp names it (convert_hf_to_gguf.py, architecture qwen3), in F32.
   Checkpoint ref = Checkpoint::open_dir(golden_path("tiny-zimage/text_encoder"));
   const std::pair<const char*, const char*> renames[] = {
-      {"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"}, {"self_attn.k_proj", "attn_k"},
-      {"self_attn.v_proj", "attn_v"}, {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
-      {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"}, {"mlp.gate_proj", "ffn_gate"},
-      {"mlp.up_proj", "ffn_up"}, {"mlp.down_proj", "ffn_down"}};
+      {"input_layernorm", "attn_norm"},    {"self_attn.q_proj", "attn_q"},
+      {"self_attn.k_proj", "attn_k"},      {"self_attn.v_proj", "attn_v"},
+      {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
+      {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"},
+      {"mlp.gate_proj", "ffn_gate"},       {"mlp.up_proj", "ffn_up"},
+      {"mlp.down_proj", "ffn_down"}};
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const auto& n : ref.names()) {
     std::string g = n == "embed_tokens.weight" ? "token_embd.weight" : n == "norm.weight" ? "output_norm.weight" : n;
@@ -169,21 +174,36 @@ TEST(CheckpointLayout, Fp8E5M2AndScaleMarkers) {
   EXPECT_EQ(open_layout(plain)->get("layers.0.feed_forward.w1.weight", {2, 2}).to_vector(), v);
   // ComfyUI's scaled_fp8 marker or a _quantization_metadata entry: the weight needs its scale.
   const std::string marked = temp_path("marked.safetensors");
-  write_safetensors(marked, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", e5},
+  write_safetensors(marked, {{"x_embedder.weight", x},
+                             {"layers.0.feed_forward.w1.weight", e5},
                              {"scaled_fp8", Tensor::zeros({0}, DType::F8E4M3)}});
-  expect_error([&] { open_layout(marked)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
-               {"marked.safetensors", "'layers.0.feed_forward.w1.weight'", "no scale"});
+  expect_error(
+      [&] {
+        open_layout(marked)->get("layers.0.feed_forward.w1.weight", {2, 2});
+      },
+      ErrorKind::Format, {"marked.safetensors", "'layers.0.feed_forward.w1.weight'", "no scale"});
   const std::string meta = temp_path("quant_meta.safetensors");
-  write_safetensors(meta, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", e5},
-                           {"layers.0.feed_forward.w1.weight_scale", Tensor::from_f32({}, {2.0f})}},
-                    {{"_quantization_metadata", R"({"format_version": "1.0", "layers": {"layers.0.feed_forward.w1": {"format": "float8_e4m3fn"}}})"}});
-  expect_error([&] { open_layout(meta)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
-               {"quant_meta.safetensors", "_quantization_metadata", "float8_e5m2"});
+  write_safetensors(
+      meta,
+      {{"x_embedder.weight", x},
+       {"layers.0.feed_forward.w1.weight", e5},
+       {"layers.0.feed_forward.w1.weight_scale", Tensor::from_f32({}, {2.0f})}},
+      {{"_quantization_metadata",
+        R"({"format_version": "1.0", "layers": {"layers.0.feed_forward.w1": {"format": "float8_e4m3fn"}}})"}});
+  expect_error(
+      [&] {
+        open_layout(meta)->get("layers.0.feed_forward.w1.weight", {2, 2});
+      },
+      ErrorKind::Format, {"quant_meta.safetensors", "_quantization_metadata", "float8_e5m2"});
   // An integer weight is a quantization this engine does not know: an error, not garbage.
   const std::string int8 = temp_path("int8.safetensors");
-  write_safetensors(int8, {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", Tensor::zeros({2, 2}, DType::U8)}});
-  expect_error([&] { open_layout(int8)->get("layers.0.feed_forward.w1.weight", {2, 2}); }, ErrorKind::Format,
-               {"int8.safetensors", "'layers.0.feed_forward.w1.weight'", "u8"});
+  write_safetensors(int8,
+                    {{"x_embedder.weight", x}, {"layers.0.feed_forward.w1.weight", Tensor::zeros({2, 2}, DType::U8)}});
+  expect_error(
+      [&] {
+        open_layout(int8)->get("layers.0.feed_forward.w1.weight", {2, 2});
+      },
+      ErrorKind::Format, {"int8.safetensors", "'layers.0.feed_forward.w1.weight'", "u8"});
   EXPECT_EQ(f8e5m2_to_f32(0x3c), 1.0f);
   for (int b = 0; b < 256; ++b)
     if ((b & 0x7c) != 0x7c) {
@@ -203,8 +223,9 @@ TEST(CheckpointLayout, Fp8ScaledIsValueTimesScaleExactly) {
     const float scale = raw->get(module + ".weight_scale").to_f32().f32()[0];
     Tensor q = raw->get(stored);
     Tensor served = w->get(name, w->shape(name));
-    const int64_t row0 = name.find(".to_k.") != std::string::npos ? served.dim(0)
-                         : name.find(".to_v.") != std::string::npos ? 2 * served.dim(0) : 0;
+    const int64_t row0 = name.find(".to_k.") != std::string::npos   ? served.dim(0)
+                         : name.find(".to_v.") != std::string::npos ? 2 * served.dim(0)
+                                                                    : 0;
     const int64_t cols = served.dim(1);
     for (int64_t i = 0; i < served.numel(); ++i)
       ASSERT_EQ(served.f32()[i], f8e4m3_to_f32(q.data_as<uint8_t>()[row0 * cols + i]) * scale) << name;
@@ -229,7 +250,8 @@ TEST(CheckpointLayout, Fp8PlainIsTheStoredValue) {
 }
 
 TEST(CheckpointLayout, GgufDitMapsBackWithinItsQuantization) {
-  for (auto [file, tol] : {std::pair{"z_image_dit_q8_0.gguf", 1.0 / 100}, std::pair{"z_image_dit_q4_0.gguf", 1.0 / 6}}) {
+  for (auto [file, tol] :
+       {std::pair{"z_image_dit_q8_0.gguf", 1.0 / 100}, std::pair{"z_image_dit_q4_0.gguf", 1.0 / 6}}) {
     auto w = open_layout(formats(file));
     EXPECT_STREQ(w->layout().name, "comfy_dit") << file;
     Checkpoint ref = Checkpoint::open_dir(golden_path("tiny-zimage/transformer"));
@@ -250,8 +272,10 @@ TEST(CheckpointLayout, BadFilesGiveClearErrors) {
   expect_error([&] { detect_layout(*open_stored_tensors(odd)); }, ErrorKind::Format,
                {"odd.safetensors", "unknown checkpoint layout", "'foo.weight'"});
   // A VAE given as the diffusion model.
-  ComponentFiles files{formats("ae.safetensors"), golden_path("tiny-zimage/text_encoder"), formats("ae.safetensors"), ""};
-  expect_error([&] { open_model("", files); }, ErrorKind::InvalidArgument, {"ae.safetensors", "holds a VAE", "not a diffusion model"});
+  ComponentFiles files{formats("ae.safetensors"), golden_path("tiny-zimage/text_encoder"), formats("ae.safetensors"),
+                       ""};
+  expect_error([&] { open_model("", files); }, ErrorKind::InvalidArgument,
+               {"ae.safetensors", "holds a VAE", "not a diffusion model"});
   // Scaled FP8 with one scale missing.
   auto raw = SafetensorsFile::open(formats("z_image_dit_fp8_scaled.safetensors"));
   std::vector<std::pair<std::string, Tensor>> kept;
@@ -261,8 +285,12 @@ TEST(CheckpointLayout, BadFilesGiveClearErrors) {
   const std::string noscale = temp_path("fp8_missing_scale.safetensors");
   write_safetensors(noscale, kept);
   auto w = open_layout(noscale);
-  expect_error([&] { w->get("layers.1.attention.to_out.0.weight", {64, 64}); }, ErrorKind::Format,
-               {"fp8_missing_scale.safetensors", "'model.diffusion_model.layers.1.attention.out.weight'", "no scale"});
+  expect_error(
+      [&] {
+        w->get("layers.1.attention.to_out.0.weight", {64, 64});
+      },
+      ErrorKind::Format,
+      {"fp8_missing_scale.safetensors", "'model.diffusion_model.layers.1.attention.out.weight'", "no scale"});
   // Truncated GGUF.
   std::vector<uint8_t> bytes(300000);
   FILE* f = std::fopen(formats("z_image_dit_q8_0.gguf").c_str(), "rb");
@@ -283,22 +311,41 @@ TEST(CheckpointFilesCli, GgufQ8TurboCaseThroughDiffusionModelFlag) {
 }
 
 TEST(CheckpointFilesCli, ThreeComponentFilesWithoutModelReproduceTheGoldenCase) {
-  // ComfyUI DiT + BFL VAE + the text encoder folder, no --model: the turbo_square golden case.
-  std::string png = temp_path("files.png"), lat = temp_path("files_latents.safetensors");
-  ProcessResult r = run("generate --diffusion-model " + formats("z_image_dit_comfy.safetensors") + " --text-encoder " +
-                        golden_path("tiny-zimage/text_encoder/model.safetensors") + " --vae " + formats("ae.safetensors") +
-                        " --recipe turbo --prompt 'a cat holding a sign that says hello' --height 64 --width 64"
-                        " --num-inference-steps 4 --max-sequence-length 64 --seed 1 --generator-device cpu --backend cpu"
-                        " --output-path " + png + " --save-latents " + lat);
-  ASSERT_EQ(r.code, 0) << r.out;
+  // No --model: ComfyUI DiT + Qwen3 file + BFL VAE, then the no-prefix DiT + the component folders;
+  // both are the turbo_square golden case.
+  const std::string sets[] = {
+      "--diffusion-model " + formats("z_image_dit_comfy.safetensors") + " --text-encoder " +
+          golden_path("tiny-zimage/text_encoder/model.safetensors") + " --vae " + formats("ae.safetensors"),
+      "--diffusion-model " + formats("z_image_dit_comfy_noprefix.safetensors") + " --text-encoder " +
+          golden_path("tiny-zimage/text_encoder") + " --vae " + golden_path("tiny-zimage/vae")};
   auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
-  EXPECT_LE(max_abs_diff(SafetensorsFile::open(lat)->get("latents"), golden->get("output.latents")), 1e-3);
-  ImageU8 img = read_image(png);
-  Tensor ref = golden->get("output.image_u8");
-  int worst = 0;
-  for (size_t i = 0; i < img.rgb.size(); ++i)
-    worst = std::max(worst, std::abs(int(img.rgb[i]) - int(ref.data_as<uint8_t>()[i])));
-  EXPECT_LE(worst, 1);
+  for (const auto& files : sets) {
+    std::string png = temp_path("files.png"), lat = temp_path("files_latents.safetensors");
+    ProcessResult r = run("generate " + files +
+                          " --prompt 'a cat holding a sign that says hello' --height 64 --width 64"
+                          " --num-inference-steps 4 --guidance-scale 0 --max-sequence-length 64 --seed 1 --generator-device cpu"
+                          " --backend cpu --output-path " +
+                          png + " --save-latents " + lat);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_LE(max_abs_diff(SafetensorsFile::open(lat)->get("latents"), golden->get("output.latents")), 1e-3) << files;
+    ImageU8 img = read_image(png);
+    Tensor ref = golden->get("output.image_u8");
+    int worst = 0;
+    for (size_t i = 0; i < img.rgb.size(); ++i)
+      worst = std::max(worst, std::abs(int(img.rgb[i]) - int(ref.data_as<uint8_t>()[i])));
+    EXPECT_LE(worst, 1) << files;
+  }
+  // The recipe: --recipe, else the base model's for a file name without "turbo".
+  for (auto [recipe, steps] : {std::pair{" --recipe turbo", 8}, std::pair{" --recipe base", 50}, std::pair{"", 50}}) {
+    const std::string perf = temp_path("files_perf.json");
+    ProcessResult r = run("generate " + sets[0] + recipe +
+                          " --prompt x --height 32 --width 32 --guidance-scale 0 --max-sequence-length 16 --backend cpu"
+                          " --output-path " +
+                          temp_path("recipe.png") + " --perf-dump-path " + perf);
+    ASSERT_EQ(r.code, 0) << r.out;
+    std::ifstream in(perf);
+    EXPECT_EQ(nlohmann::json::parse(in)["steps"], steps) << recipe;
+  }
 }
 
 TEST(CheckpointFilesCli, BadComponentFlagsExitWithCode2) {

@@ -92,7 +92,8 @@ float reference_value(uint32_t type, const std::vector<uint8_t>& row, int64_t i)
       const size_t at = size_t(sb * 210);
       const int64_t k = in_half / 32, l = in_half % 32;
       const uint8_t lo = row[at + size_t(64 * half + 32 * (k % 2) + l)];
-      const int q = ((k < 2 ? lo & 0xf : lo >> 4) | (((row[at + 128 + size_t(32 * half + l)] >> (2 * k)) & 3) << 4)) - 32;
+      const int q =
+          ((k < 2 ? lo & 0xf : lo >> 4) | (((row[at + 128 + size_t(32 * half + l)] >> (2 * k)) & 3) << 4)) - 32;
       return f16(at + 208) * float(int8_t(row[at + 192 + size_t(8 * half + 2 * k + l / 16)])) * float(q);
     }
     default: ADD_FAILURE() << "no reference for type " << type; return 0;
@@ -113,7 +114,10 @@ std::vector<uint8_t> make_gguf(const std::vector<std::pair<std::string, std::str
   auto put = [&](const void* p, size_t n) { out.insert(out.end(), (const uint8_t*)p, (const uint8_t*)p + n); };
   auto u32 = [&](uint32_t v) { put(&v, 4); };
   auto u64 = [&](uint64_t v) { put(&v, 8); };
-  auto str = [&](const std::string& s) { u64(s.size()); put(s.data(), s.size()); };
+  auto str = [&](const std::string& s) {
+    u64(s.size());
+    put(s.data(), s.size());
+  };
   put("GGUF", 4);
   u32(version);
   u64(tensors.size());
@@ -150,7 +154,10 @@ std::vector<uint8_t> random_blocks(uint32_t type, int64_t n, uint32_t seed) {
   // Where each block keeps its fp16 scale and min (-1: none).
   int d_at = 0, m_at = -1;
   switch (GgmlType(type)) {
-    case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q4_K: case GgmlType::Q5_K: m_at = 2; break;
+    case GgmlType::Q4_1:
+    case GgmlType::Q5_1:
+    case GgmlType::Q4_K:
+    case GgmlType::Q5_K: m_at = 2; break;
     case GgmlType::Q2_K: d_at = 80, m_at = 82; break;
     case GgmlType::Q3_K: d_at = 108; break;
     case GgmlType::Q6_K: d_at = 208; break;

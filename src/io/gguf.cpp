@@ -21,16 +21,34 @@ constexpr int kMaxDims = 4;               // GGML_MAX_DIMS
 
 // GGUF metadata value types (gguf.md).
 enum : uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
-  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
 };
 
 size_t scalar_bytes(uint32_t t) {
   switch (t) {
-    case kU8: case kI8: case kBool: return 1;
-    case kU16: case kI16: return 2;
-    case kU32: case kI32: case kF32: return 4;
-    case kU64: case kI64: case kF64: return 8;
+    case kU8:
+    case kI8:
+    case kBool: return 1;
+    case kU16:
+    case kI16: return 2;
+    case kU32:
+    case kI32:
+    case kF32: return 4;
+    case kU64:
+    case kI64:
+    case kF64: return 8;
     default: return 0;
   }
 }
@@ -103,12 +121,11 @@ void dequantize_q2_k(const uint8_t* blk, float* y) {
   const uint8_t *scales = blk, *qs = blk + 16;
   const float d = h2f(blk + 80), dmin = h2f(blk + 82);
   for (int half = 0; half < 2; ++half)
-    for (int g = 0; g < 4; ++g)        // bit pair 2g of each byte
+    for (int g = 0; g < 4; ++g)            // bit pair 2g of each byte
       for (int sub = 0; sub < 2; ++sub) {  // 16 values per scale
         const uint8_t sc = scales[half * 8 + g * 2 + sub];
         const float dl = d * float(sc & 0xf), ml = dmin * float(sc >> 4);
-        for (int l = 0; l < 16; ++l)
-          *y++ = dl * float((qs[half * 32 + sub * 16 + l] >> (2 * g)) & 3) - ml;
+        for (int l = 0; l < 16; ++l) *y++ = dl * float((qs[half * 32 + sub * 16 + l] >> (2 * g)) & 3) - ml;
       }
 }
 
@@ -317,7 +334,8 @@ std::shared_ptr<GgufFile> GgufFile::open(const std::string& path) {
   size_t size = size_t(st.st_size);
   if (size < 24) {
     ::close(fd);
-    throw Error(ErrorKind::Format, path + ": truncated GGUF (" + std::to_string(size) + " bytes, the header alone is 24)");
+    throw Error(ErrorKind::Format,
+                path + ": truncated GGUF (" + std::to_string(size) + " bytes, the header alone is 24)");
   }
   void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
@@ -344,10 +362,12 @@ GgufFile::~GgufFile() {
 
 void GgufFile::parse(const uint8_t* bytes, size_t size) {
   Cursor c{bytes, size, 0, path_};
-  if (c.read<uint32_t>("magic") != kMagic) throw Error(ErrorKind::Format, path_ + ": not a GGUF file (no 'GGUF' magic)");
+  if (c.read<uint32_t>("magic") != kMagic)
+    throw Error(ErrorKind::Format, path_ + ": not a GGUF file (no 'GGUF' magic)");
   version_ = c.read<uint32_t>("version");
   if (version_ != 2 && version_ != 3)
-    throw Error(ErrorKind::Format, path_ + ": GGUF version " + std::to_string(version_) + " is not supported (2 and 3 are)");
+    throw Error(ErrorKind::Format,
+                path_ + ": GGUF version " + std::to_string(version_) + " is not supported (2 and 3 are)");
   const uint64_t n_tensors = c.read<uint64_t>("tensor count");
   const uint64_t n_kv = c.read<uint64_t>("metadata count");
   if (n_tensors > kMaxTensors || n_kv > kMaxMetadata)
@@ -366,7 +386,8 @@ void GgufFile::parse(const uint8_t* bytes, size_t size) {
       } else if (size_t b = scalar_bytes(et)) {
         c.skip(n * b, "array");
       } else {
-        throw Error(ErrorKind::Format, path_ + ": GGUF array '" + key + "' has unknown element type " + std::to_string(et));
+        throw Error(ErrorKind::Format,
+                    path_ + ": GGUF array '" + key + "' has unknown element type " + std::to_string(et));
       }
       continue;
     }
@@ -376,7 +397,8 @@ void GgufFile::parse(const uint8_t* bytes, size_t size) {
       if (t != kU32) throw Error(ErrorKind::Format, path_ + ": general.alignment must be a u32");
       alignment = c.read<uint32_t>("alignment");
       if (alignment == 0 || (alignment & (alignment - 1)) || alignment > 65536)
-        throw Error(ErrorKind::Format, path_ + ": general.alignment " + std::to_string(alignment) + " is not a power of two up to 65536");
+        throw Error(ErrorKind::Format,
+                    path_ + ": general.alignment " + std::to_string(alignment) + " is not a power of two up to 65536");
       metadata_[key] = std::to_string(alignment);
       continue;
     }
@@ -389,12 +411,14 @@ void GgufFile::parse(const uint8_t* bytes, size_t size) {
     ti.name = c.string("tensor name");
     const uint32_t nd = c.read<uint32_t>("tensor dims");
     if (nd < 1 || nd > kMaxDims)
-      throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' has " + std::to_string(nd) + " dimensions (1 to 4 allowed)");
+      throw Error(ErrorKind::Format,
+                  path_ + ": tensor '" + ti.name + "' has " + std::to_string(nd) + " dimensions (1 to 4 allowed)");
     uint64_t numel = 1;
     for (uint32_t d = 0; d < nd; ++d) {
       const uint64_t ne = c.read<uint64_t>("tensor dim");
       if (ne == 0 || ne > (uint64_t(1) << 40) || numel > (uint64_t(1) << 40) / ne)
-        throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' has an impossible dimension " + std::to_string(ne));
+        throw Error(ErrorKind::Format,
+                    path_ + ": tensor '" + ti.name + "' has an impossible dimension " + std::to_string(ne));
       numel *= ne;
       ti.ne.push_back(int64_t(ne));
     }
@@ -402,12 +426,12 @@ void GgufFile::parse(const uint8_t* bytes, size_t size) {
     ti.offset = c.read<uint64_t>("tensor offset");
     int64_t be = 0, bb = 0;
     if (!ggml_block_layout(ti.type, &be, &bb))
-      throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' has ggml type " + std::to_string(ti.type) + " (" +
-                                         ggml_type_name(ti.type) + "), which this reader cannot dequantize");
+      throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' has ggml type " + std::to_string(ti.type) +
+                                         " (" + ggml_type_name(ti.type) + "), which this reader cannot dequantize");
     if (ti.ne[0] % be != 0)
       throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' rows of " + std::to_string(ti.ne[0]) +
-                                         " values are not a whole number of " + ggml_type_name(ti.type) + " blocks of " +
-                                         std::to_string(be));
+                                         " values are not a whole number of " + ggml_type_name(ti.type) +
+                                         " blocks of " + std::to_string(be));
     ti.nbytes = numel / uint64_t(be) * uint64_t(bb);
     if (ti.nbytes > kMaxTensorBytes) throw Error(ErrorKind::Format, path_ + ": tensor '" + ti.name + "' is too large");
     if (ti.offset % alignment != 0)

@@ -20,8 +20,19 @@ namespace zimage {
 
 // ggml_type values (ggml.h) of the formats this reader dequantizes.
 enum class GgmlType : uint32_t {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q2_K = 10,
+  Q3_K = 11,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+  BF16 = 30,
 };
 
 // Elements per block and bytes per block of a known type; false for a type this reader does not know.
@@ -44,9 +55,9 @@ struct GgufTensorInfo {
 class GgufFile {
  public:
   static constexpr uint64_t kMaxTensors = 1u << 17;
-  static constexpr uint64_t kMaxMetadata = 1u << 20;      // key/value pairs
-  static constexpr uint64_t kMaxStringBytes = 1u << 24;   // one key or string value
-  static constexpr uint64_t kMaxArrayElems = 1u << 26;    // one array (a vocabulary has ~150k strings)
+  static constexpr uint64_t kMaxMetadata = 1u << 20;     // key/value pairs
+  static constexpr uint64_t kMaxStringBytes = 1u << 24;  // one key or string value
+  static constexpr uint64_t kMaxArrayElems = 1u << 26;   // one array (a vocabulary has ~150k strings)
   static constexpr uint64_t kMaxTensorBytes = uint64_t(1) << 36;
 
   static std::shared_ptr<GgufFile> open(const std::string& path);  // memory-mapped

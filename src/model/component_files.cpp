@@ -41,8 +41,9 @@ std::string lower(std::string s) {
 
 ModelSource open_model(const std::string& spec, const ComponentFiles& files) {
   if (spec.empty() && !files.any())
-    throw Error(ErrorKind::InvalidArgument, "give --model (a folder or synthetic:tiny|turbo), or --diffusion-model, "
-                                            "--text-encoder and --vae");
+    throw Error(ErrorKind::InvalidArgument,
+                "give --model (a folder or synthetic:tiny|turbo), or --diffusion-model, "
+                "--text-encoder and --vae");
   if (!files.any() && files.recipe.empty()) return open_model(spec);
   ModelSource m;
   if (!spec.empty()) {

@@ -37,7 +37,8 @@ struct Anchor {
 const Anchor kAnchors[] = {
     {"all_x_embedder.2-1.weight", nullptr, ModelPart::DiT, LayoutKind::DiffusersDit, "diffusers_dit"},
     {"x_embedder.weight", "all_", ModelPart::DiT, LayoutKind::ComfyDit, "comfy_dit"},
-    {"encoder.down_blocks.0.resnets.0.conv1.weight", nullptr, ModelPart::Vae, LayoutKind::DiffusersVae, "diffusers_vae"},
+    {"encoder.down_blocks.0.resnets.0.conv1.weight", nullptr, ModelPart::Vae, LayoutKind::DiffusersVae,
+     "diffusers_vae"},
     {"encoder.down.0.block.0.conv1.weight", nullptr, ModelPart::Vae, LayoutKind::BflVae, "bfl_vae"},
     {"embed_tokens.weight", nullptr, ModelPart::TextEncoder, LayoutKind::Qwen3, "qwen3"},
     {"token_embd.weight", nullptr, ModelPart::TextEncoder, LayoutKind::LlamaCppQwen3, "llama_cpp_qwen3"},
@@ -110,7 +111,9 @@ int count_indices(const std::vector<std::string>& names, const std::string& head
   return int(seen.size());
 }
 
-Error format_error(const std::string& file, const std::string& what) { return Error(ErrorKind::Format, file + ": " + what); }
+Error format_error(const std::string& file, const std::string& what) {
+  return Error(ErrorKind::Format, file + ": " + what);
+}
 
 }  // namespace
 
@@ -138,8 +141,8 @@ DetectedLayout detect_layout(const StoredTensors& file) {
   for (size_t i = 0; i < names.size() && i < 3; ++i) first += (i ? ", '" : "'") + names[i] + "'";
   throw format_error(file.describe(),
                      "unknown checkpoint layout: not a Z-Image diffusion model (diffusers or ComfyUI names), a VAE "
-                     "(diffusers or BFL/LDM names) or a Qwen3 text encoder (" + std::to_string(names.size()) +
-                         " tensors" + (first.empty() ? "" : ", first " + first) + ")");
+                     "(diffusers or BFL/LDM names) or a Qwen3 text encoder (" +
+                         std::to_string(names.size()) + " tensors" + (first.empty() ? "" : ", first " + first) + ")");
 }
 
 LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout layout)
@@ -156,7 +159,8 @@ LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout
   if (std::string q = file_->metadata("_quantization_metadata"); !q.empty()) {
     nlohmann::json j = nlohmann::json::parse(q, nullptr, false);
     if (!j.is_object() || !j.contains("layers") || !j["layers"].is_object())
-      throw format_error(file_->describe(), "the _quantization_metadata header entry is not JSON with a \"layers\" object");
+      throw format_error(file_->describe(),
+                         "the _quantization_metadata header entry is not JSON with a \"layers\" object");
     quantization_ = j["layers"];
     scaled_ = true;
   }
@@ -173,8 +177,7 @@ LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout
     std::string canonical = name;
     switch (layout_.kind) {
       case LayoutKind::DiffusersDit:
-      case LayoutKind::DiffusersVae:
-        break;
+      case LayoutKind::DiffusersVae: break;
       case LayoutKind::Qwen3:
         if (starts_with(name, "lm_head.")) continue;  // the causal LM's head: not part of the encoder
         break;
@@ -243,8 +246,7 @@ std::string LayoutWeights::stored_name(const std::string& canonical) const {
 
 Shape LayoutWeights::shape(const std::string& canonical) const {
   auto it = map_.find(canonical);
-  if (it == map_.end())
-    throw Error(ErrorKind::NotFound, describe() + ": no tensor serves '" + canonical + "'");
+  if (it == map_.end()) throw Error(ErrorKind::NotFound, describe() + ": no tensor serves '" + canonical + "'");
   const Source& s = it->second;
   Shape shape = file_->shape(s.stored);
   if (s.rows >= 0) shape[0] = s.rows;
@@ -256,9 +258,10 @@ Shape LayoutWeights::shape(const std::string& canonical) const {
 Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
   Tensor t = file_->read(stored);
   if (t.dtype() == DType::U8 || t.dtype() == DType::I32 || t.dtype() == DType::I64)
-    throw format_error(file_->describe(), "weight '" + stored + "' is stored as " + dtype_name(t.dtype()) +
-                                              ": a quantization other than FP8 and GGUF (e.g. ComfyUI's int8 or nvfp4), "
-                                              "which this engine does not read");
+    throw format_error(file_->describe(),
+                       "weight '" + stored + "' is stored as " + dtype_name(t.dtype()) +
+                           ": a quantization other than FP8 and GGUF (e.g. ComfyUI's int8 or nvfp4), "
+                           "which this engine does not read");
   if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return t;
   const std::string module = ends_with(stored, ".weight") ? stored.substr(0, stored.size() - 7) : stored;
   const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
@@ -300,8 +303,7 @@ Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
   const int64_t per_row = rows ? out.numel() / rows : 0;
   for (int64_t i = 0; i < out.numel(); ++i) {
     const float s = scale.numel() == 1 ? sc[0] : sc[i / per_row];
-    if (!std::isfinite(s))
-      throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' is not finite");
+    if (!std::isfinite(s)) throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' is not finite");
     v[i] = v[i] * s;
   }
   return out;
@@ -335,12 +337,22 @@ Config infer_component_config(const LayoutWeights& w, const std::string& where) 
       ZI_CHECK(head_dim > 0 && dim % head_dim == 0 && head_dim % 8 == 0 && x[1] % 4 == 0, ErrorKind::Format,
                w.describe() + ": DiT shapes are not Z-Image's (dim " + std::to_string(dim) + ", head_dim " +
                    std::to_string(head_dim) + ")");
-      j = {{"_class_name", "ZImageTransformer2DModel"}, {"all_f_patch_size", {1}}, {"all_patch_size", {2}},
-           {"axes_dims", {head_dim / 4, head_dim * 3 / 8, head_dim * 3 / 8}}, {"axes_lens", {1536, 512, 512}},
-           {"cap_feat_dim", cap[1]}, {"dim", dim}, {"in_channels", x[1] / 4}, {"n_heads", dim / head_dim},
-           {"n_kv_heads", k[0] / head_dim}, {"n_layers", count_indices(names, "layers.")},
-           {"n_refiner_layers", count_indices(names, "noise_refiner.")}, {"norm_eps", 1e-5}, {"qk_norm", true},
-           {"rope_theta", 256.0}, {"t_scale", 1000.0}};
+      j = {{"_class_name", "ZImageTransformer2DModel"},
+           {"all_f_patch_size", {1}},
+           {"all_patch_size", {2}},
+           {"axes_dims", {head_dim / 4, head_dim * 3 / 8, head_dim * 3 / 8}},
+           {"axes_lens", {1536, 512, 512}},
+           {"cap_feat_dim", cap[1]},
+           {"dim", dim},
+           {"in_channels", x[1] / 4},
+           {"n_heads", dim / head_dim},
+           {"n_kv_heads", k[0] / head_dim},
+           {"n_layers", count_indices(names, "layers.")},
+           {"n_refiner_layers", count_indices(names, "noise_refiner.")},
+           {"norm_eps", 1e-5},
+           {"qk_norm", true},
+           {"rope_theta", 256.0},
+           {"t_scale", 1000.0}};
       break;
     }
     case ModelPart::Vae: {
@@ -348,13 +360,18 @@ Config infer_component_config(const LayoutWeights& w, const std::string& where) 
       std::vector<int64_t> channels;
       for (int i = 0; i < levels; ++i)
         channels.push_back(w.shape("encoder.down_blocks." + std::to_string(i) + ".resnets.0.conv1.weight")[0]);
-      j = {{"_class_name", "AutoencoderKL"}, {"block_out_channels", channels},
+      j = {{"_class_name", "AutoencoderKL"},
+           {"block_out_channels", channels},
            {"in_channels", w.shape("encoder.conv_in.weight")[1]},
            {"latent_channels", w.shape("decoder.conv_in.weight")[1]},
-           {"layers_per_block", count_indices(names, "encoder.down_blocks.0.resnets.")}, {"norm_num_groups", 32},
-           {"out_channels", w.shape("decoder.conv_out.weight")[0]}, {"scaling_factor", 0.3611},
-           {"shift_factor", 0.1159}, {"mid_block_add_attention", w.has("encoder.mid_block.attentions.0.to_q.weight")},
-           {"use_quant_conv", w.has("quant_conv.weight")}, {"use_post_quant_conv", w.has("post_quant_conv.weight")}};
+           {"layers_per_block", count_indices(names, "encoder.down_blocks.0.resnets.")},
+           {"norm_num_groups", 32},
+           {"out_channels", w.shape("decoder.conv_out.weight")[0]},
+           {"scaling_factor", 0.3611},
+           {"shift_factor", 0.1159},
+           {"mid_block_add_attention", w.has("encoder.mid_block.attentions.0.to_q.weight")},
+           {"use_quant_conv", w.has("quant_conv.weight")},
+           {"use_post_quant_conv", w.has("post_quant_conv.weight")}};
       break;
     }
     case ModelPart::TextEncoder: {
@@ -363,12 +380,16 @@ Config infer_component_config(const LayoutWeights& w, const std::string& where) 
       const Shape emb = w.shape("embed_tokens.weight");  // [vocab, hidden]
       const int64_t head_dim = w.shape("layers.0.self_attn.q_norm.weight")[0];
       ZI_CHECK(head_dim > 0, ErrorKind::Format, w.describe() + ": q_norm is empty");
-      j = {{"architectures", {"Qwen3Model"}}, {"head_dim", head_dim}, {"hidden_size", emb[1]},
+      j = {{"architectures", {"Qwen3Model"}},
+           {"head_dim", head_dim},
+           {"hidden_size", emb[1]},
            {"intermediate_size", w.shape("layers.0.mlp.gate_proj.weight")[0]},
            {"num_attention_heads", w.shape("layers.0.self_attn.q_proj.weight")[0] / head_dim},
            {"num_hidden_layers", count_indices(names, "layers.")},
            {"num_key_value_heads", w.shape("layers.0.self_attn.k_proj.weight")[0] / head_dim},
-           {"rms_norm_eps", 1e-6}, {"rope_theta", 1000000.0}, {"vocab_size", emb[0]}};
+           {"rms_norm_eps", 1e-6},
+           {"rope_theta", 1000000.0},
+           {"vocab_size", emb[0]}};
       break;
     }
   }

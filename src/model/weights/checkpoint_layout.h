@@ -18,10 +18,9 @@
 
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "io/config.h"
 #include "model/weights.h"
@@ -69,7 +68,7 @@ class LayoutWeights final : public WeightSource {
   std::shared_ptr<StoredTensors> file_;
   DetectedLayout layout_;
   std::map<std::string, Source> map_;
-  bool scaled_ = false;  // the file carries FP8 scales: every FP8 weight needs one
+  bool scaled_ = false;          // the file carries FP8 scales: every FP8 weight needs one
   nlohmann::json quantization_;  // the `_quantization_metadata` header entry's "layers" (module -> format)
 };
 
