@@ -230,6 +230,14 @@ TEST(CheckpointLayout, Fp8ScaledIsValueTimesScaleExactly) {
     for (int64_t i = 0; i < served.numel(); ++i)
       ASSERT_EQ(served.f32()[i], f8e4m3_to_f32(q.data_as<uint8_t>()[row0 * cols + i]) * scale) << name;
   }
+  // The stored form keeps the FP8 bytes and the scale apart; dequantizing it gives what get() serves.
+  StoredWeight k = w->stored_weight("layers.1.attention.to_k.weight");
+  EXPECT_EQ(k.data.dtype(), DType::F8E4M3);
+  EXPECT_EQ(k.data.shape(), (Shape{64, 64}));
+  ASSERT_EQ(k.scale.numel(), 1);
+  EXPECT_EQ(k.scale.f32()[0], raw->get("model.diffusion_model.layers.1.attention.qkv.weight_scale").to_f32().f32()[0]);
+  EXPECT_EQ(max_abs_diff(dequantize(k), w->get("layers.1.attention.to_k.weight", {64, 64})), 0.0);
+  EXPECT_FALSE(w->stored_weight("layers.1.attention_norm1.weight").scale.defined());
   EXPECT_EQ(fp8, 3 * 8 + 7 + 1);  // 3 modulated blocks x (q, k, v, out, w1..3, adaLN), the context refiner, final adaLN
   // FP8 is within its rounding of the bf16 model.
   Checkpoint ref = Checkpoint::open_dir(golden_path("tiny-zimage/transformer"));
@@ -321,11 +329,12 @@ TEST(CheckpointFilesCli, ThreeComponentFilesWithoutModelReproduceTheGoldenCase) 
   auto golden = SafetensorsFile::open(golden_path("cases/turbo_square/tensors.safetensors"));
   for (const auto& files : sets) {
     std::string png = temp_path("files.png"), lat = temp_path("files_latents.safetensors");
-    ProcessResult r = run("generate " + files +
-                          " --prompt 'a cat holding a sign that says hello' --height 64 --width 64"
-                          " --num-inference-steps 4 --guidance-scale 0 --max-sequence-length 64 --seed 1 --generator-device cpu"
-                          " --backend cpu --output-path " +
-                          png + " --save-latents " + lat);
+    ProcessResult r =
+        run("generate " + files +
+            " --prompt 'a cat holding a sign that says hello' --height 64 --width 64"
+            " --num-inference-steps 4 --guidance-scale 0 --max-sequence-length 64 --seed 1 --generator-device cpu"
+            " --backend cpu --output-path " +
+            png + " --save-latents " + lat);
     ASSERT_EQ(r.code, 0) << r.out;
     EXPECT_LE(max_abs_diff(SafetensorsFile::open(lat)->get("latents"), golden->get("output.latents")), 1e-3) << files;
     ImageU8 img = read_image(png);

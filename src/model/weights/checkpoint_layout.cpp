@@ -1,6 +1,7 @@
 #include "model/weights/checkpoint_layout.h"
 
 #include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -254,15 +255,16 @@ Shape LayoutWeights::shape(const std::string& canonical) const {
   return shape;
 }
 
-// An FP8 weight as float32 value x scale; any other tensor as stored.
-Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
+// The stored tensor with its validated scale: a scaled file's FP8 weight must name its format where the
+// file says one (comfy_quant, _quantization_metadata) and carry a finite scale, one per tensor or per row.
+StoredWeight LayoutWeights::read_stored(const std::string& stored) const {
   Tensor t = file_->read(stored);
   if (t.dtype() == DType::U8 || t.dtype() == DType::I32 || t.dtype() == DType::I64)
     throw format_error(file_->describe(),
                        "weight '" + stored + "' is stored as " + dtype_name(t.dtype()) +
                            ": a quantization other than FP8 and GGUF (e.g. ComfyUI's int8 or nvfp4), "
                            "which this engine does not read");
-  if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return t;
+  if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return {t, Tensor()};
   const std::string module = ends_with(stored, ".weight") ? stored.substr(0, stored.size() - 7) : stored;
   const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
   const std::string unprefixed = module.substr(std::min(module.size(), layout_.prefix.size()));
@@ -290,37 +292,52 @@ Tensor LayoutWeights::read_dequantized(const std::string& stored) const {
     if (needs_scale)
       throw format_error(file_->describe(), "FP8 weight '" + stored + "' has no scale ('" + module +
                                                 ".weight_scale' or '.scale_weight') in a file of scaled FP8 weights");
-    scale = Tensor::from_f32({1}, {1.0f});
+    return {t, Tensor()};  // plain FP8: the values themselves
   }
   const int64_t rows = t.ndim() >= 1 ? t.dim(0) : 1;
   if (scale.numel() != 1 && scale.numel() != rows)
     throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' has " + std::to_string(scale.numel()) +
                                               " values; one per tensor or one per row (" + std::to_string(rows) +
                                               ") expected");
-  Tensor out = t.to_f32();
-  float* v = out.f32();
-  const float* sc = scale.f32();
-  const int64_t per_row = rows ? out.numel() / rows : 0;
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    const float s = scale.numel() == 1 ? sc[0] : sc[i / per_row];
-    if (!std::isfinite(s)) throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' is not finite");
-    v[i] = v[i] * s;
+  for (float v : scale.to_vector())
+    if (!std::isfinite(v)) throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' is not finite");
+  return {t, scale.numel() == 1 ? scale.reshape({1}) : scale.reshape({rows})};
+}
+
+StoredWeight LayoutWeights::stored_weight(const std::string& canonical) const {
+  auto it = map_.find(canonical);
+  if (it == map_.end())
+    throw Error(ErrorKind::NotFound, describe() + ": missing tensor '" + canonical + "' (a " +
+                                         model_part_name(layout_.part) + " file of another model?)");
+  const Source& s = it->second;
+  StoredWeight w = read_stored(s.stored);
+  if (s.rows >= 0) {
+    w.data = w.data.narrow0(s.row_begin, s.rows);
+    if (w.scale.defined() && w.scale.numel() > 1) w.scale = w.scale.narrow0(s.row_begin, s.rows);
   }
+  if (s.squeeze) w.data = w.data.reshape({w.data.dim(0), w.data.dim(1)});
+  return w;
+}
+
+Tensor dequantize(const StoredWeight& w) {
+  const bool fp8 = w.data.dtype() == DType::F8E4M3 || w.data.dtype() == DType::F8E5M2;
+  if (!fp8 && !w.scale.defined()) return w.data;
+  Tensor out = w.data.to_f32();
+  if (!w.scale.defined()) return out;
+  float* v = out.f32();
+  const float* sc = w.scale.f32();
+  const int64_t rows = out.ndim() >= 1 ? out.dim(0) : 1;
+  const int64_t per_row = rows ? out.numel() / rows : 0;
+  for (int64_t i = 0; i < out.numel(); ++i) v[i] = v[i] * (w.scale.numel() == 1 ? sc[0] : sc[i / per_row]);
   return out;
 }
 
 Tensor LayoutWeights::get(const std::string& name, const Shape& shape) const {
-  auto it = map_.find(name);
-  if (it == map_.end())
-    throw Error(ErrorKind::NotFound, describe() + ": missing tensor '" + name + "' (a " +
-                                         model_part_name(layout_.part) + " file of another model?)");
-  const Source& s = it->second;
-  Tensor t = read_dequantized(s.stored);
-  if (s.rows >= 0) t = t.narrow0(s.row_begin, s.rows);
-  if (s.squeeze) t = t.reshape({t.dim(0), t.dim(1)});
+  Tensor t = dequantize(stored_weight(name));
   if (t.shape() != shape)
-    throw Error(ErrorKind::Format, describe() + ": tensor '" + s.stored + "' (served as '" + name + "') has shape " +
-                                       shape_str(t.shape()) + ", the config implies " + shape_str(shape));
+    throw Error(ErrorKind::Format, describe() + ": tensor '" + stored_name(name) + "' (served as '" + name +
+                                       "') has shape " + shape_str(t.shape()) + ", the config implies " +
+                                       shape_str(shape));
   return t;
 }
 

@@ -43,7 +43,20 @@ struct DetectedLayout {
 // The layout of `file` from its tensor names; Format error naming the file when no table fits.
 DetectedLayout detect_layout(const StoredTensors& file);
 
-// Serves canonical names from a file of any layout.
+// A weight as the file stores it, with the scale that travels with it (DESIGN.md §1): `data` in its
+// stored dtype (FP8, bf16, f16, f32; GGUF blocks come dequantized to float32 from the reader today),
+// `scale` float32 [1] or [rows] for a scaled FP8 weight, undefined otherwise. What a backend that keeps
+// FP8 weights in device memory would upload.
+struct StoredWeight {
+  Tensor data;
+  Tensor scale;
+};
+
+// value x scale in float32 (exact: an FP8 value times a float32 scale rounds once); plain FP8 as float32
+// values; any other weight as stored.
+Tensor dequantize(const StoredWeight& w);
+
+// Serves canonical names from a file of any layout: get() is dequantize(stored_weight()).
 class LayoutWeights final : public WeightSource {
  public:
   LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout layout);
@@ -55,6 +68,8 @@ class LayoutWeights final : public WeightSource {
   const DetectedLayout& layout() const { return layout_; }
   std::vector<std::string> canonical_names() const;
   Shape shape(const std::string& canonical) const;  // as served
+  // The weight behind `canonical` as stored, row slice and reshape applied, its scale validated.
+  StoredWeight stored_weight(const std::string& canonical) const;
   // The stored tensor behind `canonical` (for tests and messages).
   std::string stored_name(const std::string& canonical) const;
 
@@ -64,7 +79,7 @@ class LayoutWeights final : public WeightSource {
     int64_t row_begin = 0, rows = -1;  // a row slice of a fused tensor; -1: all rows
     bool squeeze = false;              // [O, C, 1, 1] served as [O, C]
   };
-  Tensor read_dequantized(const std::string& stored) const;
+  StoredWeight read_stored(const std::string& stored) const;
   std::shared_ptr<StoredTensors> file_;
   DetectedLayout layout_;
   std::map<std::string, Source> map_;
