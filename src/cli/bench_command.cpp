@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/component_flags.h"
 #include "cli/engine.h"
 #include "cli/output_files.h"
 #include "cli/version.h"
@@ -103,6 +104,7 @@ struct BenchOptions {
   std::string model = "synthetic:turbo", label = "bench", out_dir = "bench/results";
   std::string prompt = "A futuristic cyberpunk city at night, neon lights reflecting on wet streets";
   std::string negative_prompt;
+  ComponentFiles files;
   std::vector<std::string> resolutions = {"512x512", "1024x1024", "2048x2048"};
   std::optional<int> steps;
   std::optional<float> guidance;
@@ -121,6 +123,7 @@ Command add_bench(CLI::App& app) {
       "bench", "Benchmark text-to-image or image-to-image (warm-up, median of runs, per stage) and write JSON");
   auto o = std::make_shared<BenchOptions>();
   cmd->add_option("--model,--model-path", o->model, "Model folder or synthetic:tiny|turbo (default synthetic:turbo)");
+  add_component_flags(cmd, o->files);
   cmd->add_option("--resolutions", o->resolutions, "WIDTHxHEIGHT list (default 512x512 1024x1024 2048x2048)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
       ->delimiter(',');
@@ -159,7 +162,7 @@ Command add_bench(CLI::App& app) {
             if (!o->mask.empty()) masks.push_back(read_image(o->mask));
             const char* kind = masks.empty() ? (init_images.empty() ? "text_to_image" : "image_to_image") : "inpaint";
             auto t_load = Clock::now();
-            ModelSource model = open_model(o->model);
+            ModelSource model = open_model(o->model, o->files);
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/component_flags.h"
 #include "cli/engine.h"
 #include "cli/output_files.h"
 #include "cli/version.h"
@@ -43,6 +44,7 @@ struct GenerateOptions {
   std::vector<std::string> images;  // image to image / inpainting
   std::string mask;
   std::optional<double> strength;
+  ComponentFiles files;
 };
 
 // One prompt per line. A UTF-8 byte order mark (what Windows editors save) is not part of the first
@@ -111,7 +113,8 @@ Command add_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate images from text prompts");
   auto o = std::make_shared<GenerateOptions>();
   // An option that takes one value refuses a second (main.cpp); --prompt and --negative-prompt collect.
-  cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo")->required();
+  cmd->add_option("--model,--model-path", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo");
+  add_component_flags(cmd, o->files);
   cmd->add_option("--prompt", o->prompts, "Prompt (repeat for a batch)")->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--prompt-file", o->prompt_file, "File with one prompt per line");
   cmd->add_option("--negative-prompt", o->negative_prompts,
@@ -173,7 +176,7 @@ Command add_generate(CLI::App& app) {
             // Everything the user asked for is checked against the model's configs before a weight is
             // read: a bad size must not cost a 20 GB load.
             auto t0 = std::chrono::steady_clock::now();
-            ModelSource model = open_model(o->model);
+            ModelSource model = open_model(o->model, o->files);
             merge_loras(model, o->loras);
             const ParallelConfig par = check_device_options(o->device, model);
             const PipelineLimits limits;

@@ -11,6 +11,7 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "cli/component_flags.h"
 #include "cli/engine.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -31,6 +32,7 @@ struct ServeOptions {
   int64_t max_pixels = int64_t(2048) * 2048;
   size_t max_body_bytes = size_t(1) << 20, url_max_images = 256;
   int url_ttl_s = 3600;
+  ComponentFiles files;
   bool warmup = false;
   DeviceOptions device;
 };
@@ -84,8 +86,8 @@ Command add_serve(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Serve the model over an OpenAI-compatible HTTP API");
   auto o = std::make_shared<ServeOptions>();
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  cmd->add_option("--model-path,--model", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo")
-      ->required();
+  cmd->add_option("--model-path,--model", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo");
+  add_component_flags(cmd, o->files);
   cmd->add_option("--host", o->host, "Address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
       ->check(CLI::Range(0, 65535));
@@ -129,7 +131,7 @@ Command add_serve(CLI::App& app) {
             install_signal_handlers();
             const auto [warmup_w, warmup_h] = parse_warmup_size(o->warmup_size);
             const std::string public_url = o->public_url.empty() ? "" : check_public_url(o->public_url);
-            ModelSource model = open_model(o->model);  // configs only: a bad path fails before anything listens
+            ModelSource model = open_model(o->model, o->files);  // configs only: a bad path fails before anything listens
             const ParallelConfig par = check_device_options(o->device, model);
             server::Metrics metrics;
             Engine engine;

@@ -17,6 +17,7 @@ size_t dtype_size(DType t) {
     case DType::I64: return 8;
     case DType::I32: return 4;
     case DType::U8: return 1;
+    case DType::F8E5M2: return 1;
   }
   return 0;
 }
@@ -31,6 +32,7 @@ const char* dtype_name(DType t) {
     case DType::I64: return "i64";
     case DType::I32: return "i32";
     case DType::U8: return "u8";
+    case DType::F8E5M2: return "f8e5m2";
   }
   return "?";
 }
@@ -44,6 +46,7 @@ std::optional<DType> dtype_from_safetensors(std::string_view s) {
   if (s == "I64") return DType::I64;
   if (s == "I32") return DType::I32;
   if (s == "U8") return DType::U8;
+  if (s == "F8_E5M2") return DType::F8E5M2;
   return std::nullopt;
 }
 
@@ -57,6 +60,7 @@ const char* dtype_to_safetensors(DType t) {
     case DType::I64: return "I64";
     case DType::I32: return "I32";
     case DType::U8: return "U8";
+    case DType::F8E5M2: return "F8_E5M2";
   }
   return "?";
 }
@@ -145,6 +149,16 @@ uint8_t f32_to_f8e4m3(float f) {
   return uint8_t(sign | uint8_t((rexp + 7) << 3) | man);
 }
 
+float f8e5m2_to_f32(uint8_t v) { return f16_to_f32(uint16_t(v << 8)); }
+
+uint8_t f32_to_f8e5m2(float f) {
+  // Round float16 to its top byte, ties to even (a NaN keeps a mantissa bit, so it stays NaN).
+  uint16_t h = f32_to_f16(f);
+  if ((h & 0x7c00u) == 0x7c00u) return uint8_t((h >> 8) | ((h & 0x3ffu) ? 0x02u : 0u));
+  uint16_t rounding = uint16_t(0x7fu + ((h >> 8) & 1u));
+  return uint8_t((h + rounding) >> 8);
+}
+
 void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
     case DType::F32:
@@ -168,6 +182,11 @@ void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
     case DType::F8E4M3: {
       auto s = static_cast<const uint8_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = f8e4m3_to_f32(s[i]);
+      return;
+    }
+    case DType::F8E5M2: {
+      auto s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = f8e5m2_to_f32(s[i]);
       return;
     }
     case DType::I64: {
@@ -211,6 +230,11 @@ void convert_from_f32(DType to, const float* src, void* dst, size_t n) {
     case DType::F8E4M3: {
       auto d = static_cast<uint8_t*>(dst);
       for (size_t i = 0; i < n; ++i) d[i] = f32_to_f8e4m3(src[i]);
+      return;
+    }
+    case DType::F8E5M2: {
+      auto d = static_cast<uint8_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = f32_to_f8e5m2(src[i]);
       return;
     }
     case DType::I64: {

@@ -106,6 +106,9 @@ void set_recipe(ModelSource& m, const fs::path& root) {
 
 }  // namespace
 
+Config builtin_scheduler_config(const std::string& where) { return Config::parse(kScheduler, where); }
+Config builtin_model_index(const std::string& where) { return Config::parse(kModelIndex, where); }
+
 std::string assets_dir() {
   if (const char* e = std::getenv("ZIMAGE_ASSETS"); e && *e) return e;
   // An installed tree (P/bin/zimage, P/share/zimage/) is found from the executable's own path, so a

@@ -42,6 +42,11 @@ struct ModelSource {
 // else Turbo's when the folder's name contains "turbo", else the base model's.
 ModelSource open_model(const std::string& spec);
 
+// The scheduler config and model_index.json every Z-Image model shares (for models assembled from
+// component files, see component_files.h).
+Config builtin_scheduler_config(const std::string& where);
+Config builtin_model_index(const std::string& where);
+
 // The folder holding the shipped tokenizer and other data files: $ZIMAGE_ASSETS when set; else
 // <folder of the running executable>/../share/zimage when it holds tokenizer.json (what
 // `cmake --install` lays out); else the source tree's assets/ (a binary run from its build tree).
