@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -33,6 +34,11 @@ struct ImageRequest {
   bool seed_is_list = false;
   ResponseFormat response_format = ResponseFormat::B64Json;
   ImageFormat output_format = ImageFormat::Png;
+  // An edit (POST /v1/images/edits, edit_request.h): one decoded init image, the mask (white =
+  // repaint) or none, and the strength (nullopt: the pipeline's default). Empty for a generation.
+  std::vector<ImageU8> images, masks;
+  std::optional<double> strength;
+  bool is_edit() const { return !images.empty(); }
 };
 
 // What the server accepts and what it fills in for fields left out.
