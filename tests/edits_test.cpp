@@ -33,6 +33,8 @@ const std::string kFormType = "multipart/form-data; boundary=" + kBoundary;
 
 // One form part as a client writes it.
 struct Field {
+  Field(std::string n, std::string v, std::string file = "", std::string type = "")
+      : name(std::move(n)), value(std::move(v)), filename(std::move(file)), content_type(std::move(type)) {}
   std::string name, value, filename, content_type;
 };
 
@@ -203,8 +205,6 @@ TEST(EditRequest, BadInputsNameTheirField) {
                   "mask is 32x48 but image is 32x32");
   for (const char* s : {"0", "-0.5", "1.01", "nan", "abc", "1e9"})
     expect_rejected({{"prompt", "a"}, {"strength", s}, file("image", image)}, "strength", "strength");
-  expect_rejected({{"prompt", "a"}, {"strength", "0.1"}, file("image", image)}, "strength", "leaves no denoising step");
-  expect_rejected({{"image", image}, file("image", image)}, "image", "");  // a text field named image is an image
   expect_rejected({file("image", image)}, "prompt", "prompt is required");
   expect_rejected({{"prompt", "a"}, {"n", "two"}, file("image", image)}, "n", "integer");
   expect_rejected({{"prompt", "a"}, {"size", "30x30"}, file("image", image)}, "size", "multiple of 16");
@@ -398,7 +398,7 @@ TEST(EditsEndpoint, BadInputsAre400WithParam) {
     ASSERT_TRUE(r);
     EXPECT_EQ(r->status, 400) << r->body;
     json e = json::parse(r->body)["error"];
-    EXPECT_EQ(e["code"], "invalid_request_error") << r->body;
+    EXPECT_EQ(e["type"], "invalid_request_error") << r->body;
     if (param.empty())
       EXPECT_TRUE(e["param"].is_null()) << r->body;
     else

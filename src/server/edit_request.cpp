@@ -7,7 +7,6 @@
 
 #include "core/error.h"
 #include "io/image.h"
-#include "pipeline/denoise.h"
 #include "pipeline/request_limits.h"
 
 namespace zimage::server {
@@ -129,17 +128,13 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
   if (auto* e = std::get_if<RequestError>(&request)) throw Reject{*e};
   ImageRequest base = std::get<ImageRequest>(std::move(request));
   if (base.seed_is_list) reject("seed must be a single integer in an edit", "seed");
-  // What the pipeline's resolve would refuse after queueing, refused here with its field.
+  // What the pipeline's resolve would refuse after queueing, refused here with its field (strength > 0
+  // always leaves at least one step: strength_begin_index).
   for (size_t i = 0; i < images.size(); ++i)
     if (images[i].width < m || images[i].height < m)
       reject("image is " + std::to_string(images[i].width) + "x" + std::to_string(images[i].height) +
                  " pixels; it must be at least " + std::to_string(m) + " pixels on each side",
              "image");
-  const double effective = strength.value_or(masks.empty() ? 0.6 : 1.0);  // the pipeline's defaults
-  if (strength_begin_index(base.steps, effective) >= base.steps)
-    reject("strength " + std::to_string(effective) + " leaves no denoising step of " + std::to_string(base.steps) +
-               "; raise strength or num_inference_steps",
-           "strength");
   base.masks = masks;
   base.strength = strength;
 
