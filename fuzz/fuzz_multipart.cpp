@@ -28,7 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     FUZZ_CHECK(list->size() <= limits.multipart.max_parts);
     for (const FormPart& p : *list) {
       FUZZ_CHECK(p.data.size() <= limits.multipart.max_part_bytes);
-      FUZZ_CHECK(p.data.empty() || (p.data.data() >= body.data() && p.data.data() + p.data.size() <= body.data() + body.size()));
+      FUZZ_CHECK(p.data.empty() ||
+                 (p.data.data() >= body.data() && p.data.data() + p.data.size() <= body.data() + body.size()));
     }
   } else {
     FUZZ_CHECK(!std::get<MultipartError>(parts).message.empty());

@@ -470,7 +470,7 @@ TEST(Server, GeneratesImagesAsBase64AndUrlsInEveryFormat) {
     EXPECT_EQ(decode(img.body).width, 64);
   }
   std::string text = metrics_text(s);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), 6);          // 2 + 1 + 1 + 2
+  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), 6);  // 2 + 1 + 1 + 2
   EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), 6);  // 4 POSTs, 2 image GETs
   EXPECT_EQ(metric(text, "zimage_stage_seconds_count{stage=\"denoise\"}"), 4);
   EXPECT_EQ(metric(text, "zimage_request_seconds_count"), 4);

@@ -23,8 +23,14 @@ struct Reject {
 
 // Form fields whose value is a number in the JSON body of a generation; a form sends them as text.
 const std::set<std::string>& number_fields() {
-  static const std::set<std::string> k = {"n",      "width",          "height",         "num_inference_steps",
-                                          "seed",   "guidance_scale", "cfg_normalization", "cfg_truncation",
+  static const std::set<std::string> k = {"n",
+                                          "width",
+                                          "height",
+                                          "num_inference_steps",
+                                          "seed",
+                                          "guidance_scale",
+                                          "cfg_normalization",
+                                          "cfg_truncation",
                                           "max_sequence_length"};
   return k;
 }
@@ -69,7 +75,7 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
       image_parts.push_back(&part);
       continue;
     }
-    const bool repeated = name == "mask" ? mask_part != nullptr
+    const bool repeated = name == "mask"       ? mask_part != nullptr
                           : name == "strength" ? strength_text.has_value()
                                                : fields.contains(name);
     if (repeated) reject(name.substr(0, 100) + " is given more than once", name.substr(0, 100));
@@ -149,9 +155,9 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
 }  // namespace
 
 std::variant<std::vector<ImageRequest>, RequestError> parse_edit_request(std::string_view content_type,
-                                                                          std::string_view body,
-                                                                          const RequestPolicy& policy,
-                                                                          const EditLimits& limits) {
+                                                                         std::string_view body,
+                                                                         const RequestPolicy& policy,
+                                                                         const EditLimits& limits) {
   try {
     return parse(content_type, body, policy, limits);
   } catch (const Reject& r) {

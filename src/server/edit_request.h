@@ -19,7 +19,7 @@ namespace zimage::server {
 
 struct EditLimits {
   MultipartLimits multipart;
-  size_t max_images = 4;                       // image[] files in one request
+  size_t max_images = 4;                          // image[] files in one request
   int64_t max_upload_pixels = int64_t(16) << 20;  // per uploaded image or mask, before resizing
 };
 
@@ -27,8 +27,8 @@ struct EditLimits {
 // size defaults to the first image's, each side rounded down to the size multiple (as `zimage generate
 // --image`); strength must be in (0, 1]; a mask must have the size of every image.
 std::variant<std::vector<ImageRequest>, RequestError> parse_edit_request(std::string_view content_type,
-                                                                          std::string_view body,
-                                                                          const RequestPolicy& policy,
-                                                                          const EditLimits& limits = {});
+                                                                         std::string_view body,
+                                                                         const RequestPolicy& policy,
+                                                                         const EditLimits& limits = {});
 
 }  // namespace zimage::server

@@ -308,7 +308,9 @@ void HttpServer::append_images(const ImageRequest& request, const JobResult& res
                 {"steps", std::to_string(request.steps)},
                 {"guidance_scale", std::to_string(request.guidance)},
                 {"model", options_.model_id},
-                {"mode", !request.is_edit() ? "text_to_image" : request.masks.empty() ? "image_to_image" : "inpaint"},
+                {"mode", !request.is_edit()      ? "text_to_image"
+                         : request.masks.empty() ? "image_to_image"
+                                                 : "inpaint"},
                 {"software", "zimage 0.1.0"}};
     Tensor pixels = result.images.narrow0(i, 1).reshape({request.height, request.width, 3});
     std::vector<uint8_t> file = encode_image(tensor_to_image(pixels), request.output_format, enc);

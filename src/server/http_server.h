@@ -12,8 +12,8 @@
 
 #include <atomic>
 #include <chrono>
-#include <nlohmann/json_fwd.hpp>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <thread>
 

@@ -83,8 +83,8 @@ std::variant<std::string, MultipartError> multipart_boundary(std::string_view co
   const auto v = parse_header_value(content_type);
   if (!v) return fail("the Content-Type header has an unclosed quote");
   if (v->value != "multipart/form-data")
-    return fail("the body must be multipart/form-data, got Content-Type \"" +
-                std::string(content_type.substr(0, 100)) + "\"");
+    return fail("the body must be multipart/form-data, got Content-Type \"" + std::string(content_type.substr(0, 100)) +
+                "\"");
   const std::string* boundary = v->param("boundary");
   if (!boundary || boundary->empty()) return fail("the multipart/form-data Content-Type has no boundary");
   if (boundary->size() > limits.max_boundary_bytes)
@@ -147,7 +147,8 @@ std::variant<std::vector<FormPart>, MultipartError> parse_multipart(std::string_
         return fail("malformed header line in multipart part " + std::to_string(parts.size() + 1));
       const std::string name = lower(trim(line.substr(0, colon)));
       const auto value = parse_header_value(trim(line.substr(colon + 1)));
-      if (!value) return fail("a header of multipart part " + std::to_string(parts.size() + 1) + " has an unclosed quote");
+      if (!value)
+        return fail("a header of multipart part " + std::to_string(parts.size() + 1) + " has an unclosed quote");
       if (name == "content-disposition") {
         if (value->value != "form-data")
           return fail("multipart part " + std::to_string(parts.size() + 1) + " is not form-data");

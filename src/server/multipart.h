@@ -14,9 +14,9 @@ namespace zimage::server {
 
 struct MultipartLimits {
   size_t max_parts = 32;
-  size_t max_part_header_bytes = 4096;      // all header lines of one part
+  size_t max_part_header_bytes = 4096;       // all header lines of one part
   size_t max_part_bytes = size_t(64) << 20;  // one part's content
-  size_t max_boundary_bytes = 70;           // RFC 2046's limit
+  size_t max_boundary_bytes = 70;            // RFC 2046's limit
 };
 
 // One form field: views into the body given to parse_multipart (valid while it lives).
