@@ -3,7 +3,7 @@
 # runs one of them, or all of them one after the other, for SECONDS each.
 # Usage: scripts/fuzz.sh TARGET|all SECONDS      e.g. scripts/fuzz.sh image_request 600
 #   TARGET: safetensors_header, gguf, checkpoint_index, tokenizer_json, tokenizer_encode, config, image_decode,
-#           image_request (the fuzz_ prefix may be given too).
+#           image_request, multipart, request_reader, lora_keys (the fuzz_ prefix may be given too).
 # Each target starts from its committed seeds (fuzz/corpus/<target>/) copied into a scratch corpus,
 # build-fuzz/corpus/<target>/, which keeps what libFuzzer finds between runs; the committed seeds are
 # never written. A crash, sanitizer report, leak, uncaught exception, an input slower than 10 s, a single
@@ -17,7 +17,8 @@ if [ $# -ne 2 ] || ! [[ $2 =~ ^[0-9]+$ ]]; then
   echo "usage: scripts/fuzz.sh TARGET|all SECONDS" >&2
   exit 2
 fi
-ALL=(safetensors_header gguf checkpoint_index tokenizer_json tokenizer_encode config image_decode image_request)
+ALL=(safetensors_header gguf checkpoint_index tokenizer_json tokenizer_encode config image_decode image_request multipart
+     request_reader lora_keys)
 if [ "$1" = all ]; then
   targets=("${ALL[@]}")
 else

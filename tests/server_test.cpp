@@ -470,7 +470,7 @@ TEST(Server, GeneratesImagesAsBase64AndUrlsInEveryFormat) {
     EXPECT_EQ(decode(img.body).width, 64);
   }
   std::string text = metrics_text(s);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 6);          // 2 + 1 + 1 + 2
+  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), 6);  // 2 + 1 + 1 + 2
   EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), 6);  // 4 POSTs, 2 image GETs
   EXPECT_EQ(metric(text, "zimage_stage_seconds_count{stage=\"denoise\"}"), 4);
   EXPECT_EQ(metric(text, "zimage_request_seconds_count"), 4);
@@ -834,7 +834,7 @@ TEST(Server, QueuedRequestOfAClientThatLeftIsNeverRun) {
   std::string text = metrics_text(s);
   EXPECT_EQ(metric(text, "zimage_requests_cancelled_total"), 1);
   EXPECT_EQ(metric(text, "zimage_requests_total{status=\"499\"}"), 1);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 1);
+  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), 1);
   EXPECT_EQ(model.all_prompts(), std::vector<std::string>{"running"});
 }
 
@@ -896,7 +896,7 @@ TEST(Server, NonFiniteImageIs500NamingTheStageAndCounted) {
   EXPECT_EQ(metric(text, "zimage_non_finite_batches_total{stage=\"denoise\"}"), 0);
   EXPECT_EQ(metric(text, "zimage_non_finite_batches_total{stage=\"text_encoder\"}"), 0);
   EXPECT_EQ(metric(text, "zimage_errors_total{kind=\"numerical\"}"), 1);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total"), 1);
+  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), 1);
 }
 
 // Three requests queued behind a held worker run as one batch of four images (guidance on, each with
@@ -1011,7 +1011,7 @@ TEST(Server, SixteenConcurrentClients) {
   EXPECT_EQ(ok.load(), clients * per_client);
   std::string text = metrics_text(s);
   EXPECT_EQ(metric(text, "zimage_requests_total{status=\"200\"}"), clients * per_client);
-  EXPECT_EQ(metric(text, "zimage_images_generated_total"), images.load());
+  EXPECT_EQ(metric(text, "zimage_images_generated_total{kind=\"generations\"}"), images.load());
   EXPECT_EQ(metric(text, "zimage_batch_images_sum"), images.load());
   const double batches = metric(text, "zimage_batch_images_count"),
                single = metric(text, "zimage_batch_images_bucket{le=\"1\"}");

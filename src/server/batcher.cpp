@@ -9,7 +9,10 @@ namespace zimage::server {
 namespace {
 
 // Requests that can share one denoising loop: everything but the prompts and the seeds must match.
+// An edit runs alone: the pipeline draws an image batch's VAE samples and noise from one generator
+// (diffusers' order), so two edits in one batch would not get the draws each gets alone.
 bool compatible(const ImageRequest& a, const ImageRequest& b) {
+  if (a.is_edit() || b.is_edit()) return false;
   return a.width == b.width && a.height == b.height && a.steps == b.steps && a.guidance == b.guidance &&
          a.cfg_normalization == b.cfg_normalization && a.cfg_truncation == b.cfg_truncation &&
          a.max_sequence_length == b.max_sequence_length;
@@ -30,6 +33,17 @@ GenerateRequest batch_request(const std::vector<std::shared_ptr<Job>>& jobs) {
   g.max_sequence_length = first.max_sequence_length;
   g.generator = GeneratorDevice::Cuda;  // as SGLang; the engine computes torch's CUDA stream on any backend
   g.num_images_per_prompt = 1;
+  if (first.is_edit()) {  // alone in its batch (compatible()): one generator seeded with its seed
+    ZI_ASSERT(jobs.size() == 1 && first.seeds.size() == 1);
+    g.prompts.assign(size_t(first.n), first.prompt);
+    g.negative_prompts.assign(size_t(first.n), first.negative_prompt);
+    g.seed = first.seeds[0];
+    g.images = first.images;
+    g.masks = first.masks;
+    g.strength = first.strength;
+    if (!first.adapters.empty()) g.lora_groups.push_back({first.n, first.adapters});
+    return g;
+  }
   for (const auto& job : jobs) {
     const ImageRequest& r = job->request();
     for (int i = 0; i < r.n; ++i) {
@@ -161,7 +175,7 @@ void Batcher::run_batch(const std::vector<std::shared_ptr<Job>>& batch) {
     GenerateResult res = generate_(batch_request(batch));
     const double inference_s = seconds_since(t0);
     metrics_.observe_batch(images, res.times);
-    metrics_.add_images(images);
+    metrics_.add_images(images, batch[0]->request().is_edit() ? "edits" : "generations");
     int64_t offset = 0;
     for (const auto& job : batch) {
       JobResult r;

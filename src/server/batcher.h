@@ -2,7 +2,9 @@
 // oldest, adds the queued requests that can share its batch (same size, steps, guidance and CFG
 // settings, max_sequence_length) up to `max_batch_images` images, waiting at most `batch_delay` for more,
 // and runs them as one GenerateRequest. Each request keeps its own noise (one NoiseGroup per request, or
-// per image for a seed list), so an image made in a batch is the image the request gets alone.
+// per image for a seed list), so an image made in a batch is the image the request gets alone. An edit
+// (image to image, inpainting) runs in a batch of its own: the pipeline draws an image batch's VAE
+// samples and noise from one generator, as diffusers does, so only alone does it get its own draws.
 //
 // One worker because one model owns the device: batching, not concurrency, is what fills it.
 #pragma once

@@ -65,7 +65,7 @@ bool authorized(const std::string& header, const std::string& key) {
 // asked with another method is 405 rather than 404.
 std::string allowed_methods(const std::string& path) {
   static const std::regex image_content(R"(/v1/images/[^/]+/content)");
-  if (path == "/v1/images/generations") return "POST";
+  if (path == "/v1/images/generations" || path == "/v1/images/edits") return "POST";
   if (path == "/v1/models" || path == "/health" || path == "/metrics" || std::regex_match(path, image_content))
     return "GET";
   return "";
@@ -131,15 +131,20 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
     send_error(res, {500, what, "server_error", "", "internal_error"});
   });
 
+  // In flight until answered, however the handler leaves (an exception is answered with a 500).
+  struct InFlight {
+    Metrics& metrics;
+    Clock::time_point start = Clock::now();
+    InFlight(Metrics& m, const std::string& kind) : metrics(m) { metrics.request_started(kind); }
+    ~InFlight() { metrics.request_finished(seconds_since(start)); }
+  };
   http_->Post("/v1/images/generations", [this](const httplib::Request& req, httplib::Response& res) {
-    // In flight until answered, however the handler leaves (an exception is answered with a 500).
-    struct InFlight {
-      Metrics& metrics;
-      Clock::time_point start = Clock::now();
-      ~InFlight() { metrics.request_finished(seconds_since(start)); }
-    } in_flight{metrics_};
-    metrics_.request_started();
+    InFlight in_flight(metrics_, "generations");
     res.status = generate(req, res);
+  });
+  http_->Post("/v1/images/edits", [this](const httplib::Request& req, httplib::Response& res) {
+    InFlight in_flight(metrics_, "edits");
+    res.status = edit(req, res);
   });
   http_->Get(R"(/v1/images/([^/]+)/content)",
              [this](const httplib::Request& req, httplib::Response& res) { image_content(req, res); });
@@ -212,15 +217,51 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
   if (!ready_) return fail(unavailable("the model is still loading", "loading"));
   auto parsed = parse_image_request(req.body, options_.policy);
   if (const auto* bad = std::get_if<RequestError>(&parsed)) return fail(invalid_request(bad->message, bad->param));
-  ImageRequest request = std::get<ImageRequest>(std::move(parsed));
+  std::vector<ImageRequest> requests;
+  requests.push_back(std::get<ImageRequest>(std::move(parsed)));
+  return run(req, res, std::move(requests));
+}
+
+int HttpServer::edit(const httplib::Request& req, httplib::Response& res) {
+  auto fail = [&](const ApiError& e) {
+    send_error(res, e);
+    return e.status;
+  };
+  if (draining_) return fail(unavailable("the server is shutting down", "shutting_down"));
+  if (!ready_) return fail(unavailable("the model is still loading", "loading"));
+  // RequestReader moved a multipart Content-Type here, out of httplib's reach (request_reader.h).
+  std::string content_type = req.get_header_value(kFormContentType);
+  if (content_type.empty()) content_type = req.get_header_value("Content-Type");
+  auto parsed = parse_edit_request(content_type, req.body, options_.policy, options_.edit_limits);
+  if (const auto* bad = std::get_if<RequestError>(&parsed)) return fail(invalid_request(bad->message, bad->param));
+  std::vector<ImageRequest> requests = std::get<std::vector<ImageRequest>>(std::move(parsed));
+  // One seed for every image of image[]: each result is the edit of that image alone with this seed.
+  if (requests[0].seeds.empty()) {
+    const uint64_t seed = random_seed();
+    for (ImageRequest& r : requests) r.seeds.push_back(seed);
+  }
+  return run(req, res, std::move(requests));
+}
+
+int HttpServer::run(const httplib::Request& req, httplib::Response& res, std::vector<ImageRequest> requests) {
+  auto fail = [&](const ApiError& e) {
+    send_error(res, e);
+    return e.status;
+  };
+  const ImageRequest& first = requests[0];
+  const size_t total = first.n * requests.size();
   // Every image of one url answer must still be in the store when the answer arrives.
-  if (request.response_format == ResponseFormat::Url && size_t(request.n) > options_.url_max_images)
-    return fail(invalid_request("n = " + std::to_string(request.n) + " url images is more than the server keeps (" +
+  if (first.response_format == ResponseFormat::Url && total > options_.url_max_images)
+    return fail(invalid_request(std::to_string(total) + " url images is more than the server keeps (" +
                                     std::to_string(options_.url_max_images) +
                                     ", --url-max-images); ask for fewer or use b64_json",
                                 "n"));
-  if (request.seeds.empty()) request.seeds.push_back(random_seed());
-  if (!request.loras.empty()) {
+  if (first.seeds.empty()) {
+    const uint64_t seed = random_seed();
+    for (ImageRequest& r : requests) r.seeds.push_back(seed);
+  }
+  for (ImageRequest& request : requests) {
+    if (request.loras.empty()) continue;
     if (!options_.loras)
       return fail(invalid_request("this server has no LoRA adapters (start it with --lora-dir)", "lora"));
     try {
@@ -230,28 +271,52 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
     }
   }
 
-  auto job = std::make_shared<Job>(request);
-  switch (batcher_.submit(job)) {
-    case Batcher::Admission::Queued: break;
-    case Batcher::Admission::QueueFull: return fail(queue_full(batcher_.max_queue()));
-    case Batcher::Admission::ShuttingDown: return fail(unavailable("the server is shutting down", "shutting_down"));
+  std::vector<std::shared_ptr<Job>> jobs;
+  auto cancel_all = [&] {
+    for (const auto& job : jobs) batcher_.cancel(job);  // a running job finishes and its images are dropped
+  };
+  for (const ImageRequest& request : requests) {
+    jobs.push_back(std::make_shared<Job>(request));
+    const auto admission = batcher_.submit(jobs.back());
+    if (admission == Batcher::Admission::Queued) continue;
+    jobs.pop_back();
+    cancel_all();
+    if (admission == Batcher::Admission::QueueFull) return fail(queue_full(batcher_.max_queue()));
+    return fail(unavailable("the server is shutting down", "shutting_down"));
   }
   ClientConnection client(req.local_addr, req.local_port, req.remote_addr, req.remote_port, req.version == "HTTP/1.1");
-  const auto deadline = job->arrival() + options_.request_timeout;
-  while (!job->wait_until(std::min(Clock::now() + kDisconnectPoll, deadline))) {
-    if (Clock::now() >= deadline) {
-      batcher_.cancel(job);  // a running job finishes and its images are dropped
-      return fail(request_timeout(std::chrono::duration<double>(options_.request_timeout).count()));
-    }
-    if (!client.connected()) {
-      batcher_.cancel(job);
-      return kClientClosed;
+  const auto deadline = jobs[0]->arrival() + options_.request_timeout;
+  for (const auto& job : jobs) {
+    while (!job->wait_until(std::min(Clock::now() + kDisconnectPoll, deadline))) {
+      if (Clock::now() >= deadline) {
+        cancel_all();
+        return fail(request_timeout(std::chrono::duration<double>(options_.request_timeout).count()));
+      }
+      if (!client.connected()) {
+        cancel_all();
+        return kClientClosed;
+      }
     }
   }
 
-  const JobResult& result = job->result();
-  if (!result.ok) return fail(from_engine_error(result.error_kind, result.error));
   json data = json::array();
+  double inference_s = 0;
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    const ImageRequest& request = requests[k];
+    const JobResult& result = jobs[k]->result();
+    if (!result.ok) return fail(from_engine_error(result.error_kind, result.error));
+    inference_s += result.inference_s;
+    append_images(request, result, data);
+  }
+  // `seed` is what to send back for the same images: one integer (one draw for all n) or one per image.
+  json seed = first.seed_is_list ? json(first.seeds) : json(first.seeds[0]);
+  json body = {
+      {"created", long(std::time(nullptr))}, {"data", data}, {"inference_time_s", inference_s}, {"seed", seed}};
+  res.set_content(body.dump(), "application/json");
+  return 200;
+}
+
+void HttpServer::append_images(const ImageRequest& request, const JobResult& result, json& data) {
   for (int i = 0; i < request.n; ++i) {
     const uint64_t seed = request.seeds[request.seeds.size() == 1 ? 0 : size_t(i)];
     EncodeOptions enc;  // PNG text chunks: enough to reproduce the image
@@ -262,6 +327,9 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
                 {"steps", std::to_string(request.steps)},
                 {"guidance_scale", std::to_string(request.guidance)},
                 {"model", options_.model_id},
+                {"mode", !request.is_edit()      ? "text_to_image"
+                         : request.masks.empty() ? "image_to_image"
+                                                 : "inpaint"},
                 {"software", "zimage 0.1.0"}};
     Tensor pixels = result.images.narrow0(i, 1).reshape({request.height, request.width, 3});
     std::vector<uint8_t> file = encode_image(tensor_to_image(pixels), request.output_format, enc);
@@ -273,12 +341,6 @@ int HttpServer::generate(const httplib::Request& req, httplib::Response& res) {
       data.push_back({{"b64_json", base64_encode(bytes)}});
     }
   }
-  // `seed` is what to send back for the same images: one integer (one draw for all n) or one per image.
-  json seed = request.seed_is_list ? json(request.seeds) : json(request.seeds[0]);
-  json body = {
-      {"created", long(std::time(nullptr))}, {"data", data}, {"inference_time_s", result.inference_s}, {"seed", seed}};
-  res.set_content(body.dump(), "application/json");
-  return 200;
 }
 
 void HttpServer::image_content(const httplib::Request& req, httplib::Response& res) {

@@ -1,5 +1,6 @@
 // The HTTP face of the engine, on cpp-httplib: OpenAI's image API plus operator endpoints.
 //   POST /v1/images/generations   queue a request, wait for its batch, answer b64_json or url images
+//   POST /v1/images/edits         the same for a multipart image to image / inpainting request (edit_request.h)
 //   GET  /v1/images/{id}/content  an image of a url answer, while the image store keeps it
 //   GET  /v1/models               the one model served
 //   GET  /health                  200 once the model is loaded and warmed up; 503 before and while draining
@@ -12,10 +13,12 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <thread>
 
 #include "server/batcher.h"
+#include "server/edit_request.h"
 #include "server/image_request.h"
 #include "server/image_store.h"
 #include "server/metrics.h"
@@ -47,6 +50,7 @@ struct ServerOptions {
   std::string model_id;        // what /v1/models reports and PNG metadata names
   RequestPolicy policy;
   std::shared_ptr<LoraLibrary> loras;  // serve --lora-dir; null: none (policy.lora_names lists them)
+  EditLimits edit_limits;
 };
 
 class HttpServer {
@@ -62,7 +66,13 @@ class HttpServer {
   void stop();
 
  private:
-  int generate(const httplib::Request& req, httplib::Response& res);  // returns the status
+  // The handlers of the two image endpoints; they return the status.
+  int generate(const httplib::Request& req, httplib::Response& res);
+  int edit(const httplib::Request& req, httplib::Response& res);
+  // Queues `requests` (one job each), waits for all and answers their images in order.
+  int run(const httplib::Request& req, httplib::Response& res, std::vector<ImageRequest> requests);
+  // Encodes one job's images as the request asks and appends them to an answer's `data` list.
+  void append_images(const ImageRequest& request, const JobResult& result, nlohmann::json& data);
   void image_content(const httplib::Request& req, httplib::Response& res);
   void send_error(httplib::Response& res, const ApiError& error);
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <set>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -40,6 +41,11 @@ struct ImageRequest {
   // "lora_path": "x" / ["x", "y"] (scale 1). Scales add as diffusers' set_adapters.
   std::vector<LoraRef> loras;
   std::vector<ScaledLora> adapters;  // the named adapters, filled by the server from its LoraLibrary
+  // An edit (POST /v1/images/edits, edit_request.h): one decoded init image, the mask (white =
+  // repaint) or none, and the strength (nullopt: the pipeline's default). Empty for a generation.
+  std::vector<ImageU8> images, masks;
+  std::optional<double> strength;
+  bool is_edit() const { return !images.empty(); }
 };
 
 // What the server accepts and what it fills in for fields left out.

@@ -73,9 +73,10 @@ void Metrics::set_queue_depth(size_t requests) {
   queue_depth_ = requests;
 }
 
-void Metrics::request_started() {
+void Metrics::request_started(const std::string& kind) {
   std::lock_guard<std::mutex> lock(mutex_);
   in_flight_++;
+  requests_by_kind_[kind]++;
 }
 
 void Metrics::request_finished(double seconds) {
@@ -102,9 +103,9 @@ void Metrics::observe_batch(int images, const StageTimes& t) {
   stage_seconds_.at("vae_decode").observe(t.vae_decode_ms / 1000);
 }
 
-void Metrics::add_images(int64_t n) {
+void Metrics::add_images(int64_t n, const std::string& kind) {
   std::lock_guard<std::mutex> lock(mutex_);
-  images_ += n;
+  images_by_kind_[kind] += n;
 }
 
 void Metrics::add_cancelled() {
@@ -145,8 +146,19 @@ std::string Metrics::render() const {
   header(out, "zimage_requests_cancelled_total", "counter",
          "Queued requests dropped before they ran because the client went away or the request timed out.");
   sample(out, "zimage_requests_cancelled_total", "", double(cancelled_));
-  header(out, "zimage_images_generated_total", "counter", "Images generated.");
-  sample(out, "zimage_images_generated_total", "", double(images_));
+  header(out, "zimage_image_requests_total", "counter",
+         "Requests that reached an image endpoint, by kind (generations, edits), whatever their answer.");
+  for (const char* kind : {"generations", "edits"}) {
+    auto it = requests_by_kind_.find(kind);
+    sample(out, "zimage_image_requests_total", std::string("kind=\"") + kind + "\"",
+           double(it == requests_by_kind_.end() ? 0 : it->second));
+  }
+  header(out, "zimage_images_generated_total", "counter", "Images generated, by kind (generations, edits).");
+  for (const char* kind : {"generations", "edits"}) {
+    auto it = images_by_kind_.find(kind);
+    sample(out, "zimage_images_generated_total", std::string("kind=\"") + kind + "\"",
+           double(it == images_by_kind_.end() ? 0 : it->second));
+  }
   header(out, "zimage_errors_total", "counter", "Error answers, by OpenAI error code.");
   for (const auto& [kind, n] : errors_by_kind_) sample(out, "zimage_errors_total", "kind=\"" + kind + "\"", double(n));
   header(out, "zimage_non_finite_batches_total", "counter",

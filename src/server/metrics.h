@@ -37,15 +37,17 @@ class Metrics {
 
   void set_ready(bool ready);
   void set_queue_depth(size_t requests);
-  void request_started();                 // a generation request was accepted by the HTTP layer...
-  void request_finished(double seconds);  // ...and answered after `seconds`
+  // A request to an image endpoint reached its handler; `kind` is the endpoint: "generations" or "edits"
+  // (zimage_image_requests_total{kind})...
+  void request_started(const std::string& kind);
+  void request_finished(double seconds);  // ...and was answered after `seconds`
   // Any HTTP answer, on any route, by status: also those refused before routing (400, 408, 413) and
   // 401s; 499 when the client left before its answer.
   void add_response(int status);
   void observe_queue_wait(double seconds);
   // One batch run by the worker: how many images it held and the pipeline's stage times.
   void observe_batch(int images, const StageTimes& times);
-  void add_images(int64_t n);
+  void add_images(int64_t n, const std::string& kind);  // zimage_images_generated_total{kind}
   void add_cancelled();                     // a queued request dropped before it ran (client gone, timeout)
   void add_error(const std::string& kind);  // an error answer, by its OpenAI error code
   // A batch failed by the numerical guards: `stage` (text_encoder, denoise, vae_decode) produced NaN/Inf.
@@ -58,7 +60,8 @@ class Metrics {
   mutable std::mutex mutex_;
   bool ready_ = false;
   size_t queue_depth_ = 0;
-  int64_t in_flight_ = 0, images_ = 0, cancelled_ = 0;
+  int64_t in_flight_ = 0, cancelled_ = 0;
+  std::map<std::string, int64_t> requests_by_kind_, images_by_kind_;
   std::map<int, int64_t> requests_by_status_;
   std::map<std::string, int64_t> errors_by_kind_;
   std::map<std::string, int64_t> non_finite_by_stage_;

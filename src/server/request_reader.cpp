@@ -161,6 +161,12 @@ RequestReader::Result RequestReader::next(Clock::time_point deadline, const std:
       encoding = e;
     } else if (name == "expect") {
       expect_continue = lower(value) == "100-continue";
+    } else if (name == "content-type" && lower(value.substr(0, 10)) == "multipart/") {
+      out += std::string(kFormContentType) + ": ";
+      out.append(value);
+      out += kCrlf;
+    } else if (name == lower(kFormContentType)) {
+      // Only this reader writes it.
     } else {
       out.append(line);
       out += kCrlf;

@@ -6,6 +6,9 @@
 // max_body_bytes, and it comes out normalized: the request line and headers as sent, less
 // Content-Length, Transfer-Encoding, Content-Encoding and Expect, plus "Content-Length: <decoded size>",
 // then the decoded body. Bytes after the request (a pipelined next one) stay for the next call.
+// A multipart Content-Type comes out as kFormContentType instead (and a client's own header of that
+// name is dropped): httplib parses a multipart/form-data body itself, with no bound on its parts, while
+// the edits handler parses it with ours (multipart.h) from the body left whole.
 #pragma once
 
 #include <atomic>
@@ -14,6 +17,8 @@
 #include <variant>
 
 namespace zimage::server {
+
+inline constexpr const char* kFormContentType = "X-Zimage-Form-Content-Type";
 
 struct ReadLimits {
   size_t max_head_bytes = 16 * 1024;        // request line and headers
