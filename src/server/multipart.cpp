@@ -2,24 +2,11 @@
 
 #include <algorithm>
 #include <optional>
+#include "server/http_text.h"
 
 namespace zimage::server {
 
 namespace {
-
-constexpr std::string_view kCrlf = "\r\n";
-
-std::string lower(std::string_view s) {
-  std::string out(s);
-  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return char(std::tolower(c)); });
-  return out;
-}
-
-std::string_view trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-  return s;
-}
 
 // A header value "type; a=1; b=\"x;y\"": the part before the first ';' and the parameters, names
 // lowercased, quoted values unquoted (a backslash escapes the next character). nullopt when a quote is

@@ -9,26 +9,13 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include "server/http_text.h"
 
 namespace zimage::server {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-constexpr std::string_view kCrlf = "\r\n";
-
-std::string lower(std::string_view s) {
-  std::string out(s);
-  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return char(std::tolower(c)); });
-  return out;
-}
-
-std::string_view trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-  return s;
-}
 
 // Decimal digits only (no sign, no spaces); saturates at UINT64_MAX, which is over any limit.
 std::optional<uint64_t> parse_length(std::string_view s) {
