@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <optional>
+
 #include "server/http_text.h"
 
 namespace zimage::server {

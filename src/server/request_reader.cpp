@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+
 #include "server/http_text.h"
 
 namespace zimage::server {
