@@ -725,7 +725,8 @@ TEST(Server, UrlAnswersUseThePublicUrlAndFitTheStore) {
   u["n"] = 2;
   auto r = post(*c, u, {{"Host", "attacker.example"}});
   ASSERT_EQ(r.status, 200) << r.body;
-  for (const auto& d : json::parse(r.body)["data"]) {
+  const json answer = json::parse(r.body);  // a range-for over parse(...)["data"] would outlive the parse
+  for (const auto& d : answer["data"]) {
     const std::string url = d["url"];
     EXPECT_EQ(url.rfind("http://127.0.0.1:" + std::to_string(s.port) + "/v1/images/", 0), 0u) << url;
     EXPECT_EQ(get(*c, url.substr(url.find("/v1/"))).status, 200);
