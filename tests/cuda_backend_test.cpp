@@ -102,6 +102,21 @@ TEST_F(CudaOps, Norms) {
     cpu_->gated_residual_rms_norm_(xc, y, w, nullptr, 1e-5f);
     gpu_->gated_residual_rms_norm_(xg, g(y), gw, nullptr, 1e-5f);
     expect_close(xg, xc, "gated_residual_rms_norm_ no gate" + sd);
+    Tensor extra = rnd({2, 600, d}), ge = g(extra);  // a ControlNet's output added after the layer
+    xc = x.clone();
+    xg = g(x);
+    cpu_->gated_residual_rms_norm_(xc, y, w, &gate, 1e-5f, &extra);
+    gpu_->gated_residual_rms_norm_(xg, g(y), gw, &gg, 1e-5f, &ge);
+    expect_close(xg, xc, "gated_residual_rms_norm_ extra" + sd);
+    {
+      Tensor w2 = rnd({d}, 0.2f, 1.0f), gw2 = g(w2);
+      xc = x.clone();
+      xg = g(x);
+      Tensor nc = cpu_->gated_residual_then_rms_norm_(xc, y, w, &gate, w2, &scale, 1e-5f, &extra);
+      Tensor ng = gpu_->gated_residual_then_rms_norm_(xg, g(y), gw, &gg, gw2, &gs, 1e-5f, &ge);
+      expect_close(xg, xc, "gated_residual_then_rms_norm_ extra (x)" + sd);
+      expect_close(ng, nc, "gated_residual_then_rms_norm_ extra (out)" + sd);
+    }
     for (bool modulated : {true, false}) {  // the fused residual + next norm, as the DiT blocks call it
       Tensor w2 = rnd({d}, 0.2f, 1.0f), scale2 = rnd({2, d}, 0.5f), gw2 = g(w2), gs2 = g(scale2);
       xc = x.clone();

@@ -164,7 +164,7 @@ TEST(ImageToImage, GoldenDrawsAndStartLatents) {
       // The masked image's draw, third from the generator (diffusers makes it; its loop never reads it).
       const Tensor pixels = resize_images(r.images, r.height, r.width);
       const Tensor masks = preprocess_masks(r.masks, r.height, r.width);
-      const Tensor masked = be.to_host_f32(masked_image_latents(be, p.vae(), pixels, masks, gen));
+      const Tensor masked = be.to_host_f32(masked_image_latents(be, p.vae(), pixels, masks, &gen));
       const double masked_err = max_abs_diff(raw_vae_sample(p.vae(), masked), c.tensors->get("rec.vae_latents.1"));
       EXPECT_LE(masked_err, 1e-4);
       // The latent mask: nearest neighbour of the binarized mask.

@@ -101,14 +101,16 @@ class Backend {
   virtual Tensor rms_norm(const Tensor& x, const Tensor* w, float eps) = 0;
   // x [B, S, D] -> rms_norm(x, w) * (1 + scale[b]) with scale [B, D] (no scale: plain rms_norm).
   virtual Tensor modulated_rms_norm(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) = 0;
-  // x [B, S, D] += tanh(gate[b]) * rms_norm(y, w) with gate [B, D] (no gate: x += rms_norm(y, w)).
-  virtual void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
-                                        float eps) = 0;
-  // gated_residual_rms_norm_(x, y, w, gate), then modulated_rms_norm(x, w_next, scale_next) of the updated
-  // x: a DiT block's residual and the next norm in one pass (this composition is the reference).
+  // x [B, S, D] += tanh(gate[b]) * rms_norm(y, w) with gate [B, D] (no gate: x += rms_norm(y, w)), then
+  // x += extra [B, S, D] when given (a ControlNet's output added after a DiT layer), as (x + g n) + e.
+  virtual void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps,
+                                        const Tensor* extra = nullptr) = 0;
+  // gated_residual_rms_norm_(x, y, w, gate, extra), then modulated_rms_norm(x, w_next, scale_next) of the
+  // updated x: a DiT block's residual and the next norm in one pass (this composition is the reference).
   virtual Tensor gated_residual_then_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
-                                               const Tensor& w_next, const Tensor* scale_next, float eps) {
-    gated_residual_rms_norm_(x, y, w, gate, eps);
+                                               const Tensor& w_next, const Tensor* scale_next, float eps,
+                                               const Tensor* extra = nullptr) {
+    gated_residual_rms_norm_(x, y, w, gate, eps, extra);
     return modulated_rms_norm(x, w_next, scale_next, eps);
   }
   // x [B, S, D] -> layer_norm(x) (no affine) * (1 + scale[b]) with scale [B, D].

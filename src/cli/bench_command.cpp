@@ -114,7 +114,24 @@ struct BenchOptions {
   DeviceOptions device;
   std::string image, mask;  // image to image / inpainting: resized to each resolution
   std::optional<double> strength;
+  ControlNetFlags controlnet;
+  std::string control_image;  // default with --controlnet: a synthetic edge-like pattern
+  float controlnet_scale = 0.75f;
 };
+
+// A stand-in control image (thin lines on black, as a canny map): what the ControlNet's cost does not
+// depend on, so a benchmark needs no file.
+ImageU8 pattern_control_image(int width, int height) {
+  ImageU8 im;
+  im.width = width;
+  im.height = height;
+  im.rgb.assign(size_t(width) * size_t(height) * 3, 0);
+  for (int y = 0; y < height; ++y)
+    for (int x = 0; x < width; ++x)
+      if (x % 64 == 0 || y % 64 == 0 || (x + y) % 97 == 0)
+        for (int c = 0; c < 3; ++c) im.rgb[(size_t(y) * size_t(width) + size_t(x)) * 3 + size_t(c)] = 255;
+  return im;
+}
 
 }  // namespace
 
@@ -138,6 +155,10 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--mask", o->mask, "With --image: benchmark inpainting with this mask (white = repaint)");
   cmd->add_option("--strength", o->strength,
                   "With --image: share of the schedule run, in (0, 1] (default 0.6; 1 with --mask)");
+  add_controlnet_flags(cmd, o->controlnet);
+  cmd->add_option("--control-image", o->control_image,
+                  "With --controlnet: the control image (default: a generated line pattern at each resolution)");
+  cmd->add_option("--controlnet-scale", o->controlnet_scale, "With --controlnet: the conditioning scale");
   cmd->add_option("--label", o->label, "Label in the result file name");
   cmd->add_flag("--profile", o->profile, "After the timed runs, one more run with per-op device times (CUDA)");
   cmd->add_option("--output-dir", o->out_dir, "Folder for the JSON result");
@@ -160,9 +181,14 @@ Command add_bench(CLI::App& app) {
             std::vector<ImageU8> init_images, masks;
             if (!o->image.empty()) init_images.push_back(read_image(o->image));
             if (!o->mask.empty()) masks.push_back(read_image(o->mask));
+            const bool control = !o->controlnet.file.empty();
             const char* kind = masks.empty() ? (init_images.empty() ? "text_to_image" : "image_to_image") : "inpaint";
+            if (control) kind = masks.empty() ? "controlnet" : "controlnet_inpaint";
+            std::optional<ImageU8> control_file;
+            if (!o->control_image.empty()) control_file = read_image(o->control_image);
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model, o->files);
+            attach_controlnet(model, o->controlnet);
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
@@ -182,6 +208,8 @@ Command add_bench(CLI::App& app) {
               req.images = init_images;
               req.masks = masks;
               req.strength = o->strength;
+              if (control) req.control_image = control_file ? *control_file : pattern_control_image(w, h);
+              req.controlnet_scale = o->controlnet_scale;
               requests.push_back(resolve_request(req, model, limits));
             }
             prepare_output_file((fs::path(o->out_dir) / "result.json").string(), "--output-dir", /*in_place=*/false);
@@ -251,6 +279,8 @@ Command add_bench(CLI::App& app) {
                   {"resolution", std::to_string(w) + "x" + std::to_string(h)},
                   {"kind", kind},
                   {"strength", req.strength ? nlohmann::json(*req.strength) : nlohmann::json(nullptr)},
+                  {"controlnet", control ? nlohmann::json(model.controlnet->name) : nlohmann::json(nullptr)},
+                  {"controlnet_scale", control ? nlohmann::json(req.controlnet_scale) : nlohmann::json(nullptr)},
                   {"steps", warm.steps},
                   {"steps_run", warm.steps_run},
                   {"guidance_scale", warm.guidance},

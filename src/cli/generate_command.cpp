@@ -45,6 +45,9 @@ struct GenerateOptions {
   std::string mask;
   std::optional<double> strength;
   ComponentFiles files;
+  ControlNetFlags controlnet;
+  std::string control_image;
+  float controlnet_scale = 0.75f;
 };
 
 // One prompt per line. A UTF-8 byte order mark (what Windows editors save) is not part of the first
@@ -144,6 +147,12 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--mask", o->mask, "Inpainting mask for --image: white = repaint (any size: resized like the image)");
   cmd->add_option("--strength", o->strength,
                   "Share of the schedule run from --image, in (0, 1] (default 0.6; 1 with --mask)");
+  add_controlnet_flags(cmd, o->controlnet);
+  cmd->add_option("--control-image", o->control_image,
+                  "Control image for --controlnet (canny, depth, pose, ...; resized to the output size); with "
+                  "--image and --mask: ControlNet inpainting");
+  cmd->add_option("--controlnet-scale", o->controlnet_scale,
+                  "Scale of the ControlNet's outputs (diffusers' controlnet_conditioning_scale)");
   add_device_options(cmd, o->device);
   return {cmd, [o, cmd] {
             if (!o->prompt_file.empty()) {
@@ -172,18 +181,24 @@ Command add_generate(CLI::App& app) {
             for (const std::string& path : o->images) req.images.push_back(read_image(path));  // bad files fail first
             if (!o->mask.empty()) req.masks = {read_image(o->mask)};
             req.strength = o->strength;
+            if (!o->control_image.empty()) req.control_image = read_image(o->control_image);
+            req.controlnet_scale = o->controlnet_scale;
 
             // Everything the user asked for is checked against the model's configs before a weight is
             // read: a bad size must not cost a 20 GB load.
             auto t0 = std::chrono::steady_clock::now();
             ModelSource model = open_model(o->model, o->files);
             merge_loras(model, o->loras);
+            attach_controlnet(model, o->controlnet);
             const ParallelConfig par = check_device_options(o->device, model);
             const PipelineLimits limits;
-            if (!req.images.empty()) {  // the size defaults to the first image's, rounded down to the model's multiple
+            // The size defaults to the control image's, else the first init image's, rounded down to the
+            // model's multiple (as diffusers' pipelines default to their input image's size).
+            const ImageU8* sized = req.control_image ? &*req.control_image : req.images.empty() ? nullptr : &req.images[0];
+            if (sized) {
               const int m = size_multiple(model);
-              if (!cmd->count("--height")) req.height = std::max(req.images[0].height / m * m, m);
-              if (!cmd->count("--width")) req.width = std::max(req.images[0].width / m * m, m);
+              if (!cmd->count("--height")) req.height = std::max(sized->height / m * m, m);
+              if (!cmd->count("--width")) req.width = std::max(sized->width / m * m, m);
             }
             req = resolve_request(req, model, limits);
             const int64_t n_images = int64_t(req.prompts.size()) * req.num_images_per_prompt;

@@ -33,6 +33,7 @@ struct ServeOptions {
   size_t max_body_bytes = size_t(1) << 20, url_max_images = 256;
   int url_ttl_s = 3600;
   ComponentFiles files;
+  ControlNetFlags controlnet;
   bool warmup = false;
   DeviceOptions device;
 };
@@ -88,6 +89,7 @@ Command add_serve(CLI::App& app) {
   cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--model-path,--model", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo");
   add_component_flags(cmd, o->files);
+  add_controlnet_flags(cmd, o->controlnet);
   cmd->add_option("--host", o->host, "Address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
       ->check(CLI::Range(0, 65535));
@@ -132,6 +134,7 @@ Command add_serve(CLI::App& app) {
             const auto [warmup_w, warmup_h] = parse_warmup_size(o->warmup_size);
             const std::string public_url = o->public_url.empty() ? "" : check_public_url(o->public_url);
             ModelSource model = open_model(o->model, o->files);  // configs only: a bad path fails before anything listens
+            attach_controlnet(model, o->controlnet);
             const ParallelConfig par = check_device_options(o->device, model);
             server::Metrics metrics;
             Engine engine;
@@ -163,6 +166,7 @@ Command add_serve(CLI::App& app) {
             so.policy.max_pixels = o->max_pixels;
             so.policy.default_steps = model.default_steps;
             so.policy.default_guidance = model.default_guidance;
+            so.policy.controlnet = model.controlnet != nullptr;
             if (!o->lora_dir.empty()) {
               so.loras = std::make_shared<server::LoraLibrary>(o->lora_dir, ZImageDit::weight_specs(model.transformer),
                                                                o->lora_cache);

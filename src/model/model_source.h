@@ -21,6 +21,8 @@ inline constexpr char kRecipeKey[] = "_zimage_recipe";
 // (diffusers PR #13730, May 2026), which is the schedule this engine computes.
 inline constexpr int kTurboSteps = 8;
 
+struct ControlNetSource;  // model/zimage_controlnet.h
+
 struct ModelSource {
   std::string name;  // the folder path or "synthetic:<kind>"
   Config model_index, transformer, text_encoder, vae, scheduler;
@@ -31,6 +33,8 @@ struct ModelSource {
   int default_steps = 50;
   float default_guidance = 5.0f;
   bool synthetic = false;
+  // An optional ControlNet (--controlnet) that requests with a control image use.
+  std::shared_ptr<const ControlNetSource> controlnet;
 
   // Starts reading all three checkpoints into memory in the background (WeightSource::prefetch): call
   // it before the slow setup that precedes a load (device initialization), so the two overlap.

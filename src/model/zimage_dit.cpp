@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "model/rope.h"
 #include "model/weight_loading.h"
+#include "model/zimage_controlnet.h"
 
 namespace zimage {
 
@@ -101,44 +102,64 @@ std::vector<WeightSpec> ZImageDit::weight_specs(const Config& cfg) {
       {pf + "linear.weight", {patch_dim, c.dim}},
       {pf + "linear.bias", {patch_dim}},
   };
-  auto block = [&](const std::string& p, bool modulated) {
-    for (const char* n : {"attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"})
-      s.push_back({p + n + ".weight", {c.dim}});
-    for (const char* n : {"to_q", "to_k", "to_v", "to_out.0"})
-      s.push_back({p + "attention." + n + ".weight", {c.dim, c.dim}});
-    s.push_back({p + "attention.norm_q.weight", {c.head_dim}});
-    s.push_back({p + "attention.norm_k.weight", {c.head_dim}});
-    s.push_back({p + "feed_forward.w1.weight", {c.ffn_hidden, c.dim}});
-    s.push_back({p + "feed_forward.w3.weight", {c.ffn_hidden, c.dim}});
-    s.push_back({p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden}});
-    if (modulated) {
-      s.push_back({p + "adaLN_modulation.0.weight", {4 * c.dim, a}});
-      s.push_back({p + "adaLN_modulation.0.bias", {4 * c.dim}});
-    }
-  };
-  for (int64_t i = 0; i < c.refiner_layers; ++i) block("noise_refiner." + std::to_string(i) + ".", true);
-  for (int64_t i = 0; i < c.refiner_layers; ++i) block("context_refiner." + std::to_string(i) + ".", false);
-  for (int64_t i = 0; i < c.layers; ++i) block("layers." + std::to_string(i) + ".", true);
+  for (int64_t i = 0; i < c.refiner_layers; ++i) add_dit_block_specs(s, c, "noise_refiner." + std::to_string(i) + ".", true);
+  for (int64_t i = 0; i < c.refiner_layers; ++i)
+    add_dit_block_specs(s, c, "context_refiner." + std::to_string(i) + ".", false);
+  for (int64_t i = 0; i < c.layers; ++i) add_dit_block_specs(s, c, "layers." + std::to_string(i) + ".", true);
   return s;
 }
 
-ZImageDit::Block ZImageDit::load_block(const WeightSource& ws, const std::string& p) {
-  const auto& c = cfg_;
-  Block b;
-  b.norm1 = load_weight(be_, ws, p + "attention_norm1.weight", {c.dim});
-  b.norm2 = load_weight(be_, ws, p + "attention_norm2.weight", {c.dim});
-  b.ffn_norm1 = load_weight(be_, ws, p + "ffn_norm1.weight", {c.dim});
-  b.ffn_norm2 = load_weight(be_, ws, p + "ffn_norm2.weight", {c.dim});
-  b.qkv = load_packed_linear(be_, ws,
+void add_dit_block_specs(std::vector<WeightSpec>& s, const DitConfig& c, const std::string& p, bool modulated) {
+  for (const char* n : {"attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"})
+    s.push_back({p + n + ".weight", {c.dim}});
+  for (const char* n : {"to_q", "to_k", "to_v", "to_out.0"}) s.push_back({p + "attention." + n + ".weight", {c.dim, c.dim}});
+  s.push_back({p + "attention.norm_q.weight", {c.head_dim}});
+  s.push_back({p + "attention.norm_k.weight", {c.head_dim}});
+  s.push_back({p + "feed_forward.w1.weight", {c.ffn_hidden, c.dim}});
+  s.push_back({p + "feed_forward.w3.weight", {c.ffn_hidden, c.dim}});
+  s.push_back({p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden}});
+  if (modulated) {
+    s.push_back({p + "adaLN_modulation.0.weight", {4 * c.dim, c.adaln_dim}});
+    s.push_back({p + "adaLN_modulation.0.bias", {4 * c.dim}});
+  }
+}
+
+DitBlock load_dit_block(Backend& be, const DitConfig& c, const WeightSource& ws, const std::string& p) {
+  DitBlock b;
+  b.norm1 = load_weight(be, ws, p + "attention_norm1.weight", {c.dim});
+  b.norm2 = load_weight(be, ws, p + "attention_norm2.weight", {c.dim});
+  b.ffn_norm1 = load_weight(be, ws, p + "ffn_norm1.weight", {c.dim});
+  b.ffn_norm2 = load_weight(be, ws, p + "ffn_norm2.weight", {c.dim});
+  b.qkv = load_packed_linear(be, ws,
                              {p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
                              {{c.dim, c.dim}, {c.dim, c.dim}, {c.dim, c.dim}});
-  b.norm_q = load_weight(be_, ws, p + "attention.norm_q.weight", {c.head_dim});
-  b.norm_k = load_weight(be_, ws, p + "attention.norm_k.weight", {c.head_dim});
-  b.out = load_linear(be_, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
-  b.w13 = load_packed_linear(be_, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
+  b.norm_q = load_weight(be, ws, p + "attention.norm_q.weight", {c.head_dim});
+  b.norm_k = load_weight(be, ws, p + "attention.norm_k.weight", {c.head_dim});
+  b.out = load_linear(be, ws, p + "attention.to_out.0.weight", {c.dim, c.dim});
+  b.w13 = load_packed_linear(be, ws, {p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"},
                              {{c.ffn_hidden, c.dim}, {c.ffn_hidden, c.dim}});
-  b.w2 = load_linear(be_, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
+  b.w2 = load_linear(be, ws, p + "feed_forward.w2.weight", {c.dim, c.ffn_hidden});
   return b;
+}
+
+Linear load_adaln_stack(Backend& be, const DitConfig& c, const WeightSource& ws,
+                        const std::vector<std::pair<DitBlock*, std::string>>& blocks) {
+  std::vector<std::string> names;
+  std::vector<Shape> shapes;
+  for (const auto& [b, p] : blocks) {
+    b->mod_offset = int64_t(names.size()) * 4 * c.dim;
+    names.push_back(p + "adaLN_modulation.0.weight");
+    shapes.push_back({4 * c.dim, c.adaln_dim});
+  }
+  Linear l = load_packed_linear(be, ws, names, shapes);
+  // The biases stack the same way, into one [blocks * 4 * dim] vector.
+  Tensor packed_bias = Tensor::empty({int64_t(blocks.size()) * 4 * c.dim}, DType::F32);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    Tensor bias = host_f32(ws, blocks[i].second + "adaLN_modulation.0.bias", {4 * c.dim});
+    std::copy(bias.f32(), bias.f32() + 4 * c.dim, packed_bias.f32() + int64_t(i) * 4 * c.dim);
+  }
+  l.bias = be.upload(packed_bias);
+  return l;
 }
 
 ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : be_(be), cfg_(DitConfig::from(cfg)) {
@@ -156,36 +177,17 @@ ZImageDit::ZImageDit(Backend& be, const Config& cfg, const WeightSource& ws) : b
   final_mod_ = load_linear(be, ws, pf + "adaLN_modulation.1.weight", {c.dim, a}, pf + "adaLN_modulation.1.bias");
   final_proj_ = load_linear(be, ws, pf + "linear.weight", {patch_dim, c.dim}, pf + "linear.bias");
 
-  // Modulated blocks (noise_refiner, layers): their adaLN weights are stacked so the modulations of a
-  // whole forward are one [N, A] x [A, blocks*4*dim] GEMM.
-  std::vector<std::string> mod_names, mod_bias_names;
-  std::vector<Shape> mod_shapes;
-  auto add_mod = [&](Block& b, const std::string& p) {
-    b.mod_offset = int64_t(mod_names.size()) * 4 * c.dim;
-    mod_names.push_back(p + "adaLN_modulation.0.weight");
-    mod_bias_names.push_back(p + "adaLN_modulation.0.bias");
-    mod_shapes.push_back({4 * c.dim, a});
-  };
-  for (int64_t i = 0; i < c.refiner_layers; ++i) {
-    std::string p = "noise_refiner." + std::to_string(i) + ".";
-    noise_refiner_.push_back(load_block(ws, p));
-    add_mod(noise_refiner_.back(), p);
-  }
+  // Modulated blocks (noise_refiner, layers): their adaLN weights are stacked into one GEMM per call.
   for (int64_t i = 0; i < c.refiner_layers; ++i)
-    context_refiner_.push_back(load_block(ws, "context_refiner." + std::to_string(i) + "."));
-  for (int64_t i = 0; i < c.layers; ++i) {
-    std::string p = "layers." + std::to_string(i) + ".";
-    layers_.push_back(load_block(ws, p));
-    add_mod(layers_.back(), p);
-  }
-  mod_ = load_packed_linear(be, ws, mod_names, mod_shapes);
-  // The biases stack the same way, into one [blocks * 4 * dim] vector.
-  Tensor packed_bias = Tensor::empty({int64_t(mod_bias_names.size()) * 4 * c.dim}, DType::F32);
-  for (size_t i = 0; i < mod_bias_names.size(); ++i) {
-    Tensor bias = host_f32(ws, mod_bias_names[i], {4 * c.dim});
-    std::copy(bias.f32(), bias.f32() + 4 * c.dim, packed_bias.f32() + int64_t(i) * 4 * c.dim);
-  }
-  mod_.bias = be.upload(packed_bias);
+    noise_refiner_.push_back(load_dit_block(be, c, ws, "noise_refiner." + std::to_string(i) + "."));
+  for (int64_t i = 0; i < c.refiner_layers; ++i)
+    context_refiner_.push_back(load_dit_block(be, c, ws, "context_refiner." + std::to_string(i) + "."));
+  for (int64_t i = 0; i < c.layers; ++i) layers_.push_back(load_dit_block(be, c, ws, "layers." + std::to_string(i) + "."));
+  std::vector<std::pair<DitBlock*, std::string>> modulated;
+  for (size_t i = 0; i < noise_refiner_.size(); ++i)
+    modulated.emplace_back(&noise_refiner_[i], "noise_refiner." + std::to_string(i) + ".");
+  for (size_t i = 0; i < layers_.size(); ++i) modulated.emplace_back(&layers_[i], "layers." + std::to_string(i) + ".");
+  mod_ = load_adaln_stack(be, c, ws, modulated);
 }
 
 std::shared_ptr<const LoraSet> ZImageDit::prepare_lora(const std::vector<ScaledLora>& adapters) const {
@@ -239,9 +241,9 @@ ZImageDit::Modulation ZImageDit::modulation(const Block& b, const Tensor* mod) {
 
 // Each block's residual update and the next norm run as one kernel (gated_residual_then_rms_norm_):
 //   hn = norm1(x)·(1 + scale_msa);  x += tanh(gate_msa)·norm2(attention(hn))
-//   fn = ffn_norm1(x)·(1 + scale_mlp);  x += tanh(gate_mlp)·ffn_norm2(FFN(fn))
-void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Tensor* mod, const Stage& st,
-                           Communicator* comm) {
+//   fn = ffn_norm1(x)·(1 + scale_mlp);  x += tanh(gate_mlp)·ffn_norm2(FFN(fn)) (+ extra_after(i))
+void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tensor* mod, const Stage& st,
+                           Communicator* comm, const LoraBatch* lora, const std::function<Tensor(size_t)>& extra_after) {
   if (blocks.empty()) return;
   const auto& c = cfg_;
   const float eps = float(c.norm_eps);
@@ -253,22 +255,57 @@ void ZImageDit::run_blocks(const std::vector<Block>& blocks, Tensor& x, const Te
   Tensor hn = be_.modulated_rms_norm(x, blocks[0].norm1, opt(m, m.scale_msa), eps);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& b = blocks[i];
-    Tensor qkv = apply(be_, b.qkv, hn, &lora_, &rows);
+    Tensor qkv = apply(be_, b.qkv, hn, lora, &rows);
     be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
     Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
                              : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
-    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, &lora_, &rows), b.norm2,
+    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, lora, &rows), b.norm2,
                                                   opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps);
-    Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, &lora_, &rows)), &lora_, &rows);
+    Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, lora, &rows)), lora, &rows);
+    const Tensor extra = extra_after ? extra_after(i) : Tensor();
+    const Tensor* e = extra.defined() ? &extra : nullptr;
     if (i + 1 == blocks.size()) {
-      be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), eps);
+      be_.gated_residual_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), eps, e);
       break;
     }
     Modulation next = modulation(blocks[i + 1], mod);
     hn = be_.gated_residual_then_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), blocks[i + 1].norm1,
-                                           opt(next, next.scale_msa), eps);
+                                           opt(next, next.scale_msa), eps, e);
     m = std::move(next);
   }
+}
+
+Tensor ZImageDit::control_tokens(const LayoutPlan& plan, int64_t n, int64_t lh, int64_t lw) {
+  const ZImageControlNet& net = *control_->net;
+  const Tensor& lat = control_->latents;
+  const int64_t cin = net.config().in_channels;
+  ZI_ASSERT(lat.ndim() == 4 && lat.dim(1) == cin && lat.dim(2) == lh && lat.dim(3) == lw && n % lat.dim(0) == 0);
+  Tensor act = be_.cast(lat, be_.activation_dtype());
+  Tensor patches;
+  for (int64_t i = 0; i < n; ++i) {
+    Tensor p = be_.patchify(act.narrow0(i % lat.dim(0), 1).reshape({cin, lh, lw}), int(cfg_.patch));
+    patches = i == 0 ? p : be_.concat_rows(patches, p);
+  }
+  // Pad rows take the DiT's x_pad_token, as the image tokens do.
+  Tensor src = be_.concat_rows(apply(be_, net.embed_, patches), x_pad_);
+  return be_.gather_rows(src, plan.x_idx).reshape({n, plan.image_rows, cfg_.dim});
+}
+
+// diffusers' ZImageControlTransformerBlock chain: c = before_proj(c) + x at the first block, then each
+// block on c, its after_proj(c) (times the scale) the hint it hands over.
+std::vector<Tensor> ZImageDit::run_control_blocks(std::span<const Block> blocks, Tensor& c, const Tensor& x,
+                                                  const Tensor& cmod, const Stage& st, Communicator* comm,
+                                                  size_t hints) {
+  std::vector<Tensor> out;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    if (k == 0) {
+      c = apply(be_, blocks[0].before_proj, c);
+      be_.add_(c, x);
+    }
+    run_blocks(blocks.subspan(k, 1), c, &cmod, st, comm, nullptr);
+    if (k < hints) out.push_back(be_.scale_shift(apply(be_, blocks[k].after_proj, c), control_->scale, 0.0f));
+  }
+  return out;
 }
 
 // Everything about a call that depends only on its token layout (and, sharded, on the rank): the row
@@ -439,12 +476,55 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
       apply(be_, cap_proj_, be_.rms_norm(cap_all, &cap_norm_, float(c.norm_eps)), &lora_, &lay.cap_len), cap_pad_);
   Tensor cap = be_.gather_rows(cap_src, plan.cap_idx).reshape({n, lay.cap_max, c.dim});
 
-  run_blocks(noise_refiner_, x, &mod, plan.x, comm);
-  run_blocks(context_refiner_, cap, nullptr, plan.cap, nullptr);  // replicated when sharded
+  // ControlNet (diffusers' ZImageControlNetModel.forward): control tokens refined over the image tokens'
+  // layout; v2.x first runs control blocks beside the embedded image tokens, whose hints go into its own
+  // pass of the noise refiner (x_ctrl), which then stands in for the refined image tokens.
+  const ZImageControlNet* net = control_ ? control_->net.get() : nullptr;
+  Tensor cmod, ctl, x_ctrl;
+  if (net) {
+    const ControlNetConfig& cc = net->config();
+    cmod = apply(be_, net->mod_, adaln);
+    ctl = control_tokens(plan, n, lh, lw);
+    if (cc.refiner == ControlRefiner::Plain) {
+      run_blocks(net->refiner_, ctl, &cmod, plan.x, comm, nullptr);
+    } else {
+      const auto& blocks = cc.refiner == ControlRefiner::ControlLayers ? net->layers_ : net->refiner_;
+      const std::vector<Tensor> hints =
+          run_control_blocks(blocks, ctl, x, cmod, plan.x, comm, cc.refiner_places.size());
+      x_ctrl = be_.gather_rows(x_src, plan.x_idx).reshape({n, nip, c.dim});
+      run_blocks(noise_refiner_, x_ctrl, &mod, plan.x, comm, &lora_, [&](size_t i) {
+        auto at = std::find(cc.refiner_places.begin(), cc.refiner_places.end(), int64_t(i));
+        return at == cc.refiner_places.end() ? Tensor() : hints[size_t(at - cc.refiner_places.begin())];
+      });
+    }
+  }
 
-  Tensor uni_src = be_.concat_rows(x.reshape({n * nip, c.dim}), cap.reshape({n * lay.cap_max, c.dim}));
-  Tensor u = be_.gather_rows(uni_src, plan.u_idx).reshape({n, um, c.dim});
-  run_blocks(layers_, u, &mod, plan.u, comm);
+  run_blocks(noise_refiner_, x, &mod, plan.x, comm, &lora_);
+  run_blocks(context_refiner_, cap, nullptr, plan.cap, nullptr, &lora_);  // replicated when sharded
+
+  const Tensor cap_rows = cap.reshape({n * lay.cap_max, c.dim});
+  auto unified = [&](const Tensor& image) {
+    return be_.gather_rows(be_.concat_rows(image.reshape({n * nip, c.dim}), cap_rows), plan.u_idx)
+        .reshape({n, um, c.dim});
+  };
+  Tensor u = unified(x);
+  std::function<Tensor(size_t)> hook;
+  Tensor cu;
+  size_t next = 0;  // the next control block
+  if (net) {
+    // Control block k runs when main layer places[k] is reached (the chain does not depend on the main
+    // layers, so only one hint is alive at a time); block 0's input is taken before the layers run.
+    cu = unified(ctl);
+    cu = apply(be_, net->layers_[0].before_proj, cu);
+    be_.add_(cu, x_ctrl.defined() ? unified(x_ctrl) : u);
+    hook = [&](size_t i) {
+      const auto& places = net->config().layer_places;
+      if (next == places.size() || places[next] != int64_t(i)) return Tensor();
+      run_blocks(std::span<const Block>(net->layers_).subspan(next, 1), cu, &cmod, plan.u, comm, nullptr);
+      return be_.scale_shift(apply(be_, net->layers_[next++].after_proj, cu), control_->scale, 0.0f);
+    };
+  }
+  run_blocks(layers_, u, &mod, plan.u, comm, &lora_, hook);
 
   // Final layer on this rank's image rows: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch
   // values). Sharded, every rank's rows are gathered and put in grid order. Then each item's

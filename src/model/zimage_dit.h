@@ -7,9 +7,15 @@
 // forward_sharded runs the same computation over several ranks (Ulysses sequence parallelism): each
 // rank holds its band of the image tokens (parallel/sequence_parallel_plan.h), captions replicated,
 // attention through parallel/ulysses_attention.h.
+// Hook point (DESIGN.md §4): with a ControlNet set (set_control, model/zimage_controlnet.h) its control
+// blocks run on the same block code and token layout, and their outputs join the residual stream of the
+// layers they control inside the fused residual + norm kernel.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -42,6 +48,24 @@ struct DitLayout {
 };
 DitLayout dit_layout(int64_t items, int64_t latent_h, int64_t latent_w, int64_t patch,
                      const std::vector<int64_t>& cap_lengths);
+
+// One transformer block (diffusers' ZImageTransformerBlock): the DiT's layers and refiners, and, with
+// before_proj (the first one only) and after_proj, a ControlNet's control blocks.
+struct DitBlock {
+  Tensor norm1, norm2, ffn_norm1, ffn_norm2, norm_q, norm_k;
+  Linear qkv, out, w13, w2;
+  Linear before_proj, after_proj;  // control blocks only (w undefined otherwise)
+  int64_t mod_offset = -1;  // column of this block's 4*dim modulation in its packed adaLN output; -1: none
+};
+// The tensors of the block under `prefix` ("layers.3."), as diffusers names them.
+void add_dit_block_specs(std::vector<WeightSpec>& specs, const DitConfig& c, const std::string& prefix, bool modulated);
+DitBlock load_dit_block(Backend& be, const DitConfig& c, const WeightSource& ws, const std::string& prefix);
+// The adaLN Linears (A -> 4*dim) of the blocks under `prefixes` stacked into one, so the modulations of a
+// whole forward are one [N, A] x [A, blocks*4*dim] GEMM; sets each block's mod_offset.
+Linear load_adaln_stack(Backend& be, const DitConfig& c, const WeightSource& ws,
+                        const std::vector<std::pair<DitBlock*, std::string>>& blocks);
+
+class ZImageControlNet;
 
 class ZImageDit {
  public:
@@ -79,12 +103,19 @@ class ZImageDit {
   static constexpr size_t kLoraSetsKept = 8;
   bool has_lora() const { return lora_.any(); }
 
- private:
-  struct Block {
-    Tensor norm1, norm2, ffn_norm1, ffn_norm2, norm_q, norm_k;
-    Linear qkv, out, w13, w2;
-    int64_t mod_offset = -1;  // column of this block's 4*dim modulation in the packed adaLN output; -1: none
+  // The ControlNet of the following forward calls: control latents [Bc, in, h, w] (float32 on the device;
+  // call item i uses latents i % Bc, so a CFG call's two halves share them) and the conditioning scale.
+  // nullopt: none (the control blocks are skipped).
+  struct Control {
+    std::shared_ptr<const ZImageControlNet> net;
+    Tensor latents;
+    float scale = 0.75f;
   };
+  void set_control(std::optional<Control> control) { control_ = std::move(control); }
+  bool has_control() const { return control_.has_value(); }
+
+ private:
+  using Block = DitBlock;
   struct Sharding {  // this call's share of a sequence-parallel group
     const SequenceParallelPlan& plan;
     Communicator& comm;
@@ -99,8 +130,16 @@ class ZImageDit {
   };
   Modulation modulation(const Block& b, const Tensor* mod);
   struct Stage;
-  void run_blocks(const std::vector<Block>& blocks, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm);
-  Block load_block(const WeightSource& ws, const std::string& prefix);
+  // Runs `blocks` in order on x [n, rows, dim] in place. extra_after(i), when set, gives what to add to
+  // the residual stream after block i (undefined: nothing): a ControlNet's hook.
+  void run_blocks(std::span<const Block> blocks, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm,
+                  const LoraBatch* lora, const std::function<Tensor(size_t)>& extra_after = {});
+  // The control latents of `control_` embedded as control tokens [n, image rows, dim] of this layout.
+  Tensor control_tokens(const LayoutPlan& plan, int64_t n, int64_t lh, int64_t lw);
+  // Control blocks `blocks` over c (the first adds before_proj(c) to `x`), in place; returns each block's
+  // after_proj output times the scale.
+  std::vector<Tensor> run_control_blocks(std::span<const Block> blocks, Tensor& c, const Tensor& x,
+                                         const Tensor& cmod, const Stage& st, Communicator* comm, size_t hints);
 
   Backend& be_;
   DitConfig cfg_;
@@ -111,6 +150,7 @@ class ZImageDit {
   std::shared_ptr<const LayoutPlan> plan_;  // of the last call: a request's steps all share it
   LoraBatch lora_;
   std::vector<std::pair<std::string, std::shared_ptr<const LoraSet>>> lora_sets_;  // most recent first
+  std::optional<Control> control_;
 };
 
 // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "model/vae.h"
+#include "model/zimage_controlnet.h"
 #include "model/zimage_dit.h"
 #include "pipeline/denoise.h"
 #include "text/tokenizer.h"
@@ -158,6 +159,41 @@ void resolve_image_inputs(GenerateRequest& r, int64_t batch, int multiple) {
               "; raise strength or num_inference_steps");
 }
 
+// The control image of a ControlNet request, and ControlNet inpainting's init image and mask.
+void resolve_control_inputs(GenerateRequest& r, const ModelSource& model, int multiple) {
+  if (!model.controlnet)
+    throw bad("a control image needs a ControlNet: load one with --controlnet (zimage serve --controlnet)");
+  const ImageU8& im = *r.control_image;
+  if (im.width < multiple || im.height < multiple)
+    throw bad("the control image is " + std::to_string(im.width) + "x" + std::to_string(im.height) +
+              " pixels; it must be at least " + std::to_string(multiple) + " pixels on each side");
+  if (im.rgb.size() != size_t(im.width) * size_t(im.height) * 3) throw bad("the control image is malformed");
+  if (!std::isfinite(r.controlnet_scale)) throw bad("controlnet_scale must be a finite number");
+  if (r.strength)
+    throw bad("strength does not apply with a control image: ControlNet generation and ControlNet inpainting start "
+              "from noise (diffusers' ZImageControlNetPipeline, ZImageControlNetInpaintPipeline)");
+  if (r.images.empty()) {
+    if (!r.masks.empty()) throw bad("a mask needs an init image to inpaint");
+    return;
+  }
+  if (r.masks.empty())
+    throw bad("an init image with a control image needs a mask: that is ControlNet inpainting (ControlNet "
+              "image-to-image is not a diffusers pipeline)");
+  if (r.images.size() != 1 || r.masks.size() != 1)
+    throw bad("ControlNet inpainting takes one init image and one mask (got " + std::to_string(r.images.size()) +
+              " and " + std::to_string(r.masks.size()) + ")");
+  const DitConfig dit = DitConfig::from(model.transformer);
+  const ControlNetConfig cc = model.controlnet->config_for(dit);
+  if (!cc.takes_mask(dit.in_channels))
+    throw bad("ControlNet inpainting needs a v2.x ControlNet (" + std::to_string(2 * dit.in_channels + 1) +
+              " input channels: control, mask, masked image); " + model.controlnet->name + " takes " +
+              std::to_string(cc.in_channels));
+  for (const ImageU8* p : {&r.images[0], &r.masks[0]})
+    if (p->width < multiple || p->height < multiple || p->rgb.size() != size_t(p->width) * size_t(p->height) * 3)
+      throw bad("the init image and the mask must be well-formed and at least " + std::to_string(multiple) +
+                " pixels on each side");
+}
+
 }  // namespace
 
 GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, const PipelineLimits& limits) {
@@ -207,7 +243,10 @@ GenerateRequest resolve_request(GenerateRequest r, const ModelSource& model, con
     check_prompt_text(r.prompts[i], prompt);
     check_prompt_text(r.negative_prompts[i], negative);
   }
-  resolve_image_inputs(r, batch, size_multiple(model));
+  if (r.control_image)
+    resolve_control_inputs(r, model, size_multiple(model));
+  else
+    resolve_image_inputs(r, batch, size_multiple(model));
   return r;
 }
 

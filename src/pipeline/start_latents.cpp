@@ -70,10 +70,40 @@ StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, co
   return s;
 }
 
-Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator& gen) {
-  // Zeroed in [-1, 1] space (0 is no byte value), on the host: one draw per request, not per step.
+Tensor image_latents_argmax(Backend& be, Vae& vae, const Tensor& images) {
+  Vae::Moments m = vae.encode(images);
+  // eps = 0: mean + std * 0 is the mean exactly (the encoder clamps logvar, so std is finite).
+  const Tensor zero = be.upload(Tensor::zeros(m.mean.shape(), DType::F32), DType::F32);
+  return be.gaussian_sample(m.mean, m.logvar, zero, vae.shift_factor(), vae.scaling_factor());
+}
+
+Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator* gen) {
+  // Zeroed in [-1, 1] space (0 is no byte value), on the host: once per request, not per step.
   const Tensor images = be.to_host_f32(device_images(be, pixels));
-  return sample_image_latents(be, vae, be.upload(mask_out_images(images, masks)), gen);
+  const Tensor masked = be.upload(mask_out_images(images, masks));
+  return gen ? sample_image_latents(be, vae, masked, *gen) : image_latents_argmax(be, vae, masked);
+}
+
+Tensor control_latents(Backend& be, Vae& vae, const Tensor& control, int64_t in_channels, const Tensor* pixels,
+                       const Tensor* masks) {
+  ZI_ASSERT(control.ndim() == 4 && control.dim(0) == 1 && (pixels == nullptr) == (masks == nullptr));
+  Tensor latents = image_latents_argmax(be, vae, device_images(be, control));
+  const int64_t c = latents.dim(1), h = latents.dim(2), w = latents.dim(3);
+  if (in_channels == c) return latents;
+  ZI_ASSERT(in_channels == 2 * c + 1);
+  // Channels are the outer dimension of one item: [c, h*w] row blocks stack along rows.
+  Tensor rest;
+  if (pixels) {
+    ZI_ASSERT(pixels->dim(0) == 1 && masks->dim(0) == 1);
+    const Tensor small = downsample_mask_nearest(*masks, int(h), int(w));
+    Tensor keep = Tensor::empty({1, h * w}, DType::F32);
+    for (int64_t i = 0; i < h * w; ++i) keep.f32()[i] = 1.0f - small.f32()[i];  // 1 = keep
+    const Tensor masked = masked_image_latents(be, vae, *pixels, *masks, nullptr);
+    rest = be.concat_rows(be.upload(keep, DType::F32), masked.reshape({c, h * w}));
+  } else {
+    rest = be.upload(Tensor::zeros({c + 1, h * w}, DType::F32), DType::F32);
+  }
+  return be.concat_rows(latents.reshape({c, h * w}), rest).reshape({1, in_channels, h, w});
 }
 
 }  // namespace zimage

@@ -56,9 +56,21 @@ StartLatents image_start_latents(Backend& be, Vae& vae, const Tensor& pixels, co
 // float32 on the backend.
 Tensor sample_image_latents(Backend& be, Vae& vae, const Tensor& images, TorchGenerator& gen);
 
-// diffusers' masked-image latents: the draw of the images with the repainted pixels zeroed. Its
-// inpainting pipeline makes them after the start latents (a third draw from the generator) but its loop
-// never reads them, so the inpainting here skips them; ControlNet inpainting conditions on them.
-Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator& gen);
+// diffusers' retrieve_latents(sample_mode="argmax"): the posterior's mode (its mean) of each image, in
+// DiT latent space: (mean - shift) * scale. images NHWC in [-1, 1] on the backend; [n, C, H/8, W/8] f32.
+Tensor image_latents_argmax(Backend& be, Vae& vae, const Tensor& images);
+
+// diffusers' masked-image latents: the images with the repainted pixels zeroed, encoded: a draw from
+// `gen` (its inpainting pipeline makes one after the start latents, a third draw, but its loop never
+// reads it, so the inpainting here skips it), or with gen null the mode (ControlNet inpainting).
+Tensor masked_image_latents(Backend& be, Vae& vae, const Tensor& pixels, const Tensor& masks, TorchGenerator* gen);
+
+// The ControlNet's input [1, in_channels, h, w] f32 on the backend, as diffusers' ControlNet pipelines
+// make it: the control image's mode latents; for a 2C+1-channel (v2) ControlNet then the mask at latent
+// size (1 - mask, nearest: 1 = keep) and the masked image's mode latents (inpainting: pixels and masks
+// given, one each), or zeros in their place (text to image). control, pixels: uint8 NHWC [1, H, W, 3]
+// (resize_images); masks: f32 [1, 1, H, W] (preprocess_masks).
+Tensor control_latents(Backend& be, Vae& vae, const Tensor& control, int64_t in_channels, const Tensor* pixels,
+                       const Tensor* masks);
 
 }  // namespace zimage

@@ -35,6 +35,9 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
       dit_(be, model.transformer, *model.transformer_weights),
       vae_(be, model.vae, *model.vae_weights),
       graphs_(limits.cuda_graphs && !rank.ulysses && !rank.cfg) {
+  if (model.controlnet)
+    controlnet_ = std::make_shared<const ZImageControlNet>(be, dit_.config(), model.controlnet->config_for(dit_.config()),
+                                                           *model.controlnet->weights);
   text_encoder_.set_graphs(graphs_);
 }
 
@@ -44,7 +47,7 @@ GenerateRequest TextToImagePipeline::resolve(GenerateRequest r) const {
 
 StartLatents TextToImagePipeline::make_start_latents(const GenerateRequest& r, int64_t batch, float sigma) {
   const Shape shape = {batch, latent_channels(), r.height / vae_.downscale(), r.width / vae_.downscale()};
-  if (r.images.empty()) {
+  if (r.images.empty() || r.control_image) {  // ControlNet inpainting starts from noise too
     // torch.randn draws of [count, C, 2*(H/16), 2*(W/16)], one per noise group (by default one group: the
     // whole batch with the request's seed, as diffusers draws it).
     std::vector<NoiseGroup> groups = r.noise_groups;
@@ -93,8 +96,9 @@ std::vector<Tensor> TextToImagePipeline::encode_prompts(const std::vector<std::s
 Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector<float>& t,
                                         const std::vector<Tensor>& caps, bool cfg_batch) {
   BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
-    // A recorded graph holds the adapters of its recording: runs with adapters run eagerly.
-    if (!rank_.ulysses) return graphs_ && !dit_.has_lora() ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
+    // A recorded graph holds the adapters and control of its recording: runs with them run eagerly.
+    if (!rank_.ulysses)
+      return graphs_ && !dit_.has_lora() && !dit_.has_control() ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
     const DitConfig& c = dit_.config();
     SequenceParallelPlan plan =
         plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
@@ -181,7 +185,7 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
   const int64_t lh = r.height / vae_.downscale(), lw = r.width / vae_.downscale();
   const FlowMatchSchedule sched = flow_match_schedule(model_.scheduler, steps, (lh / 2) * (lw / 2));
   spec.schedule = &sched;
-  spec.begin = r.strength ? strength_begin_index(steps, *r.strength) : 0;
+  spec.begin = r.strength && !r.control_image ? strength_begin_index(steps, *r.strength) : 0;
   spec.guidance = guidance;
   spec.cfg_normalization = r.cfg_normalization;
   spec.cfg_truncation = r.cfg_truncation;
@@ -197,6 +201,18 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
 
   // 3. Start latents: noise, or the init images' latents noised to the first sigma that runs.
   StartLatents start = make_start_latents(r, b, sched.sigmas[size_t(spec.begin)]);
+  // The ControlNet's input: the control image's latents (and, inpainting, the mask and masked image's).
+  std::optional<ZImageDit::Control> control;
+  if (r.control_image) {
+    const Tensor pixels = r.images.empty() ? Tensor() : resize_images(r.images, r.height, r.width);
+    const Tensor masks = r.masks.empty() ? Tensor() : preprocess_masks(r.masks, r.height, r.width);
+    control = ZImageDit::Control{
+        controlnet_,
+        control_latents(be_, vae_, resize_images({*r.control_image}, r.height, r.width),
+                        controlnet_->config().in_channels, pixels.defined() ? &pixels : nullptr,
+                        masks.defined() ? &masks : nullptr),
+        r.controlnet_scale};
+  }
   Backend::Mark m_encode = be_.mark();
   Tensor latents = start.latents;
   if (start.blend) spec.blend = &*start.blend;
@@ -206,7 +222,9 @@ GenerateResult TextToImagePipeline::generate_unchecked(const GenerateRequest& re
     return dit_forward(x, t, caps, cfg_batch);
   };
   dit_.set_lora(r.lora_groups, b);
+  dit_.set_control(std::move(control));
   DenoiseMarks marks = denoise(be_, dit, spec, latents, non_finite, 1, progress);
+  dit_.set_control(std::nullopt);
 
   // The other ranks of a multi-GPU generation hold the same latents: rank 0 alone decodes.
   if (rank_.rank != 0) return res;

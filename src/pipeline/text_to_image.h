@@ -18,6 +18,7 @@
 #include "model/model_source.h"
 #include "model/qwen3.h"
 #include "model/vae.h"
+#include "model/zimage_controlnet.h"
 #include "model/zimage_dit.h"
 #include "parallel/communicator.h"
 #include "pipeline/denoise.h"
@@ -52,6 +53,13 @@ struct GenerateRequest {
   std::vector<ImageU8> images;
   std::vector<ImageU8> masks;  // empty, one for all images, or one per image
   std::optional<double> strength;
+  // ControlNet (the model's ModelSource::controlnet), as diffusers' ZImageControlNetPipeline: a control
+  // image, resized to height x width, conditions every image of the batch, its outputs scaled by
+  // controlnet_scale (controlnet_conditioning_scale). With one init image and one mask it is
+  // ZImageControlNetInpaintPipeline (v2 ControlNets): the start is noise, and the mask and the masked
+  // image are the ControlNet's extra input channels.
+  std::optional<ImageU8> control_image;
+  float controlnet_scale = 0.75f;
 };
 
 // Stage durations of one call, from marks in the backend's queue (text_encoder includes tokenization).
@@ -182,6 +190,7 @@ class TextToImagePipeline final : public ImageGenerator {
   Qwen3TextEncoder text_encoder_;
   ZImageDit dit_;
   Vae vae_;
+  std::shared_ptr<const ZImageControlNet> controlnet_;  // the model's, if any
   // limits.cuda_graphs on a device alone (a multi-GPU rank's forward holds collectives).
   bool graphs_;
   // Recorded DiT forwards by token layout (batch, latent size, caption lengths); each reserves one

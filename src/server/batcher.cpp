@@ -10,9 +10,10 @@ namespace {
 
 // Requests that can share one denoising loop: everything but the prompts and the seeds must match.
 // An edit runs alone: the pipeline draws an image batch's VAE samples and noise from one generator
-// (diffusers' order), so two edits in one batch would not get the draws each gets alone.
+// (diffusers' order), so two edits in one batch would not get the draws each gets alone. A ControlNet
+// request runs alone too: its control image conditions its whole batch.
 bool compatible(const ImageRequest& a, const ImageRequest& b) {
-  if (a.is_edit() || b.is_edit()) return false;
+  if (a.runs_alone() || b.runs_alone()) return false;
   return a.width == b.width && a.height == b.height && a.steps == b.steps && a.guidance == b.guidance &&
          a.cfg_normalization == b.cfg_normalization && a.cfg_truncation == b.cfg_truncation &&
          a.max_sequence_length == b.max_sequence_length;
@@ -33,14 +34,20 @@ GenerateRequest batch_request(const std::vector<std::shared_ptr<Job>>& jobs) {
   g.max_sequence_length = first.max_sequence_length;
   g.generator = GeneratorDevice::Cuda;  // as SGLang; the engine computes torch's CUDA stream on any backend
   g.num_images_per_prompt = 1;
-  if (first.is_edit()) {  // alone in its batch (compatible()): one generator seeded with its seed
-    ZI_ASSERT(jobs.size() == 1 && first.seeds.size() == 1);
+  if (first.runs_alone()) {  // alone in its batch (compatible())
+    ZI_ASSERT(jobs.size() == 1);
     g.prompts.assign(size_t(first.n), first.prompt);
     g.negative_prompts.assign(size_t(first.n), first.negative_prompt);
-    g.seed = first.seeds[0];
+    if (first.seeds.size() == 1) {  // an edit's images: one generator seeded with its seed
+      g.seed = first.seeds[0];
+    } else {
+      for (uint64_t s : first.seeds) g.noise_groups.push_back({1, s});
+    }
     g.images = first.images;
     g.masks = first.masks;
     g.strength = first.strength;
+    g.control_image = first.control_image;
+    g.controlnet_scale = first.controlnet_scale;
     if (!first.adapters.empty()) g.lora_groups.push_back({first.n, first.adapters});
     return g;
   }

@@ -64,6 +64,7 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
 
   std::vector<const FormPart*> image_parts;
   const FormPart* mask_part = nullptr;
+  const FormPart* control_part = nullptr;
   std::optional<std::string> strength_text;
   json fields = json::object();
   for (const FormPart& part : parts) {
@@ -75,12 +76,17 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
       image_parts.push_back(&part);
       continue;
     }
-    const bool repeated = name == "mask"       ? mask_part != nullptr
-                          : name == "strength" ? strength_text.has_value()
-                                               : fields.contains(name);
+    const bool repeated = name == "mask"            ? mask_part != nullptr
+                          : name == "control_image" ? control_part != nullptr
+                          : name == "strength"      ? strength_text.has_value()
+                                                    : fields.contains(name);
     if (repeated) reject(name.substr(0, 100) + " is given more than once", name.substr(0, 100));
     if (name == "mask") {
       mask_part = &part;
+      continue;
+    }
+    if (name == "control_image") {
+      control_part = &part;
       continue;
     }
     const std::string text(part.data);
@@ -143,6 +149,14 @@ std::vector<ImageRequest> parse(std::string_view content_type, std::string_view 
              "image");
   base.masks = masks;
   base.strength = strength;
+  if (control_part) {  // ControlNet inpainting: the control image, the init image and its mask
+    if (!policy.controlnet)
+      reject("control_image needs a ControlNet: this server was started without --controlnet", "control_image");
+    if (masks.empty() || images.size() != 1)
+      reject("an edit with a control_image is ControlNet inpainting: give one image and its mask", "control_image");
+    if (strength) reject("strength does not apply to ControlNet inpainting, which starts from noise", "strength");
+    base.control_image = decode_upload(*control_part, "control_image", "control_image", limits);
+  }
 
   std::vector<ImageRequest> out;
   for (ImageU8& image : images) {

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "io/untrusted_json.h"
+#include "server/base64.h"
 #include "text/tokenizer.h"
 
 namespace zimage::server {
@@ -162,6 +163,30 @@ std::vector<LoraRef> get_loras(const json& body, const RequestPolicy& p) {
   return out;
 }
 
+// "control_image": base64, or a data URL ("data:image/png;base64,...") of a PNG, JPEG or WebP file.
+ImageU8 get_control_image(const json& v, const RequestPolicy& p) {
+  const char* param = "control_image";
+  if (!p.controlnet) reject("control_image needs a ControlNet: this server was started without --controlnet", param);
+  if (!v.is_string()) reject("control_image must be a base64 string or a data URL of a PNG, JPEG or WebP image", param);
+  std::string_view text = v.get_ref<const std::string&>();
+  if (text.starts_with("data:")) {
+    const size_t comma = text.find(',');
+    if (comma == std::string_view::npos || !text.substr(0, comma).ends_with(";base64"))
+      reject("control_image is a data URL without \";base64,\" data", param);
+    text.remove_prefix(comma + 1);
+  }
+  const auto bytes = base64_decode(text);
+  if (!bytes) reject("control_image is not valid base64 (RFC 4648, padded)", param);
+  if (bytes->empty()) reject("control_image is empty", param);
+  try {
+    DecodeLimits d;
+    d.max_pixels = p.max_control_pixels;
+    return decode_image(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size(), d);
+  } catch (const Error& e) {
+    reject(std::string("control_image is not a PNG, JPEG or WebP image the server can read: ") + e.what(), param);
+  }
+}
+
 const std::set<std::string>& known_fields() {
   static const std::set<std::string> k = {"prompt",         "n",
                                           "size",           "response_format",
@@ -171,7 +196,8 @@ const std::set<std::string>& known_fields() {
                                           "guidance_scale", "negative_prompt",
                                           "seed",           "cfg_normalization",
                                           "cfg_truncation", "max_sequence_length",
-                                          "lora",           "lora_path"};
+                                          "lora",           "lora_path",
+                                          "control_image",  "controlnet_scale"};
   return k;
 }
 
@@ -249,6 +275,8 @@ ImageRequest parse(std::string_view text, const RequestPolicy& p) {
   }
 
   r.loras = get_loras(body, p);
+  if (const json* c = field(body, "control_image")) r.control_image = get_control_image(*c, p);
+  r.controlnet_scale = get_float(body, "controlnet_scale", 0.75f);
 
   std::string format = get_string(body, "response_format", "b64_json");
   if (format == "b64_json")

@@ -46,6 +46,12 @@ struct ImageRequest {
   std::vector<ImageU8> images, masks;
   std::optional<double> strength;
   bool is_edit() const { return !images.empty(); }
+  // ControlNet (serve --controlnet): "control_image" (base64 or a data: URL in JSON; a file part on
+  // /v1/images/edits, where with the mask it is ControlNet inpainting) and "controlnet_scale".
+  std::optional<ImageU8> control_image;
+  float controlnet_scale = 0.75f;
+  // Edits and ControlNet requests run alone (batcher.h).
+  bool runs_alone() const { return is_edit() || control_image.has_value(); }
 };
 
 // What the server accepts and what it fills in for fields left out.
@@ -60,6 +66,8 @@ struct RequestPolicy {
   int default_width = 1024, default_height = 1024;
   std::set<std::string> lora_names;  // the adapters a request may name (serve --lora-dir)
   int max_loras = 8;                 // per request
+  bool controlnet = false;           // a ControlNet is loaded: control_image is accepted
+  int64_t max_control_pixels = int64_t(4096) * 4096;  // a control image's decoded size
 };
 
 struct RequestError {

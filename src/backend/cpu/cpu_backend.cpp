@@ -147,16 +147,21 @@ class CpuBackend final : public Backend {
     return y;
   }
 
-  void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
-                                float eps) override {
+  void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps,
+                                const Tensor* extra) override {
     check_f32(x, "gated_residual_rms_norm_");
     check_f32(y, "gated_residual_rms_norm_");
     ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
     int64_t bsz = x.dim(0), s = x.dim(1), d = x.dim(2);
     if (gate) ZI_ASSERT(gate->numel() == bsz * d);
+    if (extra) {
+      check_f32(*extra, "gated_residual_rms_norm_");
+      ZI_ASSERT(extra->shape() == x.shape());
+    }
     float* xp = x.f32();
     const float *yp = y.f32(), *wp = w.f32();
     const float* gp = gate ? gate->f32() : nullptr;
+    const float* ep = extra ? extra->f32() : nullptr;
     parallel_for(bsz * s, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float* yr = yp + i * d;
@@ -164,6 +169,8 @@ class CpuBackend final : public Backend {
         float* xr = xp + i * d;
         float inv = rms_inv(yr, d, eps);
         for (int64_t j = 0; j < d; ++j) xr[j] += (gr ? std::tanh(gr[j]) : 1.0f) * (yr[j] * inv * wp[j]);
+        if (ep)
+          for (int64_t j = 0; j < d; ++j) xr[j] += ep[i * d + j];
       }
     });
   }

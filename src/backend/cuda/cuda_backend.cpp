@@ -370,23 +370,34 @@ class CudaBackend final : public Backend {
     return y;
   }
 
-  void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps) override {
+  void gated_residual_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate, float eps,
+                                const Tensor* extra) override {
     auto scope = profile("gated_residual_rms_norm_");
     check_bf16(x, "gated_residual_rms_norm_");
     check_bf16(y, "gated_residual_rms_norm_");
     ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
-    cuda::gated_residual_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    if (extra) {
+      check_bf16(*extra, "gated_residual_rms_norm_");
+      ZI_ASSERT(extra->shape() == x.shape());
+    }
+    cuda::gated_residual_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), cbf_or_null(extra), x.dim(0), x.dim(1),
+                                  x.dim(2), eps, stream_);
   }
 
   Tensor gated_residual_then_rms_norm_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
-                                       const Tensor& w_next, const Tensor* scale_next, float eps) override {
+                                       const Tensor& w_next, const Tensor* scale_next, float eps,
+                                       const Tensor* extra) override {
     auto scope = profile("gated_residual_then_rms_norm_");
     check_bf16(x, "gated_residual_then_rms_norm_");
     check_bf16(y, "gated_residual_then_rms_norm_");
     ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
+    if (extra) {
+      check_bf16(*extra, "gated_residual_then_rms_norm_");
+      ZI_ASSERT(extra->shape() == x.shape());
+    }
     Tensor out = empty(x.shape(), DType::BF16);
-    cuda::gated_residual_then_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), cbf(w_next), cbf_or_null(scale_next),
-                                       mbf(out), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    cuda::gated_residual_then_rms_norm(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), cbf_or_null(extra), cbf(w_next),
+                                       cbf_or_null(scale_next), mbf(out), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
     return out;
   }
 

@@ -60,13 +60,14 @@ void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t rows, int64_t d, fl
 // x, y [batch, seq, d]; y = rms_norm(x) * w * (1 + scale[b]) with scale [batch, d] (null: no modulation).
 void modulated_rms_norm(const bf16* x, const bf16* w, const bf16* scale, bf16* y, int64_t batch, int64_t seq, int64_t d,
                         float eps, cudaStream_t stream);
-// x [batch, seq, d] += tanh(gate[b]) * rms_norm(y) * w (gate null: x += rms_norm(y) * w).
-void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, int64_t batch, int64_t seq,
-                             int64_t d, float eps, cudaStream_t stream);
+// x [batch, seq, d] += tanh(gate[b]) * rms_norm(y) * w (gate null: x += rms_norm(y) * w), then
+// x += extra [batch, seq, d] (null: nothing; a ControlNet's output), rounded to bf16 once.
+void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra, int64_t batch,
+                             int64_t seq, int64_t d, float eps, cudaStream_t stream);
 // The same, then out = rms_norm(x) * w_next * (1 + scale_next[b]) of the updated x, in one pass over the rows.
-void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* w_next,
-                                  const bf16* scale_next, bf16* out, int64_t batch, int64_t seq, int64_t d, float eps,
-                                  cudaStream_t stream);
+void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra,
+                                  const bf16* w_next, const bf16* scale_next, bf16* out, int64_t batch, int64_t seq,
+                                  int64_t d, float eps, cudaStream_t stream);
 // y = layer_norm(x) (no affine) * (1 + scale[b])
 void modulated_layer_norm(const bf16* x, const bf16* scale, bf16* y, int64_t batch, int64_t seq, int64_t d, float eps,
                           cudaStream_t stream);

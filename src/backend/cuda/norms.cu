@@ -48,7 +48,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 enum class RowNorm {
   Rms,            // dst = src * rsqrt(mean(src^2) + eps) * w * (1 + mod[b])
-  GatedResidual,  // dst += tanh(mod[b]) * (src * rsqrt(mean(src^2) + eps) * w)   (mod null: factor 1)
+  GatedResidual,  // dst += tanh(mod[b]) * (src * rsqrt(mean(src^2) + eps) * w) (+ extra)   (mod null: factor 1)
   GatedResidualThenRms,  // GatedResidual, then dst2 = Rms of the updated dst with w2 and mod2
   LayerNorm,      // dst = (src - mean) * rsqrt(var + eps) * (1 + mod[b])          (no affine)
 };
@@ -65,6 +65,7 @@ struct RowNormArgs {
   const bf16* w2 = nullptr;    // GatedResidualThenRms: the next RMSNorm's weight [d]
   const bf16* mod2 = nullptr;  // and its scale [batch, d] or null
   bf16* dst2 = nullptr;        // and its output [rows, d]
+  const bf16* extra = nullptr;  // GatedResidual*: [rows, d] added to the updated residual, or null
 };
 
 constexpr int kTargetThreads = 128;  // threads per row while kVpt < kMaxVpt
@@ -72,7 +73,7 @@ constexpr int kMaxVpt = 8;
 constexpr int kMaxThreadsAtMaxVpt = 256;  // so d <= 8 * 8 * 256 = 16384 on the 16-byte path
 
 // Bytes: Rms and LayerNorm read 2*d and write 2*d per row; GatedResidual reads 4*d (src and the
-// residual) and writes 2*d; GatedResidualThenRms writes 2*d more and saves the next norm's read of the
+// residual; 6*d with a ControlNet's extra, which saves a separate add's 6*d) and writes 2*d; GatedResidualThenRms writes 2*d more and saves the next norm's read of the
 // residual (and a launch). w and mod ([batch, d]) stay in L1/L2. Memory bound at ~4.2 TB/s (H200):
 // the DiT's 2 x 4128 rows of 3840 move 127 MB in ~30 us (Rms) and 190 MB in ~45 us (GatedResidual).
 // Math per row: two block reductions at most (LayerNorm's mean, then its centred sum of squares from
@@ -149,6 +150,12 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
           unpack<kW>(res[i], r);
 #pragma unroll
           for (int k = 0; k < kW; ++k) o[k] = r[k] + (mod ? tanhf(m[k]) : 1.0f) * (x[k] * inv * w[k]);
+          if (a.extra) {
+            float e[kW];
+            unpack<kW>(load_vec<kW>(a.extra + row * a.d + off), e);
+#pragma unroll
+            for (int k = 0; k < kW; ++k) o[k] += e[k];
+          }
         }
       }
       store_vec<kW>(dst + off, o);
@@ -205,7 +212,7 @@ template <RowNorm kKind>
 void launch_row_norm(const RowNormArgs& a, const char* op, cudaStream_t stream) {
   if (a.rows <= 0 || a.d <= 0) return;
   const bool wide = a.d % 8 == 0 && aligned16(a.src) && aligned16(a.w) && aligned16(a.mod) && aligned16(a.dst) &&
-                    aligned16(a.w2) && aligned16(a.mod2) && aligned16(a.dst2);
+                    aligned16(a.w2) && aligned16(a.mod2) && aligned16(a.dst2) && aligned16(a.extra);
   const int64_t nvec = wide ? a.d / 8 : a.d;
   int vpt = 1;
   while (vpt < kMaxVpt && (nvec + vpt - 1) / vpt > kTargetThreads) vpt *= 2;
@@ -232,15 +239,18 @@ void modulated_rms_norm(const bf16* x, const bf16* w, const bf16* scale, bf16* y
   launch_row_norm<RowNorm::Rms>({x, w, scale, y, batch * seq, seq, d, eps}, "modulated_rms_norm", stream);
 }
 
-void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, int64_t batch, int64_t seq,
-                             int64_t d, float eps, cudaStream_t stream) {
-  launch_row_norm<RowNorm::GatedResidual>({y, w, gate, x, batch * seq, seq, d, eps}, "gated_residual_rms_norm", stream);
+void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra, int64_t batch,
+                             int64_t seq, int64_t d, float eps, cudaStream_t stream) {
+  RowNormArgs a{y, w, gate, x, batch * seq, seq, d, eps};
+  a.extra = extra;
+  launch_row_norm<RowNorm::GatedResidual>(a, "gated_residual_rms_norm", stream);
 }
 
-void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* w_next,
-                                  const bf16* scale_next, bf16* out, int64_t batch, int64_t seq, int64_t d, float eps,
-                                  cudaStream_t stream) {
+void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra,
+                                  const bf16* w_next, const bf16* scale_next, bf16* out, int64_t batch, int64_t seq,
+                                  int64_t d, float eps, cudaStream_t stream) {
   RowNormArgs a{y, w, gate, x, batch * seq, seq, d, eps};
+  a.extra = extra;
   a.w2 = w_next;
   a.mod2 = scale_next;
   a.dst2 = out;
