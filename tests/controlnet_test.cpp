@@ -15,6 +15,7 @@
 #include "pipeline/request_limits.h"
 #include "pipeline/text_to_image.h"
 #include "server/base64.h"
+#include "server/edit_request.h"
 #include "server/image_request.h"
 #include "test_util.h"
 
@@ -262,4 +263,42 @@ TEST(ControlNet, ServerControlImageField) {
   EXPECT_NE(e.message.find("must be a base64 string"), std::string::npos) << e.message;
   e = error({{"prompt", "x"}, {"control_image", "data:image/png," + b64}}, p);
   EXPECT_NE(e.message.find("without \";base64,\""), std::string::npos) << e.message;
+}
+
+// On /v1/images/edits the control image is a file part: with the image and its mask it is ControlNet
+// inpainting; without a mask, with a strength or without a loaded ControlNet it is refused.
+TEST(ControlNet, EditsTakeAControlImagePart) {
+  using zimage::testing::FormField;
+  const std::string dir = golden_path("wave3/cases/cn_v2_inpaint");
+  auto bytes = [&](const std::string& name) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const FormField image{"image", bytes("input.png"), "input.png", "image/png"};
+  const FormField mask{"mask", bytes("mask.png"), "mask.png", "image/png"};
+  const FormField control{"control_image", bytes("control.png"), "control.png", "image/png"};
+  server::RequestPolicy p;
+  p.controlnet = true;
+  auto parse = [&](const std::vector<FormField>& fields, const server::RequestPolicy& policy) {
+    return server::parse_edit_request(zimage::testing::kFormType, zimage::testing::form_body(fields), policy);
+  };
+  auto ok = parse({{"prompt", "a stone bridge"}, image, mask, control, {"controlnet_scale", "0.9"}}, p);
+  ASSERT_TRUE((std::holds_alternative<std::vector<server::ImageRequest>>(ok)))
+      << std::get<server::RequestError>(ok).message;
+  const auto& r = std::get<std::vector<server::ImageRequest>>(ok).at(0);
+  ASSERT_TRUE(r.control_image.has_value());
+  EXPECT_EQ(image_to_tensor(*r.control_image).to_vector(), image_to_tensor(read_image(dir + "/control.png")).to_vector());
+  EXPECT_EQ(r.controlnet_scale, 0.9f);
+  EXPECT_EQ(r.masks.size(), 1u);
+  EXPECT_TRUE(r.runs_alone());
+  auto refused = [&](const std::vector<FormField>& fields, const server::RequestPolicy& policy, const std::string& part) {
+    auto res = parse(fields, policy);
+    ASSERT_TRUE(std::holds_alternative<server::RequestError>(res));
+    EXPECT_NE(std::get<server::RequestError>(res).message.find(part), std::string::npos)
+        << std::get<server::RequestError>(res).message;
+  };
+  refused({{"prompt", "x"}, image, control}, p, "give one image and its mask");
+  refused({{"prompt", "x"}, image, mask, control, {"strength", "0.5"}}, p, "strength does not apply");
+  refused({{"prompt", "x"}, image, mask, control}, server::RequestPolicy{}, "without --controlnet");
+  refused({{"prompt", "x"}, image, mask, control, control}, p, "more than once");
 }

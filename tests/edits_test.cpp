@@ -4,18 +4,20 @@
 // multipart bodies built by real clients (Python's standard library, curl -F) as OpenAI's SDK sends them.
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <openssl/evp.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <mutex>
 #include <optional>
 #include <sstream>
 
 #include "io/image.h"
 #include "model/model_source.h"
+#include "model/zimage_controlnet.h"
 #include "pipeline/text_to_image.h"
+#include "server/base64.h"
 #include "server/batcher.h"
 #include "server/edit_request.h"
 #include "server/http_server.h"
@@ -26,30 +28,13 @@
 using namespace zimage;
 using namespace zimage::server;
 using nlohmann::json;
+using zimage::testing::FormField;
+using zimage::testing::golden_path;
+using zimage::testing::form_body;
+using zimage::testing::kFormBoundary;
+using zimage::testing::kFormType;
 
 namespace {
-
-const std::string kBoundary = "----zimageBoundary7MA4YWxkTrZu0gW";
-const std::string kFormType = "multipart/form-data; boundary=" + kBoundary;
-
-// One form part as a client writes it.
-struct Field {
-  Field(std::string n, std::string v, std::string file = "", std::string type = "")
-      : name(std::move(n)), value(std::move(v)), filename(std::move(file)), content_type(std::move(type)) {}
-  std::string name, value, filename, content_type;
-};
-
-std::string form_body(const std::vector<Field>& fields, const std::string& boundary = kBoundary) {
-  std::string body;
-  for (const Field& f : fields) {
-    body += "--" + boundary + "\r\nContent-Disposition: form-data; name=\"" + f.name + "\"";
-    if (!f.filename.empty()) body += "; filename=\"" + f.filename + "\"";
-    body += "\r\n";
-    if (!f.content_type.empty()) body += "Content-Type: " + f.content_type + "\r\n";
-    body += "\r\n" + f.value + "\r\n";
-  }
-  return body + "--" + boundary + "--\r\n";
-}
 
 // A w x h RGB image whose pixels depend on position and `salt`.
 ImageU8 pattern(int w, int h, int salt) {
@@ -74,7 +59,7 @@ std::string png(const ImageU8& im) {
   return std::string(bytes.begin(), bytes.end());
 }
 
-Field file(const std::string& name, const std::string& bytes, const std::string& filename = "image.png") {
+FormField file(const std::string& name, const std::string& bytes, const std::string& filename = "image.png") {
   return {name, bytes, filename, "image/png"};
 }
 
@@ -116,10 +101,10 @@ TEST(Multipart, MalformedBodiesAndLimitsAreClearErrors) {
   EXPECT_EQ(error(good), "");
   EXPECT_NE(error("no boundary at all").find("no boundary line"), std::string::npos);
   EXPECT_NE(error(good.substr(0, good.size() - 12)).find("closing boundary"), std::string::npos);
-  EXPECT_NE(error("--" + kBoundary + "\r\nX-Other: 1\r\n\r\nv\r\n--" + kBoundary + "--").find("Content-Disposition"),
+  EXPECT_NE(error("--" + kFormBoundary + "\r\nX-Other: 1\r\n\r\nv\r\n--" + kFormBoundary + "--").find("Content-Disposition"),
             std::string::npos);
   EXPECT_NE(
-      error("--" + kBoundary + "\r\nContent-Disposition: attachment; name=\"a\"\r\n\r\nv\r\n--" + kBoundary + "--")
+      error("--" + kFormBoundary + "\r\nContent-Disposition: attachment; name=\"a\"\r\n\r\nv\r\n--" + kFormBoundary + "--")
           .find("not form-data"),
       std::string::npos);
   MultipartLimits one_part;
@@ -141,11 +126,11 @@ RequestPolicy policy() {
   return p;
 }
 
-std::variant<std::vector<ImageRequest>, RequestError> parse_edit(const std::vector<Field>& fields) {
+std::variant<std::vector<ImageRequest>, RequestError> parse_edit(const std::vector<FormField>& fields) {
   return parse_edit_request(kFormType, form_body(fields), policy());
 }
 
-void expect_rejected(const std::vector<Field>& fields, const std::string& param, const std::string& message_part) {
+void expect_rejected(const std::vector<FormField>& fields, const std::string& param, const std::string& message_part) {
   auto parsed = parse_edit(fields);
   ASSERT_TRUE(std::holds_alternative<RequestError>(parsed)) << "accepted; expected an error on " << param;
   const RequestError& e = std::get<RequestError>(parsed);
@@ -213,10 +198,10 @@ TEST(EditRequest, BadInputsNameTheirField) {
   expect_rejected({{"prompt", "a"}, {"prompt", "b"}, file("image", image)}, "prompt", "more than once");
   expect_rejected({{"prompt", "a"}, {"colour", "red"}, file("image", image)}, "colour", "unrecognized");
   expect_rejected({{"prompt", "a"}, file("image", png(pattern(8, 40, 0)))}, "image", "at least 16");
-  std::vector<Field> five{{"prompt", "a"}};
+  std::vector<FormField> five{{"prompt", "a"}};
   for (int i = 0; i < 5; ++i) five.push_back(file("image[]", image));
   expect_rejected(five, "image", "more than 4 images");
-  auto bad_body = parse_edit_request(kFormType, "--" + kBoundary + "\r\nContent-Disposition: form-data", policy());
+  auto bad_body = parse_edit_request(kFormType, "--" + kFormBoundary + "\r\nContent-Disposition: form-data", policy());
   ASSERT_TRUE(std::holds_alternative<RequestError>(bad_body));
   EXPECT_EQ(std::get<RequestError>(bad_body).param, "");  // the body as a whole, as a generation's bad JSON
 }
@@ -258,16 +243,17 @@ struct TestServer {
   Batcher batcher;
   HttpServer http;
   int port;
-  static ServerOptions options() {
+  static ServerOptions options(bool controlnet) {
     ServerOptions o;
     o.port = 0;
     o.model_id = "synthetic:tiny";
     o.policy.default_steps = 2;
+    o.policy.controlnet = controlnet;
     o.max_body_bytes = size_t(8) << 20;
     return o;
   }
-  explicit TestServer(Batcher::GenerateFn fn, Batcher::Options bo = {})
-      : batcher(std::move(fn), bo, metrics), http(options(), batcher, metrics), port(http.start()) {
+  explicit TestServer(Batcher::GenerateFn fn, Batcher::Options bo = {}, bool controlnet = false)
+      : batcher(std::move(fn), bo, metrics), http(options(controlnet), batcher, metrics), port(http.start()) {
     http.set_ready();
   }
   std::unique_ptr<httplib::Client> client() const {
@@ -278,20 +264,16 @@ struct TestServer {
 };
 
 std::string base64_decode(const std::string& s) {
-  std::string out(s.size() / 4 * 3, '\0');
-  int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                          reinterpret_cast<const unsigned char*>(s.data()), int(s.size()));
-  EXPECT_GE(n, 0);
-  size_t padding = s.size() >= 2 ? size_t(s[s.size() - 1] == '=') + size_t(s[s.size() - 2] == '=') : 0;
-  out.resize(size_t(std::max(n, 0)) - padding);
-  return out;
+  auto bytes = server::base64_decode(s);
+  EXPECT_TRUE(bytes.has_value());
+  return bytes.value_or("");
 }
 
 ImageU8 decode(const std::string& bytes) {
   return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
 }
 
-httplib::Result post_form(httplib::Client& c, const std::vector<Field>& fields) {
+httplib::Result post_form(httplib::Client& c, const std::vector<FormField>& fields) {
   return c.Post("/v1/images/edits", form_body(fields), kFormType.c_str());
 }
 
@@ -518,3 +500,65 @@ TEST(EditsEndpoint, CurlFormUpload) {
 }
 
 }  // namespace
+
+// A generation with a control image over HTTP (JSON, base64) runs alone, through the ControlNet, and
+// gives the pipeline's own image; a ControlNet inpainting edit too.
+TEST(EditsEndpoint, ControlImagesReachTheControlNet) {
+  static std::unique_ptr<Backend> be = make_cpu_backend();
+  ModelSource m = open_model(golden_path("tiny-zimage"));
+  attach_controlnet(m, golden_path("wave3/controlnet_union_v2.safetensors"), golden_path("wave3/controlnet_union_v2.json"));
+  TextToImagePipeline pipe(*be, m);
+  std::vector<GenerateRequest> calls;
+  std::mutex mutex;
+  TestServer s(
+      [&](const GenerateRequest& r) {
+        std::lock_guard<std::mutex> lock(mutex);
+        calls.push_back(r);
+        return pipe.generate(r);
+      },
+      {}, /*controlnet=*/true);
+  const std::string dir = golden_path("wave3/cases/cn_v2_inpaint");
+  auto bytes = [&](const std::string& name) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  auto r = s.client()->Post("/v1/images/generations",
+                            json{{"prompt", "a stone bridge"},
+                                 {"size", "64x80"},
+                                 {"seed", 5},
+                                 {"control_image", "data:image/png;base64," + base64_encode(bytes("control.png"))},
+                                 {"controlnet_scale", 0.9}}
+                                .dump(),
+                            "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  GenerateRequest g;
+  g.prompts = {"a stone bridge"};
+  g.width = 64;
+  g.height = 80;
+  g.steps = 2;
+  g.guidance = 0.0f;
+  g.seed = 5;
+  g.noise_groups = {{1, 5}};
+  g.control_image = read_image(dir + "/control.png");
+  g.controlnet_scale = 0.9f;
+  const ImageU8 want = item(pipe.generate(g).images, 0);
+  EXPECT_EQ(decode(base64_decode(json::parse(r->body)["data"][0]["b64_json"])).rgb, want.rgb);
+
+  auto e = post_form(*s.client(), {{"prompt", "a stone bridge"},
+                                   {"seed", "5"},
+                                   {"controlnet_scale", "0.9"},
+                                   file("image", bytes("input.png")),
+                                   file("mask", bytes("mask.png"), "mask.png"),
+                                   file("control_image", bytes("control.png"), "control.png")});
+  ASSERT_TRUE(e);
+  ASSERT_EQ(e->status, 200) << e->body;
+  std::lock_guard<std::mutex> lock(mutex);
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_TRUE(calls[1].control_image.has_value());
+  EXPECT_EQ(calls[1].masks.size(), 1u);
+  g.noise_groups.clear();
+  g.images = {read_image(dir + "/input.png")};
+  g.masks = {read_image(dir + "/mask.png")};
+  EXPECT_EQ(decode(base64_decode(json::parse(e->body)["data"][0]["b64_json"])).rgb, item(pipe.generate(g).images, 0).rgb);
+}

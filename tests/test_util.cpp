@@ -185,4 +185,16 @@ std::vector<uint8_t> scanlines(const std::vector<uint8_t>& pixels, int width, in
   return out;
 }
 
+std::string form_body(const std::vector<FormField>& fields, const std::string& boundary) {
+  std::string body;
+  for (const FormField& f : fields) {
+    body += "--" + boundary + "\r\nContent-Disposition: form-data; name=\"" + f.name + "\"";
+    if (!f.filename.empty()) body += "; filename=\"" + f.filename + "\"";
+    body += "\r\n";
+    if (!f.content_type.empty()) body += "Content-Type: " + f.content_type + "\r\n";
+    body += "\r\n" + f.value + "\r\n";
+  }
+  return body + "--" + boundary + "--\r\n";
+}
+
 }  // namespace zimage::testing

@@ -48,4 +48,14 @@ std::vector<uint8_t> make_png(uint32_t width, uint32_t height, uint8_t bit_depth
 // Rows of `bpp`-byte pixels, each prefixed by filter byte 0.
 std::vector<uint8_t> scanlines(const std::vector<uint8_t>& pixels, int width, int height, int bpp);
 
+// A multipart/form-data body as a client writes it (POST /v1/images/edits).
+inline const std::string kFormBoundary = "----zimageBoundary7MA4YWxkTrZu0gW";
+inline const std::string kFormType = "multipart/form-data; boundary=" + kFormBoundary;
+struct FormField {
+  FormField(std::string n, std::string v, std::string file = "", std::string type = "")
+      : name(std::move(n)), value(std::move(v)), filename(std::move(file)), content_type(std::move(type)) {}
+  std::string name, value, filename, content_type;
+};
+std::string form_body(const std::vector<FormField>& fields, const std::string& boundary = kFormBoundary);
+
 }  // namespace zimage::testing

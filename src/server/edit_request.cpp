@@ -29,6 +29,7 @@ const std::set<std::string>& number_fields() {
                                           "num_inference_steps",
                                           "seed",
                                           "guidance_scale",
+                                          "controlnet_scale",
                                           "cfg_normalization",
                                           "cfg_truncation",
                                           "max_sequence_length"};
