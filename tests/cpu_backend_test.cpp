@@ -83,3 +83,42 @@ TEST(CpuOps, AttentionOfAnItemEqualsItsOutputInAPaddedBatch) {
 }
 
 }  // namespace
+
+// Ring attention's parts: the attention of all keys equals two partial attentions over a split of the
+// keys merged by their log-sum-exp, and a block without valid keys merges as nothing.
+TEST(CpuBackend, PartialAttentionsMergeToTheWhole) {
+  auto be = make_cpu_backend();
+  const int h = 2, d = 16;
+  const int64_t n = 2, s = 40, width = 3 * h * d;
+  Tensor qkv = Tensor::empty({n, s, width}, DType::F32);
+  uint64_t state = 7;
+  for (int64_t i = 0; i < qkv.numel(); ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    qkv.f32()[i] = float(double(state >> 11) / double(1ull << 53) * 2.0 - 1.0);
+  }
+  const std::vector<int> key_len = {40, 29};
+  const Tensor whole = be->attention(qkv, h, h, d, 0.25f, false, key_len);
+  // Keys [0, 17) and [17, key_len): the second block as its own tensor of rows 17...
+  Tensor second = Tensor::empty({n, s - 17, width}, DType::F32);
+  for (int64_t i = 0; i < n; ++i)
+    std::copy(qkv.f32() + (i * s + 17) * width, qkv.f32() + (i * s + s) * width, second.f32() + i * (s - 17) * width);
+  Tensor lse_a, lse_b, lse_none;
+  Tensor out = be->attention_with_lse(qkv, qkv, h, d, 0.25f, {17, 17}, lse_a);
+  const Tensor b = be->attention_with_lse(qkv, second, h, d, 0.25f, {40 - 17, 29 - 17}, lse_b);
+  be->merge_attention_(out, lse_a, b, lse_b);
+  EXPECT_LE(zimage::testing::max_abs_diff(out, whole), 1e-6);
+  // log-sum-exp of the whole row, checked in double for one query.
+  double sum = 0;
+  for (int64_t j = 0; j < 29; ++j) {
+    double dot = 0;
+    for (int e = 0; e < d; ++e)
+      dot += double(qkv.f32()[(1 * s + 3) * width + e]) * double(qkv.f32()[(1 * s + j) * width + h * d + e]);
+    sum += std::exp(0.25 * dot);
+  }
+  EXPECT_NEAR(lse_a.f32()[(1 * s + 3) * h + 0], std::log(sum), 1e-5);
+  const Tensor none = be->attention_with_lse(qkv, qkv, h, d, 0.25f, {0, 0}, lse_none);
+  EXPECT_EQ(lse_none.f32()[0], -INFINITY);
+  const Tensor before = out.clone();
+  be->merge_attention_(out, lse_a, none, lse_none);
+  EXPECT_EQ(out.to_vector(), before.to_vector());
+}

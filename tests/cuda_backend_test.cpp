@@ -201,6 +201,47 @@ TEST_F(CudaOps, Attention) {
   }
 }
 
+// Ring attention's parts (parallel/usp_attention.h) against the CPU: a partial attention with its
+// log-sum-exp (queries and keys from two buffers, a key block without valid keys), and the merge.
+TEST_F(CudaOps, PartialAttentionAndMerge) {
+  struct Case {
+    int64_t b, sq, sk;
+    int h, d;
+    std::vector<int> key_len;
+    const char* what;
+  } cases[] = {
+      {1, 2208, 2048, 15, 128, {2048}, "DiT 1024^2 ring block (U=2, R=2)"},
+      {2, 2112, 2048, 15, 128, {2000, 0}, "CFG pair, one block with no valid key"},
+      {2, 96, 64, 1, 32, {64, 17}, "tiny DiT"},
+  };
+  for (const auto& c : cases) {
+    Tensor q = rnd({c.b, c.sq, 3 * int64_t(c.h) * c.d}), kv = rnd({c.b, c.sk, 3 * int64_t(c.h) * c.d});
+    Tensor kv2 = rnd({c.b, c.sk, 3 * int64_t(c.h) * c.d});
+    const float scale = 1.0f / std::sqrt(float(c.d));
+    Tensor lse_c, lse_g, lse2_c, lse2_g;
+    Tensor out_c = cpu_->attention_with_lse(q, kv, c.h, c.d, scale, c.key_len, lse_c);
+    Tensor out_g = gpu_->attention_with_lse(g(q), g(kv), c.h, c.d, scale, c.key_len, lse_g);
+    expect_close(out_g, out_c, std::string("attention_with_lse ") + c.what);
+    Tensor lse_host = gpu_->to_host_f32(lse_g);
+    double worst = 0;  // -inf where the reference has it, else within 1e-2 (bf16 inputs' rounding)
+    for (int64_t i = 0; i < lse_c.numel(); ++i) {
+      const float a = lse_host.f32()[i], b = lse_c.f32()[i];
+      if (std::isinf(b)) {
+        EXPECT_TRUE(std::isinf(a) && a < 0) << c.what;
+      } else {
+        worst = std::max(worst, double(std::fabs(a - b)));
+      }
+    }
+    EXPECT_LE(worst, 1e-2) << c.what;
+    std::vector<int> all(c.key_len.size(), int(c.sk));
+    Tensor out2_c = cpu_->attention_with_lse(q, kv2, c.h, c.d, scale, all, lse2_c);
+    Tensor out2_g = gpu_->attention_with_lse(g(q), g(kv2), c.h, c.d, scale, all, lse2_g);
+    cpu_->merge_attention_(out_c, lse_c, out2_c, lse2_c);
+    gpu_->merge_attention_(out_g, lse_g, out2_g, lse2_g);
+    expect_close(out_g, out_c, std::string("merge_attention_ ") + c.what);
+  }
+}
+
 TEST_F(CudaOps, Conv2d) {
   struct Case {
     Shape x;

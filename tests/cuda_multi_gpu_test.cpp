@@ -34,19 +34,26 @@ TEST(CudaNccl, OneRankWorld) {
   for (int64_t j = 0; j < t.numel(); ++j) caps.push_back(be->upload(f->get("dit0.cap." + std::to_string(j))));
   Tensor x = be->upload(stack_golden_items(*f, "dit0.x.", t.numel()), DType::F32);
   Tensor plain = be->to_host_f32(dit.forward(x, t.to_vector(), caps));
-  Tensor sharded, gathered;
+  Tensor sharded, ringed, gathered, shifted;
   world->run([&](int) {
     const auto& c = dit.config();
     SequenceParallelPlan plan = plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, 1, c.heads);
-    sharded = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, *comms[0]));
+    sharded = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, comms[0].get(), nullptr));
+    // The Ulysses x ring path on a ring of one: attention with log-sum-exp, merges, ring bookkeeping.
+    ringed = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, nullptr, comms[0].get()));
     Tensor v = be->upload(Tensor::from_f32({4}, {1, 2, 3, 4}), DType::F32), all = be->empty({4}, DType::F32);
     comms[0]->all_gather(v, all);
     gathered = be->to_host_f32(all);
+    Tensor next = be->empty({4}, DType::F32);
+    comms[0]->ring_shift(v, next);
+    shifted = be->to_host_f32(next);
   });
   EXPECT_EQ(gathered.to_vector(), (std::vector<float>{1, 2, 3, 4}));
-  double err = rel_l2_error(sharded, plain);
-  std::printf("one-rank NCCL forward_sharded vs forward: rel err %.3g\n", err);
+  EXPECT_EQ(shifted.to_vector(), (std::vector<float>{1, 2, 3, 4}));
+  double err = rel_l2_error(sharded, plain), ring_err = rel_l2_error(ringed, plain);
+  std::printf("one-rank NCCL forward_sharded vs forward: Ulysses rel err %.3g, ring rel err %.3g\n", err, ring_err);
   EXPECT_LE(err, 1e-3);
+  EXPECT_LE(ring_err, 1e-2);
 }
 
 // Two backends made on one thread (the second makes its GPU current) and used in turn from it: every op

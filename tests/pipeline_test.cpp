@@ -276,11 +276,12 @@ struct SimulatedRanks {
   }
 };
 
-ParallelConfig parallel(int u, bool cfg) {
+ParallelConfig parallel(int u, bool cfg, int ring = 1) {
   ParallelConfig c;
   c.ulysses_degree = u;
+  c.ring_degree = ring;
   c.cfg_parallel = cfg;
-  c.num_gpus = u * c.cfg_groups();
+  c.num_gpus = u * ring * c.cfg_groups();
   return c;
 }
 
@@ -324,6 +325,45 @@ TEST(MultiGpuPipeline, UnevenShardsMatchOneRank) {
     EXPECT_LE(err, 1e-5) << w << "x" << h;
     std::printf("%dx%d U=2 cfg-parallel: final latents max abs diff to one rank %.3g\n", w, h, err);
     expect_images_match(got.images, want.images, std::to_string(w) + "x" + std::to_string(h));
+  }
+}
+
+// Ulysses x ring (USP) on 4 and 8 simulated ranks: U=2 x R=2, U=1 x R=4, U=2 x R=4, and U=2 x R=2 with
+// CFG-parallel, every golden case (CFG on and off, portrait, a batch; on 4 shards: their grids are too small
+// for 8) and grids that split unevenly (portrait and landscape, 7x13 patches over 4 and 8 shards, with
+// CFG): the one-rank latents within 1e-5. An image too small for the shards is refused before the ranks run.
+TEST(MultiGpuPipeline, UlyssesTimesRingMatchesOneRank) {
+  auto& single = tiny_pipeline();
+  for (const ParallelConfig& c : {parallel(2, false, 2), parallel(1, false, 4), parallel(2, false, 4),
+                                  parallel(2, true, 2)}) {
+    SimulatedRanks ranks(c);
+    std::vector<std::pair<std::string, GenerateRequest>> requests;
+    // The golden images (at most 6 patches a side) split over 4 shards; 8 shards need the larger grids.
+    if (c.sequence_degree() <= 4)
+      for (const auto& gc : golden_cases()) requests.emplace_back(gc.name, request_for(gc));
+    for (auto [w, h] : {std::pair{112, 208}, std::pair{208, 112}}) {
+      GenerateRequest r;
+      r.prompts = {"a red bicycle leaning on a wall"};
+      r.width = w;
+      r.height = h;
+      r.steps = 2;
+      r.guidance = 3.0f;
+      r.seed = 11;
+      r.generator = GeneratorDevice::Cpu;
+      requests.emplace_back(std::to_string(w) + "x" + std::to_string(h), r);
+    }
+    for (const auto& [name, r] : requests) {
+      GenerateResult want = single.generate(r), got = ranks.pipeline->generate(r);
+      const double err = max_abs_diff(got.latents, want.latents);
+      EXPECT_LE(err, 1e-5) << name << " U=" << c.ulysses_degree << " R=" << c.ring_degree << " cfg=" << c.cfg_parallel;
+      std::printf("%-16s U=%d R=%d cfg-parallel=%d: final latents max abs diff to one rank %.3g\n", name.c_str(),
+                  c.ulysses_degree, c.ring_degree, int(c.cfg_parallel), err);
+    }
+    if (c.sequence_degree() == 8) {
+      GenerateRequest small = request_for(golden_cases()[0]);
+      zimage::testing::expect_error([&] { ranks.pipeline->resolve(small); }, ErrorKind::InvalidArgument,
+                                    {"too small to split over 8 GPUs"});
+    }
   }
 }
 

@@ -57,7 +57,7 @@ struct Ranks {
     LocalGroup group(size());
     group.run([&](Communicator& comm) {
       const size_t r = size_t(comm.rank());
-      outs[r] = backends[r]->to_host_f32(dits[r]->forward_sharded(latents, t, caps, plan, comm));
+      outs[r] = backends[r]->to_host_f32(dits[r]->forward_sharded(latents, t, caps, plan, &comm, nullptr));
     });
     return outs;
   }
@@ -69,6 +69,18 @@ ModelSource& tiny() {
 }
 
 }  // namespace
+
+// ring_shift: rank r receives rank r-1's tensor (rank 0 the last rank's).
+TEST(LocalGroup, RingShift) {
+  LocalGroup group(4);
+  std::vector<float> got(4);
+  group.run([&](Communicator& comm) {
+    Tensor send = Tensor::from_f32({1}, {float(10 + comm.rank())}), recv = Tensor::empty({1}, DType::F32);
+    comm.ring_shift(send, recv);
+    got[size_t(comm.rank())] = recv.f32()[0];
+  });
+  EXPECT_EQ(got, (std::vector<float>{13, 10, 11, 12}));
+}
 
 TEST(LocalGroup, AllToAllAndAllGather) {
   // Rank r sends [3 chunks of 2 values] = 100*r + 10*j + {0, 1} to rank j.
@@ -160,9 +172,14 @@ TEST(SequenceParallelDit, PlainAndShardedCallsShareOneModel) {
   SequenceParallelPlan plan = plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, 1, c.heads);
   Tensor plain = be->to_host_f32(dit.forward(x, t.to_vector(), caps));
   LocalGroup group(1);
-  Tensor sharded;
-  group.run([&](Communicator& comm) { sharded = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, comm)); });
+  Tensor sharded, ringed;
+  group.run([&](Communicator& comm) {
+    sharded = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, &comm, nullptr));
+    // The same on a ring of one rank: the Ulysses x ring path (partial attentions merged by log-sum-exp).
+    ringed = be->to_host_f32(dit.forward_sharded(x, t.to_vector(), caps, plan, nullptr, &comm));
+  });
   EXPECT_LE(max_abs_diff(sharded, plain), kTolerance);
+  EXPECT_LE(max_abs_diff(ringed, plain), kTolerance);
   EXPECT_EQ(max_abs_diff(be->to_host_f32(dit.forward(x, t.to_vector(), caps)), plain), 0.0);
 }
 

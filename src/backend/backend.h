@@ -130,6 +130,16 @@ class Backend {
   // Query heads share kv heads in groups of Hq/Hkv (GQA).
   virtual Tensor attention(const Tensor& qkv, int hq, int hkv, int d, float scale, bool causal,
                            const std::vector<int>& key_len) = 0;
+  // Ring attention's part (parallel/usp_attention.h): the queries of q_rows against the keys and values of
+  // kv_rows, both packed as attention() takes them ([B, Sq, 3*H*D] and [B, Sk, 3*H*D], H heads, no GQA),
+  // item b attending keys [0, key_len[b]) (0 allowed). Returns out [B, Sq, H*D] and lse [B, Sq, H] float32,
+  // lse = log sum_j exp(scale q.k_j) (-inf, and out 0, where no key is valid).
+  virtual Tensor attention_with_lse(const Tensor& q_rows, const Tensor& kv_rows, int heads, int d, float scale,
+                                    const std::vector<int>& key_len, Tensor& lse) = 0;
+  // Two partial attentions of the same queries over disjoint keys merged into the attention over both, in
+  // place on out [B, S, H*D] and lse [B, S, H] (float32 math): with m = max(lse, lse_b) (m = -inf: out stays),
+  //   out = (e^(lse-m) out + e^(lse_b-m) out_b) / (e^(lse-m) + e^(lse_b-m)),  lse = m + log(that sum).
+  virtual void merge_attention_(Tensor& out, Tensor& lse, const Tensor& out_b, const Tensor& lse_b) = 0;
 
   // ---- elementwise ----
   virtual void add_(Tensor& x, const Tensor& y) = 0;  // x += y (same shape)

@@ -273,6 +273,7 @@ Command add_bench(CLI::App& app) {
                   {"device", device},
                   {"num_gpus", par.num_gpus},
                   {"ulysses_degree", par.ulysses_degree},
+                  {"ring_degree", par.ring_degree},
                   {"cfg_parallel", par.cfg_parallel},
                   {"commit", git_commit()},
                   {"model", model.name},

@@ -20,10 +20,15 @@ std::unique_ptr<Backend> make_backend(const std::string& which, int device) {
 void add_device_options(CLI::App* cmd, DeviceOptions& o) {
   cmd->add_option("--backend", o.backend, "cpu, cuda or auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--num-gpus", o.num_gpus,
-                  "GPUs for one request (= --ulysses-degree, x2 with --cfg-parallel); with --backend cpu the ranks "
-                  "are simulated in one process, one at a time (a check of the multi-GPU path, not a speed-up)");
+                  "GPUs for one request (= --ulysses-degree x --ring-degree, x2 with --cfg-parallel); with --backend "
+                  "cpu the ranks are simulated in one process, one at a time (a check of the multi-GPU path, not a "
+                  "speed-up)");
   cmd->add_option("--ulysses-degree", o.ulysses_degree,
-                  "GPUs that split each image's tokens (must divide the DiT's heads; default: from --num-gpus)");
+                  "GPUs that split each image's heads (must divide the DiT's heads; default: the largest divisor of "
+                  "the heads that divides --num-gpus)");
+  cmd->add_option("--ring-degree", o.ring_degree,
+                  "Ulysses groups that pass K/V blocks around a ring (ring attention; default: what --num-gpus "
+                  "leaves after --ulysses-degree)");
   cmd->add_flag("--cfg-parallel", o.cfg_parallel, "Run the positive and negative CFG branches on two groups of GPUs");
   cmd->add_flag("--low-memory", o.low_memory,
                 "Keep the text encoder in host memory and stream its layers to the device per prompt "
@@ -36,7 +41,8 @@ void add_device_options(CLI::App* cmd, DeviceOptions& o) {
 
 ParallelConfig check_device_options(const DeviceOptions& o, const ModelSource& model) {
   const int found = o.backend == "cpu" ? o.num_gpus : cuda_device_count();
-  return parallel_config(o.num_gpus, o.ulysses_degree, o.cfg_parallel, DitConfig::from(model.transformer).heads, found);
+  return parallel_config(o.num_gpus, o.ulysses_degree, o.ring_degree, o.cfg_parallel,
+                         DitConfig::from(model.transformer).heads, found);
 }
 
 std::string Engine::device() const {

@@ -20,13 +20,13 @@ std::unique_ptr<Backend> make_backend(const std::string& which, int device = 0);
 
 struct DeviceOptions {
   std::string backend = "auto";
-  int num_gpus = 1, ulysses_degree = 0;  // 0: derived from --num-gpus
+  int num_gpus = 1, ulysses_degree = 0, ring_degree = 0;  // 0: derived from --num-gpus
   bool cfg_parallel = false;
   bool low_memory = false;  // PipelineLimits::low_memory
   bool cuda_graphs = false;  // PipelineLimits::cuda_graphs
 };
 
-// --backend, --num-gpus, --ulysses-degree, --cfg-parallel, --low-memory.
+// --backend, --num-gpus, --ulysses-degree, --ring-degree, --cfg-parallel, --low-memory.
 void add_device_options(CLI::App* cmd, DeviceOptions& o);
 
 // The flags checked against the model's heads and the GPUs present, before anything is loaded.

@@ -243,7 +243,7 @@ ZImageDit::Modulation ZImageDit::modulation(const Block& b, const Tensor* mod) {
 //   hn = norm1(x)·(1 + scale_msa);  x += tanh(gate_msa)·norm2(attention(hn))
 //   fn = ffn_norm1(x)·(1 + scale_mlp);  x += tanh(gate_mlp)·ffn_norm2(FFN(fn)) (+ extra_after(i))
 void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tensor* mod, const Stage& st,
-                           Communicator* comm, const LoraBatch* lora, const std::function<Tensor(size_t)>& extra_after) {
+                           const Sharding* sp, const LoraBatch* lora, const std::function<Tensor(size_t)>& extra_after) {
   if (blocks.empty()) return;
   const auto& c = cfg_;
   const float eps = float(c.norm_eps);
@@ -257,8 +257,9 @@ void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tenso
     const Block& b = blocks[i];
     Tensor qkv = apply(be_, b.qkv, hn, lora, &rows);
     be_.qk_norm_rope_(qkv, h, h, d, b.norm_q, b.norm_k, kQkNormEps, st.cos, st.sin, RopeStyle::Interleaved);
-    Tensor attn = st.ulysses ? ulysses_attention(be_, *comm, *st.ulysses, qkv, h, d, scale)
-                             : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
+    Tensor attn = st.usp       ? usp_attention(be_, sp->ulysses, *sp->ring, *st.usp, qkv, h, d, scale)
+                  : st.ulysses ? ulysses_attention(be_, *sp->ulysses, *st.ulysses, qkv, h, d, scale)
+                               : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
     Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, lora, &rows), b.norm2,
                                                   opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps);
     Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, lora, &rows)), lora, &rows);
@@ -294,7 +295,7 @@ Tensor ZImageDit::control_tokens(const LayoutPlan& plan, int64_t n, int64_t lh, 
 // diffusers' ZImageControlTransformerBlock chain: c = before_proj(c) + x at the first block, then each
 // block on c, its after_proj(c) (times the scale) the hint it hands over.
 std::vector<Tensor> ZImageDit::run_control_blocks(std::span<const Block> blocks, Tensor& c, const Tensor& x,
-                                                  const Tensor& cmod, const Stage& st, Communicator* comm,
+                                                  const Tensor& cmod, const Stage& st, const Sharding* sp,
                                                   size_t hints) {
   std::vector<Tensor> out;
   for (size_t k = 0; k < blocks.size(); ++k) {
@@ -302,7 +303,7 @@ std::vector<Tensor> ZImageDit::run_control_blocks(std::span<const Block> blocks,
       c = apply(be_, blocks[0].before_proj, c);
       be_.add_(c, x);
     }
-    run_blocks(blocks.subspan(k, 1), c, &cmod, st, comm, nullptr);
+    run_blocks(blocks.subspan(k, 1), c, &cmod, st, sp, nullptr);
     if (k < hints) out.push_back(be_.scale_shift(apply(be_, blocks[k].after_proj, c), control_->scale, 0.0f));
   }
   return out;
@@ -321,9 +322,10 @@ std::shared_ptr<const ZImageDit::LayoutPlan> ZImageDit::plan_for(const Tensor& l
     cap_lengths.push_back(cap.dim(0));
   }
   const DitLayout lay = dit_layout(latents.dim(0), latents.dim(2), latents.dim(3), c.patch, cap_lengths);
-  const int rank = sp ? sp->comm.rank() : 0;
+  const int rank = sp ? sp->shard() : 0;
   // A sharded call of degree 1 differs from forward() (its output is gathered): sp is part of the key.
-  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 0, rank};
+  std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 0, sp ? sp->plan.ulysses : 0,
+                              rank};
   key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
   if (plan_ && plan_->key == key) return plan_;
   const int64_t n = lay.items, ni = lay.image_tokens;
@@ -389,8 +391,13 @@ std::shared_ptr<const ZImageDit::LayoutPlan> ZImageDit::plan_for(const Tensor& l
     // Sharded: the image tokens attend through Ulysses (the caption rows replicated in the unified
     // layers), and the output is every rank's final rows put back in grid order, pad rows cropped.
     const std::vector<int64_t> none(static_cast<size_t>(n), 0);  // the noise refiner has no replicated rows
-    p->x.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, 0, none));
-    p->u.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, lay.cap_max, lay.cap_padded));
+    if (sp->ring) {  // a ring (of one rank too: the one-GPU test of this path)
+      p->x.usp = std::make_unique<UspLayout>(usp_layout(sp->plan, rank, n, 0, none));
+      p->u.usp = std::make_unique<UspLayout>(usp_layout(sp->plan, rank, n, lay.cap_max, lay.cap_padded));
+    } else {
+      p->x.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, 0, none));
+      p->u.ulysses = std::make_unique<UlyssesLayout>(ulysses_layout(sp->plan, rank, n, lay.cap_max, lay.cap_padded));
+    }
     const auto owners = sp->plan.token_owners();
     for (int64_t i = 0; i < n; ++i)
       for (const auto& [s, k] : owners) gather_idx.push_back(int32_t((s * n + i) * nip + k));
@@ -429,11 +436,12 @@ Tensor ZImageDit::forward(const LayoutPlan& plan, const Tensor& latents, const T
 }
 
 Tensor ZImageDit::forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
-                                  const SequenceParallelPlan& plan, Communicator& comm) {
+                                  const SequenceParallelPlan& plan, Communicator* ulysses, Communicator* ring) {
   ZI_ASSERT(latents.ndim() == 4 && int64_t(t.size()) == latents.dim(0));
-  ZI_ASSERT(plan.degree == comm.size() && plan.heads == cfg_.heads && plan.grid_h == latents.dim(2) / cfg_.patch &&
+  ZI_ASSERT(plan.ulysses == (ulysses ? ulysses->size() : 1) && plan.ring == (ring ? ring->size() : 1) &&
+            plan.heads == cfg_.heads && plan.grid_h == latents.dim(2) / cfg_.patch &&
             plan.grid_w == latents.dim(3) / cfg_.patch);
-  const Sharding sp{plan, comm};
+  const Sharding sp{plan, ulysses, ring};
   return run(*plan_for(latents, caps, &sp), latents, be_.upload(Tensor::from_f32({int64_t(t.size())}, t), DType::F32),
              caps, &sp);
 }
@@ -446,7 +454,6 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
   ZI_ASSERT(latents.ndim() == 4 && latents.dim(0) == n && lh == lay.grid_h * c.patch && lw == lay.grid_w * c.patch);
   ZI_ASSERT(t.numel() == n && int64_t(caps.size()) == n);
   for (int64_t i = 0; i < n; ++i) ZI_ASSERT(caps[size_t(i)].dim(0) == lay.cap_len[size_t(i)]);
-  Communicator* comm = sp ? &sp->comm : nullptr;
   const int64_t ni = lay.image_tokens, nip = plan.image_rows, um = nip + lay.cap_max;
 
   // Time conditioning: adaln_input [N, A] and every block's modulation at once.
@@ -486,20 +493,20 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
     cmod = apply(be_, net->mod_, adaln);
     ctl = control_tokens(plan, n, lh, lw);
     if (cc.refiner == ControlRefiner::Plain) {
-      run_blocks(net->refiner_, ctl, &cmod, plan.x, comm, nullptr);
+      run_blocks(net->refiner_, ctl, &cmod, plan.x, sp, nullptr);
     } else {
       const auto& blocks = cc.refiner == ControlRefiner::ControlLayers ? net->layers_ : net->refiner_;
       const std::vector<Tensor> hints =
-          run_control_blocks(blocks, ctl, x, cmod, plan.x, comm, cc.refiner_places.size());
+          run_control_blocks(blocks, ctl, x, cmod, plan.x, sp, cc.refiner_places.size());
       x_ctrl = be_.gather_rows(x_src, plan.x_idx).reshape({n, nip, c.dim});
-      run_blocks(noise_refiner_, x_ctrl, &mod, plan.x, comm, &lora_, [&](size_t i) {
+      run_blocks(noise_refiner_, x_ctrl, &mod, plan.x, sp, &lora_, [&](size_t i) {
         auto at = std::find(cc.refiner_places.begin(), cc.refiner_places.end(), int64_t(i));
         return at == cc.refiner_places.end() ? Tensor() : hints[size_t(at - cc.refiner_places.begin())];
       });
     }
   }
 
-  run_blocks(noise_refiner_, x, &mod, plan.x, comm, &lora_);
+  run_blocks(noise_refiner_, x, &mod, plan.x, sp, &lora_);
   run_blocks(context_refiner_, cap, nullptr, plan.cap, nullptr, &lora_);  // replicated when sharded
 
   const Tensor cap_rows = cap.reshape({n * lay.cap_max, c.dim});
@@ -520,11 +527,11 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
     hook = [&](size_t i) {
       const auto& places = net->config().layer_places;
       if (next == places.size() || places[next] != int64_t(i)) return Tensor();
-      run_blocks(std::span<const Block>(net->layers_).subspan(next, 1), cu, &cmod, plan.u, comm, nullptr);
+      run_blocks(std::span<const Block>(net->layers_).subspan(next, 1), cu, &cmod, plan.u, sp, nullptr);
       return be_.scale_shift(apply(be_, net->layers_[next++].after_proj, cu), control_->scale, 0.0f);
     };
   }
-  run_blocks(layers_, u, &mod, plan.u, comm, &lora_, hook);
+  run_blocks(layers_, u, &mod, plan.u, sp, &lora_, hook);
 
   // Final layer on this rank's image rows: LayerNorm * (1 + Linear(SiLU(adaln))) -> Linear(dim -> patch
   // values). Sharded, every rank's rows are gathered and put in grid order. Then each item's
@@ -535,10 +542,15 @@ Tensor ZImageDit::run(const LayoutPlan& plan, const Tensor& latents, const Tenso
   Tensor flat = apply(be_, final_proj_, be_.modulated_layer_norm(img, fscale, kFinalNormEps), &lora_, &final_rows)
                     .reshape({n * nip, c.patch * c.patch * c.in_channels});
   int64_t stride = nip;  // rows per item in `flat`
-  if (sp) {
-    Tensor all = be_.empty({int64_t(comm->size()), flat.numel()}, flat.dtype());
-    comm->all_gather(flat, all);
-    flat = be_.gather_rows(all.reshape({comm->size() * n * nip, flat.dim(1)}), plan.gather_idx);
+  if (sp) {  // Ulysses group first, then the ring: shard r*U + u lands at row block r*U + u
+    Tensor all = flat;
+    for (Communicator* group : {sp->ulysses, sp->ring}) {
+      if (!group) continue;
+      Tensor gathered = be_.empty({int64_t(group->size()), all.numel()}, all.dtype());
+      group->all_gather(all, gathered);
+      all = gathered;
+    }
+    flat = be_.gather_rows(all.reshape({sp->plan.degree * n * nip, flat.dim(1)}), plan.gather_idx);
     stride = ni;
   }
   Tensor out;

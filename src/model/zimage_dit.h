@@ -26,6 +26,7 @@
 #include "parallel/communicator.h"
 #include "parallel/sequence_parallel_plan.h"
 #include "parallel/ulysses_attention.h"
+#include "parallel/usp_attention.h"
 
 namespace zimage {
 
@@ -85,11 +86,12 @@ class ZImageDit {
   // forward() with t as a float32 [N] backend tensor and the plan of the arguments' layout: device work
   // only, what a recorded graph replays (it holds the plan: the replays read its tensors).
   Tensor forward(const LayoutPlan& plan, const Tensor& latents, const Tensor& t, const std::vector<Tensor>& caps);
-  // The same call on rank comm.rank() of a sequence-parallel group: every rank passes the same arguments
-  // and `plan` (for this latent grid, degree comm.size() and this model's heads); each computes its own
-  // image tokens, and every rank returns the whole output, equal to forward()'s.
+  // The same call on one rank of a sequence-parallel group: every rank passes the same arguments and
+  // `plan` (for this latent grid, U = ulysses->size() and R = ring->size(), a null communicator counting
+  // as one rank, and this model's heads); the rank holds shard ring->rank() * U + ulysses->rank(), and
+  // every rank returns the whole output, equal to forward()'s.
   Tensor forward_sharded(const Tensor& latents, const std::vector<float>& t, const std::vector<Tensor>& caps,
-                         const SequenceParallelPlan& plan, Communicator& comm);
+                         const SequenceParallelPlan& plan, Communicator* ulysses, Communicator* ring);
 
   // Runtime LoRA (model/linear.h): an adapter set prepared on the device for this model's projections,
   // and the sets of the items of the following forward calls (an item without one: null). A call of
@@ -118,7 +120,9 @@ class ZImageDit {
   using Block = DitBlock;
   struct Sharding {  // this call's share of a sequence-parallel group
     const SequenceParallelPlan& plan;
-    Communicator& comm;
+    Communicator* ulysses;  // null when U = 1
+    Communicator* ring;     // null when R = 1
+    int shard() const { return (ring ? ring->rank() : 0) * plan.ulysses + (ulysses ? ulysses->rank() : 0); }
   };
   Tensor run(const LayoutPlan& plan, const Tensor& latents, const Tensor& t, const std::vector<Tensor>& caps,
              const Sharding* sp);
@@ -132,14 +136,14 @@ class ZImageDit {
   struct Stage;
   // Runs `blocks` in order on x [n, rows, dim] in place. extra_after(i), when set, gives what to add to
   // the residual stream after block i (undefined: nothing): a ControlNet's hook.
-  void run_blocks(std::span<const Block> blocks, Tensor& x, const Tensor* mod, const Stage& st, Communicator* comm,
+  void run_blocks(std::span<const Block> blocks, Tensor& x, const Tensor* mod, const Stage& st, const Sharding* sp,
                   const LoraBatch* lora, const std::function<Tensor(size_t)>& extra_after = {});
   // The control latents of `control_` embedded as control tokens [n, image rows, dim] of this layout.
   Tensor control_tokens(const LayoutPlan& plan, int64_t n, int64_t lh, int64_t lw);
   // Control blocks `blocks` over c (the first adds before_proj(c) to `x`), in place; returns each block's
   // after_proj output times the scale.
   std::vector<Tensor> run_control_blocks(std::span<const Block> blocks, Tensor& c, const Tensor& x,
-                                         const Tensor& cmod, const Stage& st, Communicator* comm, size_t hints);
+                                         const Tensor& cmod, const Stage& st, const Sharding* sp, size_t hints);
 
   Backend& be_;
   DitConfig cfg_;
@@ -154,11 +158,13 @@ class ZImageDit {
 };
 
 // What one sequence (image tokens, caption tokens, unified) attends with: RoPE tables of its rows,
-// and key lengths per item on one rank, or the Ulysses row maps when sharded.
+// and key lengths per item on one rank, or when sharded the Ulysses row maps (R = 1) or the Ulysses x
+// ring ones.
 struct ZImageDit::Stage {
   Tensor cos, sin;
   std::vector<int> key_len;
   std::unique_ptr<UlyssesLayout> ulysses;
+  std::unique_ptr<UspLayout> usp;
 };
 
 struct ZImageDit::LayoutPlan {

@@ -21,6 +21,9 @@ class Communicator {
   virtual void all_to_all(const Tensor& send, Tensor& recv) = 0;
   // recv (size() times send's bytes): chunk s is rank s's send.
   virtual void all_gather(const Tensor& send, Tensor& recv) = 0;
+  // One step around the ring: recv (send's bytes) is the send of rank (rank() - 1 + size()) % size(),
+  // and this rank's send goes to rank (rank() + 1) % size() (ring attention's K/V blocks).
+  virtual void ring_shift(const Tensor& send, Tensor& recv) = 0;
 };
 
 }  // namespace zimage

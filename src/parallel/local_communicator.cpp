@@ -28,6 +28,7 @@ class LocalWorld::Member final : public Communicator {
   int size() const override { return int(g_->members.size()); }
   void all_to_all(const Tensor& send, Tensor& recv) override { w_.collective(*g_, index_, Op::AllToAll, send, recv); }
   void all_gather(const Tensor& send, Tensor& recv) override { w_.collective(*g_, index_, Op::AllGather, send, recv); }
+  void ring_shift(const Tensor& send, Tensor& recv) override { w_.collective(*g_, index_, Op::RingShift, send, recv); }
 
  private:
   LocalWorld& w_;
@@ -160,6 +161,10 @@ void LocalWorld::Group::exchange() const {
       for (size_t src = 0; src < n; ++src)
         std::memcpy(static_cast<char*>(slots[dst].recv->data()) + src * chunk,
                     static_cast<const char*>(slots[src].send->data()) + dst * chunk, chunk);
+  } else if (first.op == Op::RingShift) {
+    ZI_ASSERT(first.send->nbytes() == first.recv->nbytes());
+    for (size_t dst = 0; dst < n; ++dst)
+      std::memcpy(slots[dst].recv->data(), slots[(dst + n - 1) % n].send->data(), first.send->nbytes());
   } else {
     ZI_ASSERT(first.recv->nbytes() == first.send->nbytes() * n);
     size_t chunk = first.send->nbytes();

@@ -34,7 +34,7 @@ class LocalWorld final : public RankWorld {
  private:
   class Member;
   struct Group;
-  enum class Op { AllToAll, AllGather };
+  enum class Op { AllToAll, AllGather, RingShift };
 
   void collective(Group& g, int member, Op op, const Tensor& send, Tensor& recv);
   void take_baton(std::unique_lock<std::mutex>& l, int rank);

@@ -78,6 +78,16 @@ class NcclCommunicator final : public Communicator {
     ZI_NCCL_CHECK(ncclAllGather(send.data(), recv.data(), send.nbytes(), ncclUint8, comm_, stream_), comm_);
   }
 
+  // To the next rank, from the previous one, as one grouped send/recv pair.
+  void ring_shift(const Tensor& send, Tensor& recv) override {
+    check(send, recv, send.nbytes());
+    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    ZI_NCCL_CHECK(ncclGroupStart(), comm_);
+    ZI_NCCL_CHECK(ncclSend(send.data(), send.nbytes(), ncclUint8, next, comm_, stream_), comm_);
+    ZI_NCCL_CHECK(ncclRecv(recv.data(), recv.nbytes(), ncclUint8, prev, comm_, stream_), comm_);
+    ZI_NCCL_CHECK(ncclGroupEnd(), comm_);
+  }
+
  private:
   void check(const Tensor& send, const Tensor& recv, size_t recv_bytes) const {
     {

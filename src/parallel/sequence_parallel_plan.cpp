@@ -39,13 +39,15 @@ std::string valid_ulysses_degrees(int64_t heads) {
   return "use one of " + s;
 }
 
-SequenceParallelPlan plan_sequence_parallel(int64_t grid_h, int64_t grid_w, int degree, int64_t heads) {
-  ZI_CHECK(degree >= 1, ErrorKind::InvalidArgument,
-           "the Ulysses degree must be at least 1, got " + std::to_string(degree));
+SequenceParallelPlan plan_sequence_parallel(int64_t grid_h, int64_t grid_w, int ulysses, int64_t heads, int ring) {
+  ZI_CHECK(ulysses >= 1, ErrorKind::InvalidArgument,
+           "the Ulysses degree must be at least 1, got " + std::to_string(ulysses));
+  ZI_CHECK(ring >= 1, ErrorKind::InvalidArgument, "the ring degree must be at least 1, got " + std::to_string(ring));
   ZI_ASSERT(grid_h >= 1 && grid_w >= 1 && heads >= 1);
-  ZI_CHECK(heads % degree == 0, ErrorKind::InvalidArgument,
-           "Ulysses degree " + std::to_string(degree) + " does not divide the model's " + std::to_string(heads) +
+  ZI_CHECK(heads % ulysses == 0, ErrorKind::InvalidArgument,
+           "Ulysses degree " + std::to_string(ulysses) + " does not divide the model's " + std::to_string(heads) +
                " attention heads: each GPU attends heads / degree of them (" + valid_ulysses_degrees(heads) + ")");
+  const int degree = ulysses * ring;
   ZI_CHECK(std::max(grid_h, grid_w) >= degree, ErrorKind::InvalidArgument,
            "an image of " + std::to_string(grid_h) + "x" + std::to_string(grid_w) +
                " patches is too small to split over " + std::to_string(degree) +
@@ -65,6 +67,8 @@ SequenceParallelPlan plan_sequence_parallel(int64_t grid_h, int64_t grid_w, int 
   p.grid_h = grid_h;
   p.grid_w = grid_w;
   p.degree = degree;
+  p.ulysses = ulysses;
+  p.ring = ring;
   p.heads = heads;
   p.axis = best.axis;
   p.image_tokens = grid_h * grid_w;

@@ -1,5 +1,7 @@
-// How one image's tokens are split over U sequence-parallel (Ulysses) ranks: a pure function of the
-// patch grid, U and the head count, computed on the host once per request shape.
+// How one image's tokens are split over the U x R sequence-parallel ranks of Ulysses (U) x ring (R)
+// attention: a pure function of the patch grid, U, R and the head count, computed on the host once per
+// request shape. The shards below are U R bands (the definitions write U for their count); shard s is
+// member s % U of Ulysses group s / U.
 //
 // Z-Image patchifies a latent [C, 1, h, w] in native (F, H, W) order: token (i, j) of the
 // (h/2) x (w/2) patch grid is row i*grid_w + j with RoPE position (F, i, j). Each rank therefore owns a
@@ -41,7 +43,8 @@ struct RankShard {
 struct SequenceParallelPlan {
   static constexpr int64_t kSeqMultiple = 32;  // the DiT's SEQ_MULTI_OF
   int64_t grid_h = 0, grid_w = 0;              // patches along native H and W
-  int degree = 1;                              // U
+  int degree = 1;                              // shards: ulysses * ring
+  int ulysses = 1, ring = 1;                   // U and R
   int64_t heads = 0;                           // attention heads; each rank attends heads / U of them
   ShardAxis axis = ShardAxis::H;
   int64_t image_tokens = 0;      // N
@@ -56,9 +59,9 @@ struct SequenceParallelPlan {
   std::vector<std::pair<int, int64_t>> token_owners() const;
 };
 
-// Throws InvalidArgument with a message for the user when U < 1, when U does not divide `heads`, or
-// when neither axis has at least U patches.
-SequenceParallelPlan plan_sequence_parallel(int64_t grid_h, int64_t grid_w, int degree, int64_t heads);
+// Throws InvalidArgument with a message for the user when U or R < 1, when U does not divide `heads`, or
+// when neither axis has at least U R patches.
+SequenceParallelPlan plan_sequence_parallel(int64_t grid_h, int64_t grid_w, int ulysses, int64_t heads, int ring = 1);
 
 // "use one of 1, 2, 3, 5, 6, 10, 15, 30": the degrees that divide `heads`.
 std::string valid_ulysses_degrees(int64_t heads);

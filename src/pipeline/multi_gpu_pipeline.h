@@ -1,8 +1,9 @@
 // Several GPUs generating one request together (`--num-gpus N`): one TextToImagePipeline per rank,
 // each with the whole model on its own backend, run by a RankWorld (one thread per GPU). The
-// denoising loop splits every DiT call: Ulysses over the U ranks of a group (each image's tokens split
-// along native H or W, attention by all-to-all over heads), and with --cfg-parallel the positive and
-// negative branches of a CFG batch over two groups. Every rank keeps the whole latents, so the
+// denoising loop splits every DiT call: each image's tokens over the U R ranks of a CFG branch (split
+// along native H or W), attention by all-to-all over heads within Ulysses groups of U and by K/V blocks
+// passed around rings of R (parallel/usp_attention.h), and with --cfg-parallel the positive and
+// negative branches of a CFG batch over two such groups. Every rank keeps the whole latents, so the
 // scheduler and the noise are exactly those of one GPU.
 //
 // Where the other stages run: the text encoder on every rank (8 ms at full size, less than sending its
@@ -25,7 +26,8 @@ class MultiGpuPipeline final : public ImageGenerator {
   MultiGpuPipeline(const std::vector<Backend*>& backends, RankWorld& world, const ModelSource& model,
                    const ParallelConfig& config, PipelineLimits limits = {});
 
-  GenerateRequest resolve(GenerateRequest r) const override { return ranks_[0]->resolve(std::move(r)); }
+  // The rank's checks, and that the image has a patch row or column for every shard.
+  GenerateRequest resolve(GenerateRequest r) const override;
   // Rank 0's result (images, latents, stage times).
   GenerateResult generate(const GenerateRequest& request,
                           const std::function<void(int, int)>& progress = nullptr) override;
@@ -34,7 +36,8 @@ class MultiGpuPipeline final : public ImageGenerator {
 
  private:
   RankWorld& world_;
-  std::vector<std::unique_ptr<Communicator>> ulysses_, cfg_;  // indexed by world rank; empty when unused
+  ParallelConfig config_;
+  std::vector<std::unique_ptr<Communicator>> ulysses_, ring_, cfg_;  // indexed by world rank; empty when unused
   std::vector<std::unique_ptr<TextToImagePipeline>> ranks_;
 };
 

@@ -34,7 +34,7 @@ TextToImagePipeline::TextToImagePipeline(Backend& be, const ModelSource& model, 
       text_encoder_(be, model_.text_encoder, *model_.text_encoder_weights, limits.low_memory),
       dit_(be, model.transformer, *model.transformer_weights),
       vae_(be, model.vae, *model.vae_weights),
-      graphs_(limits.cuda_graphs && !rank.ulysses && !rank.cfg) {
+      graphs_(limits.cuda_graphs && !rank.ulysses && !rank.ring && !rank.cfg) {
   if (model.controlnet)
     controlnet_ = std::make_shared<const ZImageControlNet>(be, dit_.config(), model.controlnet->config_for(dit_.config()),
                                                            *model.controlnet->weights);
@@ -97,12 +97,13 @@ Tensor TextToImagePipeline::dit_forward(const Tensor& latents, const std::vector
                                         const std::vector<Tensor>& caps, bool cfg_batch) {
   BatchForward forward = [&](const Tensor& x, const std::vector<float>& tt, const std::vector<Tensor>& cc) {
     // A recorded graph holds the adapters and control of its recording: runs with them run eagerly.
-    if (!rank_.ulysses)
+    if (!rank_.ulysses && !rank_.ring)
       return graphs_ && !dit_.has_lora() && !dit_.has_control() ? graphed_forward(x, tt, cc) : dit_.forward(x, tt, cc);
     const DitConfig& c = dit_.config();
     SequenceParallelPlan plan =
-        plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses->size(), c.heads);
-    return dit_.forward_sharded(x, tt, cc, plan, *rank_.ulysses);
+        plan_sequence_parallel(x.dim(2) / c.patch, x.dim(3) / c.patch, rank_.ulysses ? rank_.ulysses->size() : 1,
+                               c.heads, rank_.ring ? rank_.ring->size() : 1);
+    return dit_.forward_sharded(x, tt, cc, plan, rank_.ulysses, rank_.ring);
   };
   if (cfg_batch && rank_.cfg) return cfg_parallel_forward(be_, *rank_.cfg, latents, t, caps, forward);
   return forward(latents, t, caps);

@@ -143,7 +143,8 @@ class ImageGenerator {
 // One pipeline's share of a multi-GPU generation; the default is a pipeline alone on its device.
 struct RankContext {
   int rank = 0;                     // rank 0 decodes and returns the images; the others return none
-  Communicator* ulysses = nullptr;  // the U > 1 ranks that split each image's tokens (Ulysses)
+  Communicator* ulysses = nullptr;  // the U > 1 ranks that split each image's heads (Ulysses)
+  Communicator* ring = nullptr;     // the R > 1 Ulysses groups that pass K/V blocks (ring attention)
   Communicator* cfg = nullptr;      // the pair that splits a CFG batch into its branches (--cfg-parallel)
 };
 

@@ -309,6 +309,72 @@ class CpuBackend final : public Backend {
     return out;
   }
 
+  Tensor attention_with_lse(const Tensor& q_rows, const Tensor& kv_rows, int heads, int d, float scale,
+                            const std::vector<int>& key_len, Tensor& lse) override {
+    check_f32(q_rows, "attention_with_lse");
+    check_f32(kv_rows, "attention_with_lse");
+    const int64_t bsz = q_rows.dim(0), sq = q_rows.dim(1), sk = kv_rows.dim(1), width = 3 * int64_t(heads) * d;
+    ZI_ASSERT(q_rows.ndim() == 3 && kv_rows.ndim() == 3 && kv_rows.dim(0) == bsz && q_rows.dim(2) == width &&
+              kv_rows.dim(2) == width && int64_t(key_len.size()) == bsz);
+    Tensor out = Tensor::zeros({bsz, sq, int64_t(heads) * d}, DType::F32);
+    lse = Tensor::empty({bsz, sq, heads}, DType::F32);
+    const float *qp = q_rows.f32(), *kp = kv_rows.f32();
+    float *o = out.f32(), *lp = lse.f32();
+    const int64_t kChunk = 256;  // queries per score block, as attention()
+    const int64_t chunks = (sq + kChunk - 1) / kChunk;
+    parallel_for(bsz * heads * chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> scores(size_t(kChunk * sk)), v_t(size_t(d * sk));
+      for (int64_t job = lo; job < hi; ++job) {
+        const int64_t b = job / (heads * chunks), h = (job / chunks) % heads, c = job % chunks;
+        const int64_t q0 = c * kChunk, nq = std::min(kChunk, sq - q0), nk = key_len[size_t(b)];
+        ZI_ASSERT(nk >= 0 && nk <= sk);
+        if (nk == 0) {
+          for (int64_t i = 0; i < nq; ++i) lp[((b * sq) + q0 + i) * heads + h] = -INFINITY;
+          continue;
+        }
+        const float* q = qp + (b * sq + q0) * width + h * d;
+        const float* k = kp + b * sk * width + (int64_t(heads) + h) * d;
+        const float* v = kp + b * sk * width + (2 * int64_t(heads) + h) * d;
+        gemm_nt_fixed_order(nq, nk, d, scale, q, width, k, width, nullptr, scores.data(), nk);
+        for (int64_t i = 0; i < nq; ++i) {
+          float* row = scores.data() + i * nk;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j]);
+          double sum = 0;
+          for (int64_t j = 0; j < nk; ++j) {
+            row[j] = std::exp(row[j] - mx);
+            sum += row[j];
+          }
+          const float inv = float(1.0 / sum);
+          for (int64_t j = 0; j < nk; ++j) row[j] *= inv;
+          lp[(b * sq + q0 + i) * heads + h] = mx + float(std::log(sum));
+        }
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t e = 0; e < d; ++e) v_t[size_t(e * nk + j)] = v[j * width + e];
+        gemm_nt_fixed_order(nq, d, nk, 1.0f, scores.data(), nk, v_t.data(), nk, nullptr,
+                            o + (b * sq + q0) * int64_t(heads) * d + h * d, int64_t(heads) * d);
+      }
+    });
+    return out;
+  }
+
+  void merge_attention_(Tensor& out, Tensor& lse, const Tensor& out_b, const Tensor& lse_b) override {
+    check_f32(out, "merge_attention_");
+    check_f32(out_b, "merge_attention_");
+    ZI_ASSERT(out.shape() == out_b.shape() && lse.shape() == lse_b.shape() && lse.dtype() == DType::F32 &&
+              out.numel() % lse.numel() == 0);
+    const int64_t slots = lse.numel(), d = out.numel() / slots;
+    float *o = out.f32(), *l = lse.f32();
+    const float *ob = out_b.f32(), *lb = lse_b.f32();
+    for (int64_t i = 0; i < slots; ++i) {
+      const float m = std::max(l[i], lb[i]);
+      if (m == -INFINITY) continue;
+      const float wa = std::exp(l[i] - m), wb = std::exp(lb[i] - m), inv = 1.0f / (wa + wb);
+      for (int64_t e = 0; e < d; ++e) o[i * d + e] = (wa * o[i * d + e] + wb * ob[i * d + e]) * inv;
+      l[i] = m + std::log(wa + wb);
+    }
+  }
+
   void add_(Tensor& x, const Tensor& y) override {
     check_f32(x, "add_");
     check_f32(y, "add_");

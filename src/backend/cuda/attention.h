@@ -49,6 +49,11 @@ class Attention {
 void flash_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale,
                      bool causal, const int32_t* key_len, cudaStream_t stream);
 
+// Ring attention's partial (Backend::attention_with_lse): queries of q_rows [batch, q_seq, 3*heads*d], keys and
+// values of kv_rows [batch, kv_seq, 3*heads*d] -> out [batch, q_seq, heads*d] and lse [batch, q_seq, heads] float32.
+void flash_attention_lse(const bf16* q_rows, const bf16* kv_rows, bf16* out, float* lse, int64_t batch, int64_t q_seq,
+                         int64_t kv_seq, int heads, int d, float scale, const int32_t* key_len, cudaStream_t stream);
+
 // p[r, j] = bf16(softmax_j(s[r, j])) for j < n, each of `rows` rows (float32 s and bf16 p share the row
 // stride ld): the softmax between the two GEMMs of the GEMM attention.
 void softmax_rows_to_bf16(const float* s, bf16* p, int64_t rows, int64_t n, int64_t ld, cudaStream_t stream);

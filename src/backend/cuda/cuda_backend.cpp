@@ -441,6 +441,33 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  Tensor attention_with_lse(const Tensor& q_rows, const Tensor& kv_rows, int heads, int d, float scale,
+                            const std::vector<int>& key_len, Tensor& lse) override {
+    auto scope = profile("attention_with_lse");
+    check_bf16(q_rows, "attention_with_lse");
+    check_bf16(kv_rows, "attention_with_lse");
+    const int64_t b = q_rows.dim(0), sq = q_rows.dim(1), sk = kv_rows.dim(1);
+    ZI_ASSERT(q_rows.ndim() == 3 && kv_rows.ndim() == 3 && kv_rows.dim(0) == b && int64_t(key_len.size()) == b &&
+              q_rows.dim(2) == 3 * int64_t(heads) * d && kv_rows.dim(2) == q_rows.dim(2));
+    Tensor out = empty({b, sq, int64_t(heads) * d}, DType::BF16);
+    lse = empty({b, sq, heads}, DType::F32);
+    Tensor lengths = empty({b}, DType::I32);
+    cuda::write_sequence_lengths(key_len, sq, nullptr, static_cast<int32_t*>(lengths.data()), stream_);
+    cuda::flash_attention_lse(cbf(q_rows), cbf(kv_rows), mbf(out), static_cast<float*>(lse.data()), b, sq, sk, heads,
+                              d, scale, static_cast<const int32_t*>(lengths.data()), stream_);
+    return out;
+  }
+
+  void merge_attention_(Tensor& out, Tensor& lse, const Tensor& out_b, const Tensor& lse_b) override {
+    auto scope = profile("merge_attention_");
+    check_bf16(out, "merge_attention_");
+    check_bf16(out_b, "merge_attention_");
+    ZI_ASSERT(out.shape() == out_b.shape() && lse.shape() == lse_b.shape() && lse.dtype() == DType::F32 &&
+              lse_b.dtype() == DType::F32 && out.numel() % lse.numel() == 0);
+    cuda::merge_attention(mbf(out), static_cast<float*>(lse.data()), cbf(out_b), static_cast<const float*>(lse_b.data()),
+                          lse.numel(), out.numel() / lse.numel(), stream_);
+  }
+
   void add_(Tensor& x, const Tensor& y) override {
     auto scope = profile("add_");
     check_bf16(x, "add_");

@@ -6,6 +6,8 @@
 // Math, per item b, query head h (kv head h / (hq/hkv)), query i:
 //   valid keys j: j < key_len[b] (and j <= i when causal)
 //   out[b, i, h, :] = sum_j softmax_j(scale * q_i . k_j) v_j          (float32 softmax and accumulation)
+// The queries and the keys may come from two packed buffers (ring attention's blocks, flash_attention_lse), which
+// then also writes lse[b, i, h] = log sum_j exp(scale * q_i . k_j), for merging partial results.
 // Work: 4 * B * Hq * S * S * D FLOPs (about half of it with the causal mask): 5.9e9 for the text encoder on a
 // 100-token prompt (32 query heads of 128, 36 layers), half of it masked. Compute-bound: every K/V tile read from L2 is
 // used by a whole block of queries (32 or 64 FLOPs per byte), so the bound is the mma.sync rate; not yet measured.
@@ -119,8 +121,9 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int64_t ld
 
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1)
-    flash_attention_kernel(const bf16* __restrict__ qkv, bf16* __restrict__ out, int seq, int hq, int hkv, int d,
-                           float scale_log2, bool causal, const int32_t* __restrict__ key_len) {
+    flash_attention_kernel(const bf16* __restrict__ q_qkv, const bf16* __restrict__ kv_qkv, bf16* __restrict__ out,
+                           float* __restrict__ lse, int seq, int kv_seq, int hq, int hkv, int d, float scale_log2,
+                           bool causal, const int32_t* __restrict__ key_len) {
   constexpr int kBlockQ = C::kBlockQ, kBlockK = C::kBlockK, kWarpDim = C::kWarpDim, kRow = C::kRow;
   constexpr int kKSteps = kWarpDim / 16;   // k-steps of Q K^T over this warp's head-dim slice
   constexpr int kKeyTiles = kBlockK / 8;   // n-tiles of the scores
@@ -141,12 +144,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   const int kv_head = h / (hq / hkv);
   const int64_t width = int64_t(hq + 2 * hkv) * d;  // packed qkv row
-  const bf16* item = qkv + int64_t(b) * seq * width;
-  const bf16* q_src = item + int64_t(h) * d;
-  const bf16* k_src = item + int64_t(hq + kv_head) * d;
-  const bf16* v_src = item + int64_t(hq + hkv + kv_head) * d;
+  const bf16* q_item = q_qkv + int64_t(b) * seq * width;     // the queries' rows
+  const bf16* kv_item = kv_qkv + int64_t(b) * kv_seq * width;  // the keys' and values' rows
+  const bf16* q_src = q_item + int64_t(h) * d;
+  const bf16* k_src = kv_item + int64_t(hq + kv_head) * d;
+  const bf16* v_src = kv_item + int64_t(hq + hkv + kv_head) * d;
 
-  const int kv_len = min(max(key_len[b], 0), seq);
+  const int kv_len = min(max(key_len[b], 0), kv_seq);
   // Keys at or past kv_end are masked for every query of this block (padding, or causal past the last query).
   const int kv_end = causal ? min(kv_len, q0 + kBlockQ) : kv_len;
   const int tiles = (kv_end + kBlockK - 1) / kBlockK;
@@ -288,6 +292,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
   }
+  // Ring attention's partial: the natural log of the row's sum of exponentials (m and l are in log2 units).
+  if (lse && split == 0 && t4 == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qi = q_row + r * 8;
+      if (qi < seq) lse[(int64_t(b) * seq + qi) * hq + h] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * 0.6931471805599453f
+                                                                         : -INFINITY;
+    }
+  }
   // out [B, S, Hq, d]; each 8-column n-tile lies wholly inside or outside d (d is a multiple of 8).
 #pragma unroll
   for (int n = 0; n < kDimTiles; ++n) {
@@ -304,14 +317,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 }
 
 template <class C>
-void launch(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale, bool causal,
-            const int32_t* key_len, cudaStream_t stream) {
+void launch(const bf16* qkv, const bf16* kv, bf16* out, float* lse, int64_t batch, int64_t seq, int64_t kv_seq, int hq,
+            int hkv, int d, float scale, bool causal, const int32_t* key_len, cudaStream_t stream) {
   auto kernel = flash_attention_kernel<C>;
   if (C::kSmemBytes > 48 * 1024)  // per launch, as it is per device; cheap, and allowed during graph capture
     ZI_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   const dim3 grid(grid_for(seq, C::kBlockQ), unsigned(hq), unsigned(batch));
   const float scale_log2 = scale * 1.4426950408889634f;  // softmax via exp2: e^(s x) = 2^(s log2(e) x)
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(qkv, out, int(seq), hq, hkv, d, scale_log2, causal, key_len);
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(qkv, kv, out, lse, int(seq), int(kv_seq), hq, hkv, d, scale_log2,
+                                                       causal, key_len);
   ZI_CUDA_LAUNCH_CHECK();
 }
 
@@ -331,24 +345,40 @@ __global__ void write_lengths_kernel(int32_t* q_len, int32_t* kv_len, int n, int
 
 }  // namespace
 
-void flash_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale,
-                     bool causal, const int32_t* key_len, cudaStream_t stream) {
-  ZI_ASSERT(batch >= 1 && seq >= 1 && seq <= INT32_MAX && hq >= 1 && hkv >= 1 && hq % hkv == 0);
+namespace {
+
+void dispatch(const bf16* qkv, const bf16* kv, bf16* out, float* lse, int64_t batch, int64_t seq, int64_t kv_seq, int hq,
+              int hkv, int d, float scale, bool causal, const int32_t* key_len, cudaStream_t stream) {
+  ZI_ASSERT(batch >= 1 && seq >= 1 && seq <= INT32_MAX && kv_seq >= 1 && kv_seq <= INT32_MAX && hq >= 1 && hkv >= 1 &&
+            hq % hkv == 0);
   ZI_ASSERT(d >= 8 && d <= 512 && d % 8 == 0);
   // cp.async moves 16-byte chunks: row starts and head offsets are multiples of 8 elements when d is.
-  ZI_ASSERT(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0);
+  ZI_ASSERT(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(out) % 4 == 0);
   if (d <= 16)
-    launch<SmallHead<16>>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<SmallHead<16>>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
   else if (d <= 32)
-    launch<SmallHead<32>>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<SmallHead<32>>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
   else if (d <= 64)
-    launch<SmallHead<64>>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<SmallHead<64>>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
   else if (d <= 128)
-    launch<SmallHead<128>>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<SmallHead<128>>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
   else if (d <= 256)
-    launch<Head256>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<Head256>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
   else
-    launch<Head512>(qkv, out, batch, seq, hq, hkv, d, scale, causal, key_len, stream);
+    launch<Head512>(qkv, kv, out, lse, batch, seq, kv_seq, hq, hkv, d, scale, causal, key_len, stream);
+}
+
+}  // namespace
+
+void flash_attention(const bf16* qkv, bf16* out, int64_t batch, int64_t seq, int hq, int hkv, int d, float scale,
+                     bool causal, const int32_t* key_len, cudaStream_t stream) {
+  dispatch(qkv, qkv, out, nullptr, batch, seq, seq, hq, hkv, d, scale, causal, key_len, stream);
+}
+
+void flash_attention_lse(const bf16* q_rows, const bf16* kv_rows, bf16* out, float* lse, int64_t batch, int64_t q_seq,
+                         int64_t kv_seq, int heads, int d, float scale, const int32_t* key_len, cudaStream_t stream) {
+  dispatch(q_rows, kv_rows, out, lse, batch, q_seq, kv_seq, heads, heads, d, scale, /*causal=*/false, key_len, stream);
 }
 
 namespace {

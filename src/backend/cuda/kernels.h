@@ -15,6 +15,10 @@ void cast_bf16_to_f32(const bf16* x, float* y, int64_t n, cudaStream_t stream);
 // out[i] = src[idx[i]] (rows of row_bytes bytes; row_bytes a multiple of 2), idx[i] = -1 -> zero row.
 // idx is a device array of `rows` int32.
 void gather_rows(const void* src, const int32_t* idx, void* out, int64_t rows, int64_t row_bytes, cudaStream_t stream);
+// Ring attention: out, lse (the attention of some keys) merged in place with out_b, lse_b (of other keys):
+// out [slots, d], lse [slots] float32, as Backend::merge_attention_.
+void merge_attention(bf16* out, float* lse, const bf16* out_b, const float* lse_b, int64_t slots, int64_t d,
+                     cudaStream_t stream);
 void add_inplace(bf16* x, const bf16* y, int64_t n, cudaStream_t stream);
 void silu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
 // x [rows, 2f] -> y [rows, f] = silu(x[:, :f]) * x[:, f:]
