@@ -324,8 +324,9 @@ std::shared_ptr<const ZImageDit::LayoutPlan> ZImageDit::plan_for(const Tensor& l
   const DitLayout lay = dit_layout(latents.dim(0), latents.dim(2), latents.dim(3), c.patch, cap_lengths);
   const int rank = sp ? sp->shard() : 0;
   // A sharded call of degree 1 differs from forward() (its output is gathered): sp is part of the key.
+  // So is the attention path (a ring of one rank runs the ring's code).
   std::vector<int64_t> key = {lay.items, lay.grid_h, lay.grid_w, sp ? sp->plan.degree : 0, sp ? sp->plan.ulysses : 0,
-                              rank};
+                              sp && sp->ring ? 1 : 0, rank};
   key.insert(key.end(), lay.cap_len.begin(), lay.cap_len.end());
   if (plan_ && plan_->key == key) return plan_;
   const int64_t n = lay.items, ni = lay.image_tokens;
