@@ -17,9 +17,11 @@
 #include "server/base64.h"
 #include "server/edit_request.h"
 #include "server/image_request.h"
+#include "golden_requests.h"
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_images_match;
 using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::max_abs_diff;
@@ -49,40 +51,7 @@ ModelSource tiny_with_controlnet(const std::string& which, bool with_config = tr
   return m;
 }
 
-GenerateRequest request_for(const CnCase& c) {
-  const auto& a = c.args;
-  GenerateRequest r;
-  r.prompts = {a["prompt"].get<std::string>()};
-  if (a.contains("negative_prompt")) r.negative_prompts = {a["negative_prompt"].get<std::string>()};
-  r.height = a["height"];
-  r.width = a["width"];
-  r.steps = a["steps"].get<int>();
-  r.guidance = a["guidance_scale"].get<float>();
-  r.max_sequence_length = a["max_sequence_length"];
-  r.seed = a["seed"].get<uint64_t>();
-  r.generator = GeneratorDevice::Cpu;
-  r.control_image = read_image(c.dir + "/control.png");
-  r.controlnet_scale = a["conditioning_scale"].get<float>();
-  if (a["kind"] == "controlnet_inpaint") {
-    r.images = {read_image(c.dir + "/input.png")};
-    r.masks = {read_image(c.dir + "/mask.png")};
-  }
-  return r;
-}
-
-void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
-  ASSERT_EQ(out.numel(), ref.numel()) << what;
-  const auto* a = out.data_as<uint8_t>();
-  const auto* b = ref.data_as<uint8_t>();
-  int64_t off = 0, worst = 0;
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    const int64_t d = std::abs(int(a[i]) - int(b[i]));
-    off += d > 0;
-    worst = std::max(worst, d);
-  }
-  EXPECT_LE(worst, 1) << what;
-  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
-}
+GenerateRequest request_for(const CnCase& c) { return zimage::testing::golden_case_request(c.dir); }
 
 std::string base64_of_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

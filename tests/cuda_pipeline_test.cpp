@@ -15,6 +15,7 @@
 #include "model/zimage_controlnet.h"
 #include "model/zimage_dit.h"
 #include "pipeline/text_to_image.h"
+#include "golden_requests.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -60,23 +61,7 @@ GenerateRequest golden_request(const std::string& name, uint64_t seed) {
 
 // Image-to-image and inpainting cases (tests/golden/wave2): case.json, input.png and mask.png.
 GenerateRequest wave2_request(const std::string& name) {
-  const std::string dir = golden_path("wave2/cases/" + name);
-  std::ifstream in(dir + "/case.json");
-  auto a = nlohmann::json::parse(in);
-  GenerateRequest r;
-  r.prompts = {a["prompt"].get<std::string>()};
-  if (a.contains("negative_prompt") && !a["negative_prompt"].is_null()) r.negative_prompts = {a["negative_prompt"]};
-  r.height = a["height"];
-  r.width = a["width"];
-  r.steps = a["steps"].get<int>();
-  r.guidance = a["guidance_scale"].get<float>();
-  r.max_sequence_length = a["max_sequence_length"];
-  r.seed = a["seed"].get<uint64_t>();
-  r.generator = GeneratorDevice::Cpu;
-  r.strength = a["strength"].get<double>();
-  r.images = {read_image(dir + "/input.png")};
-  if (a.value("mask", false)) r.masks = {read_image(dir + "/mask.png")};
-  return r;
+  return zimage::testing::golden_case_request(golden_path("wave2/cases/" + name));
 }
 
 const char* const kWave2Cases[] = {"img2img_turbo", "img2img_cfg", "inpaint_full", "inpaint_partial"};
@@ -203,22 +188,7 @@ TEST_F(CudaGolden, ControlNetCasesFromSeed) {
     const std::string cn = golden_path("wave3/controlnet_" + a["controlnet"].get<std::string>());
     attach_controlnet(m, cn + ".safetensors", cn + ".json");
     TextToImagePipeline p(*be_, m);
-    GenerateRequest r;
-    r.prompts = {a["prompt"].get<std::string>()};
-    if (a.contains("negative_prompt")) r.negative_prompts = {a["negative_prompt"].get<std::string>()};
-    r.height = a["height"];
-    r.width = a["width"];
-    r.steps = a["steps"].get<int>();
-    r.guidance = a["guidance_scale"].get<float>();
-    r.max_sequence_length = a["max_sequence_length"];
-    r.seed = a["seed"].get<uint64_t>();
-    r.generator = GeneratorDevice::Cpu;
-    r.control_image = read_image(dir + "/control.png");
-    r.controlnet_scale = a["conditioning_scale"].get<float>();
-    if (a["kind"] == "controlnet_inpaint") {
-      r.images = {read_image(dir + "/input.png")};
-      r.masks = {read_image(dir + "/mask.png")};
-    }
+    const GenerateRequest r = zimage::testing::golden_case_request(dir);
     auto f = SafetensorsFile::open(dir + "/tensors.safetensors");
     const GenerateResult res = p.generate(r);
     const double le = rel_l2_error(res.latents, f->get("output.latents"));

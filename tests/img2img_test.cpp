@@ -17,9 +17,11 @@
 #include "pipeline/image_processor.h"
 #include "pipeline/multi_gpu_pipeline.h"
 #include "pipeline/text_to_image.h"
+#include "golden_requests.h"
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_images_match;
 using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::max_abs_diff;
@@ -45,46 +47,12 @@ Wave2Case load_case(const std::string& name) {
   return c;
 }
 
-GenerateRequest request_for(const Wave2Case& c) {
-  const auto& a = c.args;
-  GenerateRequest r;
-  r.prompts = {a["prompt"].get<std::string>()};
-  if (a.contains("negative_prompt") && !a["negative_prompt"].is_null())
-    r.negative_prompts = {a["negative_prompt"].get<std::string>()};
-  r.height = a["height"];
-  r.width = a["width"];
-  r.steps = a["steps"].get<int>();
-  r.guidance = a["guidance_scale"].get<float>();
-  r.max_sequence_length = a["max_sequence_length"];
-  r.seed = a["seed"].get<uint64_t>();
-  r.generator = GeneratorDevice::Cpu;
-  r.strength = a["strength"].get<double>();
-  r.images = {read_image(c.dir + "/input.png")};
-  if (a.value("mask", false)) r.masks = {read_image(c.dir + "/mask.png")};
-  return r;
-}
+GenerateRequest request_for(const Wave2Case& c) { return zimage::testing::golden_case_request(c.dir); }
 
 TextToImagePipeline& tiny_pipeline() {
   static auto be = make_cpu_backend();
   static TextToImagePipeline p(*be, open_model(golden_path("tiny-zimage")));
   return p;
-}
-
-// uint8 images: at most 1 level off on at most 0.5% of values.
-void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
-  ASSERT_EQ(out.numel(), ref.numel()) << what;
-  const auto* a = out.data_as<uint8_t>();
-  const auto* b = ref.data_as<uint8_t>();
-  int64_t off = 0, worst = 0;
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    const int64_t d = std::abs(int(a[i]) - int(b[i]));
-    off += d > 0;
-    worst = std::max(worst, d);
-  }
-  EXPECT_LE(worst, 1) << what;
-  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
-  std::printf("%-16s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off,
-              (long long)out.numel(), (long long)worst);
 }
 
 // DiT-space latents back to what diffusers' retrieve_latents returned: z / scale + shift.

@@ -27,6 +27,7 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_images_match;
 using zimage::testing::expect_error;
 using zimage::testing::golden_path;
 using zimage::testing::max_abs_diff;
@@ -309,22 +310,6 @@ std::vector<ScaledLora> adapters_for(const LoraCase& c, const ModelSource& m) {
   auto a = std::make_shared<const LoraAdapter>(load_lora(
       golden_path("wave2/" + c.args["lora"]["file"].get<std::string>()), ZImageDit::weight_specs(m.transformer)));
   return {{a, c.args["lora"]["scale"].get<float>()}};
-}
-
-void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
-  ASSERT_EQ(out.shape(), ref.shape()) << what;
-  const auto* a = out.data_as<uint8_t>();
-  const auto* b = ref.data_as<uint8_t>();
-  int64_t off = 0, worst = 0;
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    int64_t d = std::abs(int(a[i]) - int(b[i]));
-    off += d > 0;
-    worst = std::max(worst, d);
-  }
-  EXPECT_LE(worst, 1) << what;
-  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
-  std::printf("%-18s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off,
-              (long long)out.numel(), (long long)worst);
 }
 
 const char* const kLoraCases[] = {"lora_kohya", "lora_peft_scaled", "lora_none"};

@@ -14,6 +14,7 @@
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::expect_images_match;
 using zimage::testing::golden_path;
 using zimage::testing::max_abs_diff;
 
@@ -64,23 +65,6 @@ TextToImagePipeline& tiny_pipeline() {
   static auto be = make_cpu_backend();
   static TextToImagePipeline p(*be, open_model(golden_path("tiny-zimage")));
   return p;
-}
-
-// uint8 images: at most 1 level off on at most 0.5% of values.
-void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
-  ASSERT_EQ(out.shape(), ref.shape()) << what;
-  const auto* a = out.data_as<uint8_t>();
-  const auto* b = ref.data_as<uint8_t>();
-  int64_t off = 0, worst = 0;
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    int64_t d = std::abs(int(a[i]) - int(b[i]));
-    off += d > 0;
-    worst = std::max(worst, d);
-  }
-  EXPECT_LE(worst, 1) << what;
-  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
-  std::printf("%-16s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off, (long long)out.numel(),
-              (long long)worst);
 }
 
 }  // namespace

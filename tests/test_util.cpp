@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -79,6 +80,22 @@ class NanWeights final : public WeightSource {
 
 std::shared_ptr<WeightSource> with_nan_tensor(std::shared_ptr<WeightSource> inner, const std::string& name) {
   return std::make_shared<NanWeights>(std::move(inner), name);
+}
+
+void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what) {
+  ASSERT_EQ(out.shape(), ref.shape()) << what;
+  const auto* a = out.data_as<uint8_t>();
+  const auto* b = ref.data_as<uint8_t>();
+  int64_t off = 0, worst = 0;
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    const int64_t d = std::abs(int(a[i]) - int(b[i]));
+    off += d > 0;
+    worst = std::max(worst, d);
+  }
+  EXPECT_LE(worst, 1) << what;
+  EXPECT_LE(double(off) / double(out.numel()), 0.005) << what;
+  std::printf("%-18s uint8: %lld of %lld values differ, max %lld\n", what.c_str(), (long long)off,
+              (long long)out.numel(), (long long)worst);
 }
 
 bool all_finite(const Tensor& t) {

@@ -20,6 +20,8 @@ std::string temp_path(const std::string& name);   // a fresh path under the test
 
 double max_abs_diff(const Tensor& a, const Tensor& b);  // any float dtypes, same numel
 double rel_l2_error(const Tensor& out, const Tensor& ref);  // ‖out − ref‖ / ‖ref‖
+// uint8 images as the golden tolerance allows: at most 1 level off on at most 0.5% of values (prints them).
+void expect_images_match(const Tensor& out, const Tensor& ref, const std::string& what);
 bool all_finite(const Tensor& t);
 
 // Expects fn() to throw an Error of `kind` whose message contains every fragment (a GoogleTest failure otherwise).

@@ -4,6 +4,23 @@
 
 namespace zimage {
 
+std::vector<int32_t> head_group_send_rows(int64_t U, int64_t n, int64_t L, int64_t Rp) {
+  std::vector<int32_t> rows;
+  for (int64_t j = 0; j < U; ++j)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < L; ++k)
+        for (int64_t p = 0; p < 3; ++p) rows.push_back(int32_t(((i * (L + Rp) + k) * 3 + p) * U + j));
+  return rows;
+}
+
+std::vector<int32_t> replicated_head_group_rows(int64_t U, int64_t n, int64_t L, int64_t Rp, int64_t group) {
+  std::vector<int32_t> rows;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < Rp; ++c)
+      for (int64_t p = 0; p < 3; ++p) rows.push_back(int32_t(((i * (L + Rp) + L + c) * 3 + p) * U + group));
+  return rows;
+}
+
 UlyssesLayout ulysses_layout(const SequenceParallelPlan& plan, int rank, int64_t items, int64_t replicated,
                              const std::vector<int64_t>& replicated_len) {
   ZI_ASSERT(rank >= 0 && rank < plan.degree && int64_t(replicated_len.size()) == items);
@@ -30,15 +47,8 @@ UlyssesLayout ulysses_layout(const SequenceParallelPlan& plan, int rank, int64_t
   for (int64_t sk = 0; sk < U * L; ++sk)
     if (slot[size_t(sk)] >= 0) source[size_t(slot[size_t(sk)])] = sk;
 
-  // qkv as rows of width w: row (i, k, p, j) = ((i*S + k)*3 + p)*U + j, p the q/k/v part, j the head group.
-  auto qkv_row = [&](int64_t i, int64_t k, int64_t p, int64_t j) { return int32_t(((i * S + k) * 3 + p) * U + j); };
-  for (int64_t j = 0; j < U; ++j)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < L; ++k)
-        for (int64_t p = 0; p < 3; ++p) l.send_idx.push_back(qkv_row(i, k, p, j));
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < R; ++c)
-      for (int64_t p = 0; p < 3; ++p) l.replica_idx.push_back(qkv_row(i, L + c, p, rank));
+  l.send_idx = head_group_send_rows(U, n, L, R);
+  l.replica_idx = replicated_head_group_rows(U, n, L, R, rank);
 
   // Attention input rows (width 3w): received (s, i, k) at (s*n + i)*L + k, then replicated (i, c) at
   // U*n*L + i*R + c.

@@ -45,6 +45,12 @@ struct UlyssesLayout {
   std::vector<int32_t> out_idx;          // [n, L + R, U] <- [received back (U, n, L) | gathered (U, n, R)]
 };
 
+// Packed qkv [n, L + Rp, 3*U*w] seen as rows of width w: row ((i*S + k)*3 + p)*U + j is head group j of
+// part p (q, k, v) of row k of item i (S = L + Rp). The rows an all-to-all sends, [U (head group), n, L, 3],
+// and head group `group` of the replicated rows, [n, Rp, 3]: shared by Ulysses and Ulysses x ring.
+std::vector<int32_t> head_group_send_rows(int64_t U, int64_t n, int64_t L, int64_t Rp);
+std::vector<int32_t> replicated_head_group_rows(int64_t U, int64_t n, int64_t L, int64_t Rp, int64_t group);
+
 // replicated_len[i] <= replicated: the attended replicated rows of item i (the rest are masked keys).
 UlyssesLayout ulysses_layout(const SequenceParallelPlan& plan, int rank, int64_t items, int64_t replicated,
                              const std::vector<int64_t>& replicated_len);

@@ -1,6 +1,7 @@
 #include "parallel/usp_attention.h"
 
 #include "core/error.h"
+#include "parallel/ulysses_attention.h"
 
 namespace zimage {
 
@@ -49,15 +50,8 @@ UspLayout usp_layout(const SequenceParallelPlan& plan, int shard, int64_t items,
     l.replicated_keys.push_back(int(len));
   }
 
-  // As Ulysses: qkv row (i, k, p, j) = ((i*S + k)*3 + p)*U + j.
-  auto qkv_row = [&](int64_t i, int64_t k, int64_t p, int64_t j) { return int32_t(((i * S + k) * 3 + p) * U + j); };
-  for (int64_t j = 0; j < U; ++j)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < L; ++k)
-        for (int64_t p = 0; p < 3; ++p) l.send_idx.push_back(qkv_row(i, k, p, j));
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < Rp; ++c)
-      for (int64_t p = 0; p < 3; ++p) l.replica_idx.push_back(qkv_row(i, L + c, p, l.u));
+  l.send_idx = head_group_send_rows(U, n, L, Rp);
+  l.replica_idx = replicated_head_group_rows(U, n, L, Rp, l.u);
 
   // Source rows of width 3w: received (s, i, k) at (s*n + i)*L + k, then replicated (i, c) at U*n*L + i*Rp + c.
   const auto mine = block_order(l.r);
