@@ -187,10 +187,10 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
     res.set_content(json{{"status", state}}.dump(), "application/json");
   });
   http_->Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
-    const auto [status, state] = readiness();
-    res.status = status;
+    const Readiness r = readiness();
+    res.status = r.status;
     res.set_content(
-        json{{"status", state}, {"queue_depth", batcher_.queue_depth()}, {"max_queue", batcher_.max_queue()}}.dump(),
+        json{{"status", r.state}, {"queue_depth", r.queue_depth}, {"max_queue", batcher_.max_queue()}}.dump(),
         "application/json");
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -223,11 +223,12 @@ void HttpServer::begin_drain() {
   metrics_.set_ready(false);
 }
 
-std::pair<int, const char*> HttpServer::readiness() {
-  if (draining_) return {503, "shutting_down"};
-  if (!ready_) return {503, "loading"};
-  if (batcher_.queue_depth() >= batcher_.max_queue()) return {503, "queue_full"};
-  return {200, "ok"};
+HttpServer::Readiness HttpServer::readiness() {
+  const size_t depth = batcher_.queue_depth();
+  if (draining_) return {503, "shutting_down", depth};
+  if (!ready_) return {503, "loading", depth};
+  if (depth >= batcher_.max_queue()) return {503, "queue_full", depth};
+  return {200, "ok", depth};
 }
 
 std::string HttpServer::agent_status() {

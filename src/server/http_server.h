@@ -20,7 +20,6 @@
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <thread>
-#include <utility>
 
 #include "server/batcher.h"
 #include "server/edit_request.h"
@@ -84,7 +83,12 @@ class HttpServer {
   void image_content(const httplib::Request& req, httplib::Response& res);
   void send_error(httplib::Response& res, const ApiError& error);
   // What /ready answers: 200 and "ok", or 503 and why not ("loading", "shutting_down", "queue_full").
-  std::pair<int, const char*> readiness();
+  struct Readiness {
+    int status;
+    const char* state;
+    size_t queue_depth;  // read once, so that the answer agrees with itself
+  };
+  Readiness readiness();
 
   ServerOptions options_;
   Batcher& batcher_;
