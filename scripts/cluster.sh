@@ -37,9 +37,15 @@ http_status() {
   echo "$status"
 }
 
-# Whether PID still runs the program named NAME (a recycled pid runs something else).
+# Whether PID, from a pid file, still runs the program named NAME (a recycled pid runs something else).
 alive() {
   [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -q "$2"
+}
+
+# Whether PID, a child this script started, still runs. Not by name: until it has exec'd, the child is
+# a copy of this shell; and its pid is not reused before it is reaped.
+running() {
+  [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
 }
 
 # Sends SIGNAL to the process of pid file FILE if it still runs NAME.
@@ -166,7 +172,7 @@ start() {
     pending=0
     for ((k = 1; k <= replicas; k++)); do
       pid=$(cat "$DIR/replica-$k.pid")
-      if ! alive "$pid" zimage; then
+      if ! running "$pid"; then
         tail -n 5 "$DIR/replica-$k.log" >&2
         abort "replica $k exited (log: $DIR/replica-$k.log)"
       fi
@@ -194,7 +200,7 @@ start() {
   [ "$host" = 0.0.0.0 ] && probe=127.0.0.1
   end=$((SECONDS + 30))
   until [ "$(http_status "$probe" "$port" /ready)" = 200 ]; do
-    if ! alive "$(cat "$DIR/haproxy.pid")" haproxy || ((SECONDS >= end)); then
+    if ! running "$(cat "$DIR/haproxy.pid")" || ((SECONDS >= end)); then
       tail -n 5 "$DIR/haproxy.log" >&2
       abort "HAProxy does not answer on $host:$port (log: $DIR/haproxy.log)"
     fi
