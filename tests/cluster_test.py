@@ -141,6 +141,13 @@ class Haproxy:
         raise AssertionError("%s still %s after %.1f s" % (server, self.status(server), seconds))
 
 
+def wait_in_flight(replica, still_sending, what):
+    """Returns once `replica` has a request in flight; fails when `still_sending()` turns false first."""
+    while metric(replica, "zimage_requests_in_flight") < 1:
+        check(still_sending(), "%s: no request was in flight (they finished too fast: make them larger)" % what)
+        time.sleep(0.005)
+
+
 def pid_of(cluster_dir, name):
     with open(os.path.join(cluster_dir, name + ".pid")) as f:
         return int(f.read())
@@ -199,8 +206,7 @@ def main():
         for t in threads:
             t.start()
         time.sleep(1.0)
-        while metric(replica_base[0], "zimage_requests_in_flight") < 1:  # a request to lose
-            time.sleep(0.005)
+        wait_in_flight(replica_base[0], lambda: any(t.is_alive() for t in threads), "failover")  # one to lose
         os.kill(pid_of(cluster_dir, "replica-1"), signal.SIGKILL)
         killed_at = time.monotonic()
         out_s = hap.wait("replica-1", lambda s: s.startswith("DOWN"), 10)
@@ -235,8 +241,7 @@ def main():
         long_request = threading.Thread(target=lambda: long_result.update(
             r=generate(replica_base[1], "long-1", "long", LONG, 300)))
         long_request.start()
-        while metric(replica_base[1], "zimage_requests_in_flight") < 1:
-            time.sleep(0.005)
+        wait_in_flight(replica_base[1], long_request.is_alive, "drain")
         os.kill(pid_of(cluster_dir, "replica-2"), signal.SIGTERM)
         out_s = hap.wait("replica-2", lambda s: not s.startswith("UP"), 10)
         served_before = metric(replica_base[1], 'zimage_image_requests_total{kind="generations"}')
