@@ -296,7 +296,8 @@ def main():
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if running(int(p)) and (cluster_dir in cmd or "--port %d " % replica_port in cmd + " "):
+            ours = [" --port %d " % (replica_port + 2 * k) for k in range(REPLICAS)]
+            if running(int(p)) and (cluster_dir in cmd or any(o in cmd + " " for o in ours)):
                 strays.append(cmd)
     print("stop: %d process(es) left of %d (%s), %d stray; restarted replica 1 exited %s; whole test %.1f s"
           % (len(left), len(pids), ", ".join(sorted(pids)), len(strays), restarted.returncode if restarted else None,

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def serve_flags(zimage):
 
 
 def check_haproxy():
+    check(shutil.which("haproxy"), "haproxy is not installed (scripts/setup.sh installs it)")
     with open(os.path.join(DEPLOY, "haproxy.cfg")) as f:
         cfg = f.read()
     with tempfile.TemporaryDirectory() as tmp:
