@@ -3,7 +3,8 @@
 
 Either starts the server itself (--server: the command without --port; it gets --port 0 and the port
 is read from its "listening on" line, and it is stopped with SIGTERM at the end) or talks to one that
-runs (--url, loopback addresses only). At each level, `concurrency` clients send requests back to back
+runs (--url, loopback addresses only), which may be a load balancer in front of replicas (scripts/cluster.sh;
+then --metrics-url once per replica, so that their batches are counted). At each level, `concurrency` clients send requests back to back
 until --requests have been sent or --max-seconds have passed; every answer is checked (status, image
 count, PNG signature and size). Reports images/s, requests/s and latency percentiles per level, and
 the server's own batch sizes from /metrics, as JSON (stdout, and --out FILE).
@@ -14,6 +15,9 @@ Python 3 standard library only.
       --size 64x64 --steps 2 --out bench/results/cpu-$(date +%F)-loadtest-tiny.json
   scripts/loadtest.py --server "build/zimage serve --model-path synthetic:turbo --backend cuda --warmup" \\
       --size 1024x1024 --out bench/results/cuda-$(date +%F)-loadtest-turbo.json
+  scripts/cluster.sh start --replicas 3 --port 31000 -- --model-path synthetic:tiny --backend cpu
+  scripts/loadtest.py --url http://127.0.0.1:31000 --metrics-url http://127.0.0.1:31001 \\
+      --metrics-url http://127.0.0.1:31003 --metrics-url http://127.0.0.1:31005 --setup "3 replicas behind HAProxy"
 """
 import argparse
 import base64
@@ -49,16 +53,17 @@ def http(method, url, body=None, api_key=None, timeout=600):
         return e.code, e.read()
 
 
-def metrics(base, api_key):
-    """Prometheus text -> {series: value} (no HELP/TYPE lines)."""
-    status, text = http("GET", base + "/metrics", api_key=api_key, timeout=30)
+def metrics(bases, api_key):
+    """Prometheus text of every server in `bases`, summed -> {series: value} (no HELP/TYPE lines)."""
     out = {}
-    if status != 200:
-        return out
-    for line in text.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for base in bases:
+        status, text = http("GET", base + "/metrics", api_key=api_key, timeout=30)
+        if status != 200:
+            continue
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -77,7 +82,7 @@ def percentile(sorted_values, p):
     return sorted_values[max(0, min(len(sorted_values), rank) - 1)]
 
 
-def run_level(base, args, concurrency, width, height):
+def run_level(base, metrics_bases, args, concurrency, width, height):
     lock = threading.Lock()
     sent = [0]
     latencies, errors = [], {}
@@ -116,7 +121,8 @@ def run_level(base, args, concurrency, width, height):
                     latencies.append(dt)
                     images[0] += args.n
 
-    before = metrics(base, args.api_key)
+    before = metrics(metrics_bases, args.api_key)
+    load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -124,7 +130,7 @@ def run_level(base, args, concurrency, width, height):
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    after = metrics(base, args.api_key)
+    after = metrics(metrics_bases, args.api_key)
 
     def delta(series):
         return after.get(series, 0.0) - before.get(series, 0.0)
@@ -133,6 +139,8 @@ def run_level(base, args, concurrency, width, height):
     lat = sorted(latencies)
     return {
         "concurrency": concurrency,
+        # The 1-minute load average of the machine (other work on it shows here), before and after.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "requests_sent": sent[0],
         "requests_ok": len(latencies),
         "errors": errors,
@@ -179,7 +187,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="command that starts `zimage serve` (without --host/--port)")
-    where.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:30000")
+    where.add_argument("--url", help="a running server or load balancer on this machine, e.g. http://127.0.0.1:30000")
+    ap.add_argument("--metrics-url", action="append", default=[],
+                    help="a server whose /metrics count the batches (repeat once per replica behind --url; "
+                         "default: the server itself)")
+    ap.add_argument("--setup", default=None, help="what serves --url, for the report (\"3 replicas behind HAProxy\")")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     ap.add_argument("--requests", type=int, default=48, help="requests per level (default 48)")
     ap.add_argument("--max-seconds", type=float, default=120, help="stop sending at a level after this (default 120)")
@@ -197,18 +209,21 @@ def main():
         proc, base = start_server(args.server)
     else:
         base = args.url.rstrip("/")
-        if urllib.parse.urlparse(base).hostname not in LOOPBACK:
+    metrics_bases = [u.rstrip("/") for u in args.metrics_url] or [base]
+    for url in [base] + metrics_bases:
+        if urllib.parse.urlparse(url).hostname not in LOOPBACK:
             sys.exit("loadtest: loopback servers only (127.0.0.1, localhost, ::1)")
     try:
         wait_ready(base, 1800)
         status, raw = http("GET", base + "/v1/models", api_key=args.api_key, timeout=30)
         model = json.loads(raw)["data"][0]["id"] if status == 200 else None
-        # One untimed request so that no level pays for first-use costs of this size.
+        # One untimed request per server so that no level pays for first-use costs of this size.
         warm = {"prompt": "warm-up", "size": args.size, "n": 1}
         if args.steps:
             warm["num_inference_steps"] = args.steps
-        http("POST", base + "/v1/images/generations", warm, args.api_key)
-        levels = [run_level(base, args, int(c), width, height) for c in args.concurrency.split(",")]
+        for server in metrics_bases:
+            http("POST", server + "/v1/images/generations", warm, args.api_key)
+        levels = [run_level(base, metrics_bases, args, int(c), width, height) for c in args.concurrency.split(",")]
     finally:
         exit_code = None
         if proc:
@@ -223,6 +238,9 @@ def main():
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "server_command": args.server,
+        "url": None if args.server else base,
+        "setup": args.setup,
+        "metrics_urls": None if args.server else metrics_bases,
         "server_exit_code_after_sigterm": exit_code,
         "model": model,
         "request": {"size": args.size, "num_inference_steps": args.steps or "model default", "n": args.n,

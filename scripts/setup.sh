@@ -11,6 +11,8 @@ PACKAGES=(
   libpcre2-dev libutf8proc-dev libopenblas-dev libgtest-dev
   # scripts/sanitize.sh and scripts/fuzz.sh: clang with its ASan, UBSan and libFuzzer runtimes
   clang libclang-rt-dev
+  # scripts/cluster.sh and its tests: the load balancer, and PyYAML for tests/deploy_test.py
+  haproxy python3-yaml
 )
 
 missing=()

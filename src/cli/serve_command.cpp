@@ -1,7 +1,8 @@
 // `zimage serve`: the model loaded once behind an OpenAI-compatible HTTP API (src/server/). Flags follow
 // SGLang's `sglang serve` where it has one. The listener opens first, so /health answers 503 while the
 // model loads and warms up; SIGTERM or SIGINT stops taking requests, finishes the queued and running
-// ones and exits 0 (a second signal exits at once).
+// ones and exits 0 (a second signal exits at once). Behind a load balancer: /ready, X-Request-Id and the
+// agent check (--agent-port) are what scripts/cluster.sh and deploy/ use.
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <optional>
 
 #include "cli/commands.h"
 #include "cli/component_flags.h"
@@ -16,6 +18,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "pipeline/text_to_image.h"
+#include "server/agent_check.h"
 #include "server/batcher.h"
 #include "server/http_server.h"
 #include "server/lora_library.h"
@@ -28,6 +31,7 @@ struct ServeOptions {
   std::string model, host = "127.0.0.1", api_key, warmup_size = "1024x1024", public_url, lora_dir;
   size_t lora_cache = 16;
   int port = 30000, max_batch_size = 4, batch_delay_ms = 10, max_queue = 64, max_n = 4, max_connections = 1024;
+  int agent_port = -1;  // none
   double request_timeout_s = 600, read_timeout_s = 30;
   int64_t max_pixels = int64_t(2048) * 2048;
   size_t max_body_bytes = size_t(1) << 20, url_max_images = 256;
@@ -92,6 +96,10 @@ Command add_serve(CLI::App& app) {
   add_controlnet_flags(cmd, o->controlnet);
   cmd->add_option("--host", o->host, "Address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
+      ->check(CLI::Range(0, 65535));
+  cmd->add_option("--agent-port", o->agent_port,
+                  "Port of HAProxy's agent check (0: any free port, printed at start; default: none): it answers "
+                  "'ready N%' (N: the free share of the queue) or 'drain' while shutting down")
       ->check(CLI::Range(0, 65535));
   add_device_options(cmd, o->device);
   cmd->add_flag("--warmup", o->warmup, "Generate one image before /health reports ready");
@@ -176,6 +184,13 @@ Command add_serve(CLI::App& app) {
             server::HttpServer http(so, batcher, metrics);
             int port = http.start();
             std::printf("zimage serve: listening on http://%s:%d\n", o->host.c_str(), port);
+            // Destroyed before `http`, whose state it reports; it says "drain" until the process exits.
+            std::optional<server::AgentCheck> agent;
+            if (o->agent_port >= 0) {
+              agent.emplace([&http] { return http.agent_status(); });
+              const int agent_port = agent->start(o->host, o->agent_port);
+              std::printf("zimage serve: agent check on %s:%d\n", o->host.c_str(), agent_port);
+            }
             std::fflush(stdout);
 
             auto t0 = std::chrono::steady_clock::now();

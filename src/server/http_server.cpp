@@ -2,7 +2,9 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdio>
 #include <ctime>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -14,6 +16,7 @@
 #include "server/base64.h"
 #include "server/client_connection.h"
 #include "server/connection_server.h"
+#include "server/request_id.h"
 
 namespace zimage::server {
 
@@ -66,7 +69,8 @@ bool authorized(const std::string& header, const std::string& key) {
 std::string allowed_methods(const std::string& path) {
   static const std::regex image_content(R"(/v1/images/[^/]+/content)");
   if (path == "/v1/images/generations" || path == "/v1/images/edits") return "POST";
-  if (path == "/v1/models" || path == "/health" || path == "/metrics" || std::regex_match(path, image_content))
+  if (path == "/v1/models" || path == "/health" || path == "/ready" || path == "/metrics" ||
+      std::regex_match(path, image_content))
     return "GET";
   return "";
 }
@@ -100,7 +104,10 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
       [this](const httplib::Request&, httplib::Response& res) { metrics_.add_response(res.status); });
 
   http_->set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (options_.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+    res.set_header("X-Request-Id", request_id(req.get_header_value("X-Request-Id")));
+    // The probes of load balancers and orchestrators carry no key.
+    if (options_.api_key.empty() || req.path == "/health" || req.path == "/ready")
+      return httplib::Server::HandlerResponse::Unhandled;
     if (authorized(req.get_header_value("Authorization"), options_.api_key))
       return httplib::Server::HandlerResponse::Unhandled;
     send_error(res, unauthorized());
@@ -119,7 +126,7 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
         send_error(res, res.status == 413 ? payload_too_large(options_.max_body_bytes) : from_status(res.status));
         return httplib::Server::HandlerResponse::Handled;
       }));
-  http_->set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+  http_->set_exception_handler([this](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
     std::string what = "unknown exception";
     try {
       std::rethrow_exception(ep);
@@ -127,23 +134,36 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
       what = e.what();
     } catch (...) {
     }
-    log(LogLevel::Error, "request failed: " + what);
+    log(LogLevel::Error, "request " + res.get_header_value("X-Request-Id") + " " + req.path + " failed: " + what);
     send_error(res, {500, what, "server_error", "", "internal_error"});
   });
 
-  // In flight until answered, however the handler leaves (an exception is answered with a 500).
+  // In flight until answered, however the handler leaves (an exception is answered with a 500, and
+  // logged by the exception handler); an answer is logged with its request id, status and time.
   struct InFlight {
     Metrics& metrics;
+    const httplib::Response& res;
+    const char* kind;
     Clock::time_point start = Clock::now();
-    InFlight(Metrics& m, const std::string& kind) : metrics(m) { metrics.request_started(kind); }
-    ~InFlight() { metrics.request_finished(seconds_since(start)); }
+    InFlight(Metrics& m, const httplib::Response& r, const char* k) : metrics(m), res(r), kind(k) {
+      metrics.request_started(kind);
+    }
+    ~InFlight() {
+      const double seconds = seconds_since(start);
+      metrics.request_finished(seconds);
+      if (res.status <= 0) return;
+      char took[32];
+      std::snprintf(took, sizeof took, "%.3f s", seconds);
+      log_info("request " + res.get_header_value("X-Request-Id") + " " + kind + ": " + std::to_string(res.status) +
+               " in " + took);
+    }
   };
   http_->Post("/v1/images/generations", [this](const httplib::Request& req, httplib::Response& res) {
-    InFlight in_flight(metrics_, "generations");
+    InFlight in_flight(metrics_, res, "generations");
     res.status = generate(req, res);
   });
   http_->Post("/v1/images/edits", [this](const httplib::Request& req, httplib::Response& res) {
-    InFlight in_flight(metrics_, "edits");
+    InFlight in_flight(metrics_, res, "edits");
     res.status = edit(req, res);
   });
   http_->Get(R"(/v1/images/([^/]+)/content)",
@@ -165,6 +185,13 @@ HttpServer::HttpServer(ServerOptions options, Batcher& batcher, Metrics& metrics
     const char* state = draining_ ? "shutting_down" : ready_ ? "ok" : "loading";
     res.status = ready_ && !draining_ ? 200 : 503;
     res.set_content(json{{"status", state}}.dump(), "application/json");
+  });
+  http_->Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
+    const Readiness r = readiness();
+    res.status = r.status;
+    res.set_content(
+        json{{"status", r.state}, {"queue_depth", r.queue_depth}, {"max_queue", batcher_.max_queue()}}.dump(),
+        "application/json");
   });
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_.render(), "text/plain; version=0.0.4; charset=utf-8");
@@ -194,6 +221,22 @@ void HttpServer::set_ready() {
 void HttpServer::begin_drain() {
   draining_ = true;
   metrics_.set_ready(false);
+}
+
+HttpServer::Readiness HttpServer::readiness() {
+  const size_t depth = batcher_.queue_depth();
+  if (draining_) return {503, "shutting_down", depth};
+  if (!ready_) return {503, "loading", depth};
+  if (depth >= batcher_.max_queue()) return {503, "queue_full", depth};
+  return {200, "ok", depth};
+}
+
+std::string HttpServer::agent_status() {
+  if (draining_) return "drain";
+  const size_t max = batcher_.max_queue(), free = max - std::min(batcher_.queue_depth(), max);
+  // Rounded up, and at least 1%: a full queue already fails /ready, which takes the replica out.
+  const size_t percent = std::max<size_t>(1, (100 * free + max - 1) / max);
+  return "ready " + std::to_string(percent) + "%";
 }
 
 void HttpServer::stop() {

@@ -3,10 +3,14 @@
 //   POST /v1/images/edits         the same for a multipart image to image / inpainting request (edit_request.h)
 //   GET  /v1/images/{id}/content  an image of a url answer, while the image store keeps it
 //   GET  /v1/models               the one model served
-//   GET  /health                  200 once the model is loaded and warmed up; 503 before and while draining
+//   GET  /health                  liveness: 200 once the model is loaded and warmed up; 503 before and while draining
+//   GET  /ready                   readiness: as /health, and also 503 while the queue is full, so that a load
+//                                 balancer stops sending before the replica refuses; says the queue depth
 //   GET  /metrics                 Prometheus text (see metrics.h)
 // Every error is OpenAI's error JSON (openai_errors.h); a wrong method on one of these routes is 405.
-// With an API key, every route but /health needs "Authorization: Bearer <key>" (the scheme in any case).
+// With an API key, every route but /health and /ready needs "Authorization: Bearer <key>" (the scheme in
+// any case). Every answer carries X-Request-Id: the request's own (request_id.h) or a fresh one; each
+// answered image request is logged with it, its status and its time.
 // Connections, read deadlines and body limits are ConnectionServer's (connection_server.h).
 #pragma once
 
@@ -61,7 +65,10 @@ class HttpServer {
   // Binds and starts serving on a thread of its own; returns the port. Error(Io) when it cannot bind.
   int start();
   void set_ready();    // the model is loaded (and warmed up): /health answers 200
-  void begin_drain();  // shutting down: new generation requests and /health answer 503
+  void begin_drain();  // shutting down: new generation requests, /health and /ready answer 503
+  // The line HAProxy's agent check reads (agent_check.h): "drain" while shutting down, otherwise "ready"
+  // and the free share of the queue as the weight ("ready 75%" with 16 of 64 places taken; at least 1%).
+  std::string agent_status();
   // Closes the listener and returns once every connection's current request has been answered.
   void stop();
 
@@ -75,6 +82,13 @@ class HttpServer {
   void append_images(const ImageRequest& request, const JobResult& result, nlohmann::json& data);
   void image_content(const httplib::Request& req, httplib::Response& res);
   void send_error(httplib::Response& res, const ApiError& error);
+  // What /ready answers: 200 and "ok", or 503 and why not ("loading", "shutting_down", "queue_full").
+  struct Readiness {
+    int status;
+    const char* state;
+    size_t queue_depth;  // read once, so that the answer agrees with itself
+  };
+  Readiness readiness();
 
   ServerOptions options_;
   Batcher& batcher_;

@@ -1,27 +1,8 @@
 #include "server/image_store.h"
 
-#include <openssl/rand.h>
-
-#include "core/error.h"
+#include "server/request_id.h"
 
 namespace zimage::server {
-
-namespace {
-
-// Unguessable: an id is all it takes to fetch someone's image.
-std::string random_id() {
-  unsigned char bytes[16];
-  ZI_CHECK(RAND_bytes(bytes, sizeof bytes) == 1, ErrorKind::Internal, "the OpenSSL random generator failed");
-  static const char hex[] = "0123456789abcdef";
-  std::string id;
-  for (unsigned char b : bytes) {
-    id += hex[b >> 4];
-    id += hex[b & 15];
-  }
-  return id;
-}
-
-}  // namespace
 
 ImageStore::ImageStore(std::chrono::seconds ttl, size_t max_images) : ttl_(ttl), max_images_(max_images) {}
 
