@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "io/gguf.h"
 
 namespace zimage {
 
@@ -26,6 +27,27 @@ Tensor Backend::upload_rows(const std::vector<Tensor>& parts, DType dtype) {
     dst += src.nbytes();
   }
   return upload(packed, dtype);
+}
+
+Tensor dequantize_on_host(const StoredWeight& w) {
+  ZI_ASSERT(w.data.device() == Device::Host && w.data.is_contiguous());
+  Tensor out = Tensor::empty(w.shape, DType::F32);
+  if (w.blocks()) {
+    int64_t be = 0, bb = 0;
+    ZI_ASSERT(ggml_block_layout(w.ggml_type, &be, &bb) && int64_t(w.data.nbytes()) == out.numel() / be * bb);
+    ggml_dequantize(w.ggml_type, w.data.data_as<const uint8_t>(), out.f32(), out.numel());
+    return out;
+  }
+  ZI_ASSERT(w.data.shape() == w.shape);
+  convert_to_f32(w.data.dtype(), w.data.data(), out.f32(), size_t(out.numel()));
+  if (!w.scale.defined()) return out;
+  const Tensor scale = w.scale.dtype() == DType::F32 ? w.scale : w.scale.to_f32();
+  const int64_t rows = w.shape.empty() ? 1 : w.shape[0], per_row = rows ? out.numel() / rows : 0;
+  ZI_ASSERT(scale.numel() == 1 || scale.numel() == rows);
+  const float* s = scale.f32();
+  float* v = out.f32();
+  for (int64_t i = 0; i < out.numel(); ++i) v[i] = v[i] * s[scale.numel() == 1 ? 0 : i / per_row];
+  return out;
 }
 
 Tensor Backend::gather_rows(const Tensor& src, const std::vector<int32_t>& idx) {
