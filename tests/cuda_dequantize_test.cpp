@@ -50,7 +50,8 @@ StoredWeight random_blocks(GgmlType type, int64_t rows, int64_t cols, std::mt199
 class CudaDequantize : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU on this machine: the dequantize kernels run on the device";
+    if (cuda_device_count() == 0)
+      GTEST_SKIP() << "no CUDA GPU on this machine: the dequantize kernels run on the device";
     gpu_ = make_cuda_backend(0);
   }
   // CUDA's bf16 values against the reference's float32 values rounded to bf16; returns the count compared.
@@ -63,8 +64,10 @@ class CudaDequantize : public ::testing::Test {
     ASSERT_EQ(got.shape(), ref.shape()) << what;
     for (int64_t i = 0; i < ref.numel(); ++i) {
       const float want = bf16_to_f32(f32_to_bf16(ref.f32()[i])), have = got.f32()[i];
-      if (std::isnan(want)) ASSERT_TRUE(std::isnan(have)) << what << " value " << i;
-      else ASSERT_EQ(std::memcmp(&want, &have, 4), 0) << what << " value " << i << ": " << have << " vs " << want;
+      if (std::isnan(want))
+        ASSERT_TRUE(std::isnan(have)) << what << " value " << i;
+      else
+        ASSERT_EQ(std::memcmp(&want, &have, 4), 0) << what << " value " << i << ": " << have << " vs " << want;
     }
   }
   std::unique_ptr<Backend> gpu_;
@@ -82,7 +85,7 @@ TEST_F(CudaDequantize, EveryGgufBlockFormatIsTheReferenceBitForBit) {
 TEST_F(CudaDequantize, Fp8TimesScaleIsTheReferenceBitForBit) {
   std::mt19937 rng(8);
   for (DType dt : {DType::F8E4M3, DType::F8E5M2})
-    for (int scales : {0, 1, 2}) {  // none, per tensor, per row
+    for (int scales : {0, 1, 2}) {          // none, per tensor, per row
       const int64_t rows = 29, cols = 170;  // 4930 values: not a multiple of 8, the kernel's tail too
       StoredWeight w;
       w.shape = {rows, cols};
@@ -93,6 +96,7 @@ TEST_F(CudaDequantize, Fp8TimesScaleIsTheReferenceBitForBit) {
         w.scale = Tensor::empty({n}, DType::F32);
         for (int64_t r = 0; r < n; ++r) w.scale.f32()[r] = std::ldexp(float(rng() % 1000 + 1), -int(rng() % 20));
       }
-      expect_exact(w, std::string(dtype_name(dt)) + " with " + std::to_string(scales ? w.scale.numel() : 0) + " scales");
+      expect_exact(w,
+                   std::string(dtype_name(dt)) + " with " + std::to_string(scales ? w.scale.numel() : 0) + " scales");
     }
 }

@@ -361,7 +361,10 @@ TEST(GgufQuantize, RoundTripsWithinTheFormatsStep) {
   double err2 = 0, ref2 = 0;
   for (int64_t sb = 0; sb < n / 256; ++sb) {
     float sb_lo = 0, sb_hi = 0;
-    for (int j = 0; j < 256; ++j) sb_lo = std::min(sb_lo, x[size_t(sb * 256 + j)]), sb_hi = std::max(sb_hi, x[size_t(sb * 256 + j)]);
+    for (int j = 0; j < 256; ++j) {
+      sb_lo = std::min(sb_lo, x[size_t(sb * 256 + j)]);
+      sb_hi = std::max(sb_hi, x[size_t(sb * 256 + j)]);
+    }
     for (int64_t s = sb * 8; s < sb * 8 + 8; ++s) {
       float lo = 0, hi = 0;
       for (int j = 0; j < 32; ++j) lo = std::min(lo, x[size_t(s * 32 + j)]), hi = std::max(hi, x[size_t(s * 32 + j)]);

@@ -37,8 +37,9 @@ std::string saved(DitFileFormat format, DitQuantization q) {
   static std::map<std::pair<int, int>, std::string> files;
   auto key = std::pair{int(format), int(q)};
   if (!files.count(key)) {
-    const std::string path = temp_path(std::string("dit_") + std::to_string(key.first) + "_" +
-                                       std::to_string(key.second) + (format == DitFileFormat::Gguf ? ".gguf" : ".safetensors"));
+    const std::string path =
+        temp_path(std::string("dit_") + std::to_string(key.first) + "_" + std::to_string(key.second) +
+                  (format == DitFileFormat::Gguf ? ".gguf" : ".safetensors"));
     save_diffusion_model(tiny(), path, format, q);
     files[key] = path;
   }
@@ -100,8 +101,10 @@ TEST(SaveDiffusionModel, GgufTensorTypesFollowCity96AndQ8_0BlocksMatchTheGoldenF
   for (const auto& [name, ti] : f->tensors()) {
     const bool matrix = ti.ne.size() == 2 && ti.ne[1] > 1;
     GgmlType want = GgmlType::Q8_0;
-    if (!matrix || name.find("final_layer.linear.") != std::string::npos) want = GgmlType::F32;  // 1-D, [1, 64]: <= 1024
-    else if (name.find("final_layer.") != std::string::npos || ti.ne[0] % 32 != 0) want = GgmlType::BF16;
+    if (!matrix || name.find("final_layer.linear.") != std::string::npos)
+      want = GgmlType::F32;  // 1-D, [1, 64]: <= 1024
+    else if (name.find("final_layer.") != std::string::npos || ti.ne[0] % 32 != 0)
+      want = GgmlType::BF16;
     EXPECT_EQ(ggml_type_name(ti.type), std::string(ggml_type_name(uint32_t(want)))) << name;
     if (GgmlType(ti.type) != GgmlType::Q8_0) continue;
     // The golden file's Q8_0 blocks have the same scales d, and the same quants except where x / d falls on
@@ -128,12 +131,11 @@ TEST(SaveDiffusionModel, GgufTensorTypesFollowCity96AndQ8_0BlocksMatchTheGoldenF
 }
 
 TEST(SaveDiffusionModel, EveryFormatReadsBackAsItsQuantization) {
-  const std::vector<std::pair<DitFileFormat, DitQuantization>> kinds = {
-      {DitFileFormat::ComfyUi, DitQuantization::None},
-      {DitFileFormat::ComfyUi, DitQuantization::Fp8},
-      {DitFileFormat::Gguf, DitQuantization::None},
-      {DitFileFormat::Gguf, DitQuantization::Q8_0},
-      {DitFileFormat::Gguf, DitQuantization::Q4_K}};
+  const std::vector<std::pair<DitFileFormat, DitQuantization>> kinds = {{DitFileFormat::ComfyUi, DitQuantization::None},
+                                                                        {DitFileFormat::ComfyUi, DitQuantization::Fp8},
+                                                                        {DitFileFormat::Gguf, DitQuantization::None},
+                                                                        {DitFileFormat::Gguf, DitQuantization::Q8_0},
+                                                                        {DitFileFormat::Gguf, DitQuantization::Q4_K}};
   Checkpoint ref_ckpt = Checkpoint::open_dir(golden_path("tiny-zimage/transformer"));
   for (const auto& [format, q] : kinds) {
     const std::string path = saved(format, q);
@@ -161,8 +163,8 @@ TEST(SaveDiffusionModel, EveryFormatReadsBackAsItsQuantization) {
     // Canonical weights served quantized. FP8: 3 modulated blocks x (q, k, v, out, w1, w2, w3, adaLN), the
     // context refiner's 7, the final adaLN. Q8_0: the same but w2 (rows of 170) and the final layer, plus
     // the 4 embedder matrices. Q4_K: only the time embedder's two matrices have rows of whole 256 blocks.
-    const int want = q == DitQuantization::None ? 0
-                     : q == DitQuantization::Fp8 ? 3 * 8 + 7 + 1
+    const int want = q == DitQuantization::None   ? 0
+                     : q == DitQuantization::Fp8  ? 3 * 8 + 7 + 1
                      : q == DitQuantization::Q8_0 ? 3 * 7 + 6 + 4
                                                   : 2;
     EXPECT_EQ(quantized, want) << path;
@@ -180,8 +182,9 @@ TEST(SaveDiffusionModel, EveryFormatReadsBackAsItsQuantization) {
 }
 
 TEST(SaveDiffusionModel, BadRequestsAreClearErrors) {
-  expect_error([] { save_diffusion_model(tiny(), temp_path("x.safetensors"), DitFileFormat::ComfyUi, DitQuantization::Q8_0); },
-               ErrorKind::InvalidArgument, {"q8_0", "--format gguf"});
+  expect_error(
+      [] { save_diffusion_model(tiny(), temp_path("x.safetensors"), DitFileFormat::ComfyUi, DitQuantization::Q8_0); },
+      ErrorKind::InvalidArgument, {"q8_0", "--format gguf"});
   expect_error([] { save_diffusion_model(tiny(), temp_path("x.gguf"), DitFileFormat::Gguf, DitQuantization::Fp8); },
                ErrorKind::InvalidArgument, {"fp8", "--format comfyui"});
   expect_error([] { save_diffusion_model(tiny(), temp_path("x.bin"), DitFileFormat::Gguf, DitQuantization::Q8_0); },
@@ -200,9 +203,9 @@ TEST(QuantizedLinear, StaysQuantizedAndEqualsDequantizingAtLoad) {
     for (auto& v : xs) v = normal(rng);
     return be->upload(Tensor::from_f32({5, in}, xs));
   };
-  for (auto [format, q] : {std::pair{DitFileFormat::Gguf, DitQuantization::Q8_0},
-                           std::pair{DitFileFormat::Gguf, DitQuantization::Q4_K},
-                           std::pair{DitFileFormat::ComfyUi, DitQuantization::Fp8}}) {
+  for (auto [format, q] :
+       {std::pair{DitFileFormat::Gguf, DitQuantization::Q8_0}, std::pair{DitFileFormat::Gguf, DitQuantization::Q4_K},
+        std::pair{DitFileFormat::ComfyUi, DitQuantization::Fp8}}) {
     auto w = open_layout(saved(format, q));
     const std::string p = "layers.0.";
     const std::vector<std::string> qkv = {p + "attention.to_q.weight", p + "attention.to_k.weight",

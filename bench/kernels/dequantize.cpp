@@ -35,10 +35,9 @@ StoredWeight make_weight(const std::string& format, std::mt19937& rng) {
   const struct {
     const char* name;
     GgmlType type;
-  } kTypes[] = {{"q8_0", GgmlType::Q8_0}, {"q4_0", GgmlType::Q4_0}, {"q4_1", GgmlType::Q4_1},
-                {"q5_0", GgmlType::Q5_0}, {"q5_1", GgmlType::Q5_1}, {"q2_k", GgmlType::Q2_K},
-                {"q3_k", GgmlType::Q3_K}, {"q4_k", GgmlType::Q4_K}, {"q5_k", GgmlType::Q5_K},
-                {"q6_k", GgmlType::Q6_K}};
+  } kTypes[] = {{"q8_0", GgmlType::Q8_0}, {"q4_0", GgmlType::Q4_0}, {"q4_1", GgmlType::Q4_1}, {"q5_0", GgmlType::Q5_0},
+                {"q5_1", GgmlType::Q5_1}, {"q2_k", GgmlType::Q2_K}, {"q3_k", GgmlType::Q3_K}, {"q4_k", GgmlType::Q4_K},
+                {"q5_k", GgmlType::Q5_K}, {"q6_k", GgmlType::Q6_K}};
   for (const auto& t : kTypes) {
     if (format != t.name) continue;
     int64_t be = 0, bb = 0;
@@ -62,8 +61,8 @@ int main(int argc, char** argv) {
   std::printf("dequantize %lld x %lld on %s\n", (long long)kRows, (long long)kCols, be->name().c_str());
   std::mt19937 rng(1);
   const int reps = which == "cuda" ? 50 : 2;
-  for (const char* format : {"fp8_e4m3", "fp8_e5m2", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k",
-                             "q5_k", "q6_k"}) {
+  for (const char* format :
+       {"fp8_e4m3", "fp8_e5m2", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
     const StoredWeight host = make_weight(format, rng);
     StoredWeight w = host;
     w.data = be->upload(host.data, host.data.dtype());
@@ -74,9 +73,10 @@ int main(int argc, char** argv) {
     for (int r = 0; r < reps; ++r) be->dequantize(w);
     auto to = be->mark();
     const double ms = be->elapsed_ms(from, to) / reps;
-    const double bytes = double(host.data.nbytes()) + double(kRows * kCols) * double(dtype_size(be->activation_dtype()));
-    std::printf("%-9s %7.2f bits/value  %9.3f ms  %8.1f GB/s\n", format, 8.0 * double(host.data.nbytes()) / double(kRows * kCols),
-                ms, bytes / ms / 1e6);
+    const double bytes =
+        double(host.data.nbytes()) + double(kRows * kCols) * double(dtype_size(be->activation_dtype()));
+    std::printf("%-9s %7.2f bits/value  %9.3f ms  %8.1f GB/s\n", format,
+                8.0 * double(host.data.nbytes()) / double(kRows * kCols), ms, bytes / ms / 1e6);
   }
   return 0;
 }

@@ -88,8 +88,8 @@ Command add_save_model(CLI::App& app) {
               return 0;
             }
             if (o->quantize != "none")
-              throw Error(ErrorKind::InvalidArgument,
-                          "--quantize writes one diffusion model file: give --format comfyui (fp8) or gguf (q8_0, q4_k)");
+              throw Error(ErrorKind::InvalidArgument, "--quantize writes one diffusion model file: give --format "
+                                                      "comfyui (fp8) or gguf (q8_0, q4_k)");
             SaveModelOptions opts;
             if (!o->shard_size.empty()) opts.shard_bytes = parse_size(o->shard_size);
             opts.overwrite = o->force;

@@ -698,7 +698,9 @@ void write_gguf(const std::string& path, const std::vector<std::pair<std::string
   for (const auto& [name, t] : tensors) {
     ZI_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16, ErrorKind::InvalidArgument,
              "write_gguf: tensor '" + name + "' is " + dtype_name(t.dtype()) + " (f32, f16 or bf16 only)");
-    const GgmlType type = t.dtype() == DType::F32 ? GgmlType::F32 : t.dtype() == DType::F16 ? GgmlType::F16 : GgmlType::BF16;
+    const GgmlType type = t.dtype() == DType::F32   ? GgmlType::F32
+                          : t.dtype() == DType::F16 ? GgmlType::F16
+                                                    : GgmlType::BF16;
     entries.push_back({name, t.shape(), uint32_t(type)});
   }
   size_t next = 0;

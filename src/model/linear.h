@@ -71,10 +71,11 @@ struct LoraBatch {
   bool any() const;
 };
 
-// y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized), and for each item i with an adapter set, y_i += B (A x_i). x [rows, in] or
-// [n, L, in] with the items' rows contiguous in item order: item_rows[i] rows each when given, else L
-// rows each for [n, L, in] and one row each for [rows, in]. Consecutive items with the same set run as one GEMM pair. A
-// batch whose size is half the call's items applies to both halves (a CFG call: [positives | negatives]).
+// y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized), and for each item i
+// with an adapter set, y_i += B (A x_i). x [rows, in] or [n, L, in] with the items' rows contiguous in item
+// order: item_rows[i] rows each when given, else L rows each for [n, L, in] and one row each for
+// [rows, in]. Consecutive items with the same set run as one GEMM pair. A batch whose size is half the
+// call's items applies to both halves (a CFG call: [positives | negatives]).
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora = nullptr,
              const std::vector<int64_t>* item_rows = nullptr);
 

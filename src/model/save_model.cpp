@@ -213,7 +213,8 @@ bool fp8_quantized(const ComfyTensor& t) {
 GgmlType gguf_type(const ComfyTensor& t, GgmlType target) {
   const int64_t n = shape_numel(t.shape);
   if (t.shape.size() == 1 || n <= 1024 || contains(t.name, "final_layer.linear.")) return GgmlType::F32;
-  if (target == GgmlType::BF16 || !ends_with(t.name, ".weight") || contains(t.name, "final_layer.")) return GgmlType::BF16;
+  if (target == GgmlType::BF16 || !ends_with(t.name, ".weight") || contains(t.name, "final_layer."))
+    return GgmlType::BF16;
   int64_t be = 0, bb = 0;
   ggml_block_layout(uint32_t(target), &be, &bb);
   return t.shape.back() % be == 0 ? target : GgmlType::BF16;
@@ -269,11 +270,14 @@ SavedDiffusionModel save_diffusion_model(const ModelSource& model, const std::st
     std::vector<GgufEntry> entries;
     for (const auto& t : tensors) {
       entries.push_back({t.name, t.shape, uint32_t(gguf_type(t, target))});
-      saved.quantized += entries.back().type != uint32_t(GgmlType::F32) && entries.back().type != uint32_t(GgmlType::BF16);
+      const GgmlType type = GgmlType(entries.back().type);
+      saved.quantized += type != GgmlType::F32 && type != GgmlType::BF16;
     }
     size_t next = 0;
     write_gguf(path.string(),
-               {{"general.architecture", "lumina2"}, {"general.quantization_version", 2u}, {"general.file_type", file_type}},
+               {{"general.architecture", "lumina2"},
+                {"general.quantization_version", 2u},
+                {"general.file_type", file_type}},
                entries, [&](const GgufEntry& e) {
                  const Tensor values = read_f32(ws, tensors[next++]);
                  return quantize_rows(values, GgmlType(e.type), e.nbytes());
@@ -293,12 +297,14 @@ SavedDiffusionModel save_diffusion_model(const ModelSource& model, const std::st
     }
     if (quantize == DitQuantization::Fp8) entries.push_back({prefix + "scaled_fp8", DType::F8E4M3, {0}});
     // A file's tensors go in name order, so "<module>.scale_weight" comes right before "<module>.weight":
-    // the weight's values, read for its scale, are kept for it.
+    // the weight's values and scale, computed for the scale entry, are kept for the weight.
     std::string cached_name;
     Tensor cached;
+    float cached_scale = 1;
     auto values_of = [&](const ComfyTensor& t) {
       if (cached_name != t.name) {
         cached = read_f32(ws, t);
+        cached_scale = fp8_scale(cached);
         cached_name = t.name;
       }
       return cached;
@@ -309,15 +315,18 @@ SavedDiffusionModel save_diffusion_model(const ModelSource& model, const std::st
       if (ends_with(e.name, ".scale_weight")) {
         const std::string module = e.name.substr(prefix.size(), e.name.size() - prefix.size() - 13);
         Tensor s = Tensor::empty({}, DType::F32);
-        s.f32()[0] = fp8_scale(values_of(*by_name.at(prefix + module + ".weight")));
+        values_of(*by_name.at(prefix + module + ".weight"));
+        s.f32()[0] = cached_scale;
         return s;
       }
       const ComfyTensor& t = *by_name.at(e.name);
       const Tensor values = values_of(t);
       if (e.dtype == DType::BF16) return values.to_dtype(DType::BF16);
-      const float scale = fp8_scale(values);  // w / scale, rounded to nearest even, as ComfyUI's converters do
+      const float scale = cached_scale;  // w / scale, rounded to nearest even, as ComfyUI's converters do
       Tensor q = Tensor::empty(t.shape, DType::F8E4M3);
-      for (int64_t i = 0; i < values.numel(); ++i) q.data_as<uint8_t>()[i] = f32_to_f8e4m3(values.f32()[i] / scale);
+      parallel_for(values.numel(), int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) q.data_as<uint8_t>()[i] = f32_to_f8e4m3(values.f32()[i] / scale);
+      });
       return q;
     });
   }

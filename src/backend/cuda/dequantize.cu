@@ -226,17 +226,20 @@ void dequantize_ggml_to_bf16(uint32_t ggml_type, const uint8_t* q, bf16* y, int6
     case GgmlType::Q6_K: return launch_blocks<Q6_K>(q, y, n, stream);
     default: break;
   }
-  throw Error(ErrorKind::Internal, std::string("cuda dequantize: no kernel for ggml type ") + ggml_type_name(ggml_type));
+  throw Error(ErrorKind::Internal,
+              std::string("cuda dequantize: no kernel for ggml type ") + ggml_type_name(ggml_type));
 }
 
-void dequantize_fp8_to_bf16(bool e5m2, const uint8_t* q, const float* scale, int64_t scale_count, bf16* y,
-                            int64_t rows, int64_t cols, cudaStream_t stream) {
+void dequantize_fp8_to_bf16(bool e5m2, const uint8_t* q, const float* scale, int64_t scale_count, bf16* y, int64_t rows,
+                            int64_t cols, cudaStream_t stream) {
   const int64_t n = rows * cols, threads = (n + kValuesPerThread - 1) / kValuesPerThread;
   if (n <= 0) return;
   if (e5m2)
-    dequantize_fp8_to_bf16<__NV_E5M2><<<grid_for(threads, kBlock), kBlock, 0, stream>>>(q, scale, scale_count, y, n, cols);
+    dequantize_fp8_to_bf16<__NV_E5M2>
+        <<<grid_for(threads, kBlock), kBlock, 0, stream>>>(q, scale, scale_count, y, n, cols);
   else
-    dequantize_fp8_to_bf16<__NV_E4M3><<<grid_for(threads, kBlock), kBlock, 0, stream>>>(q, scale, scale_count, y, n, cols);
+    dequantize_fp8_to_bf16<__NV_E4M3>
+        <<<grid_for(threads, kBlock), kBlock, 0, stream>>>(q, scale, scale_count, y, n, cols);
   ZI_CUDA_LAUNCH_CHECK();
 }
 

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <optional>
+#include <regex>
 #include <set>
 
 #include "core/error.h"

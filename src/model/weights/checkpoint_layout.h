@@ -12,9 +12,8 @@
 //     decoder.up.N numbered from the lowest resolution up (diffusers' up_blocks run the other way), norm_out.
 // Stored FP8 weights (float8_e4m3fn / e5m2) and GGUF blocks are served dequantized by get() (FP8: value x
 // scale in float32, the scale found as <module>.weight_scale or <module>.scale_weight) and as stored by
-// quantized(); a file that carries scales (a
-// <module>.comfy_quant entry, a `_quantization_metadata` header entry, ComfyUI's `scaled_fp8` marker)
-// must carry one for every FP8 weight.
+// quantized(); a file that carries scales (a <module>.comfy_quant entry, a `_quantization_metadata` header
+// entry, ComfyUI's `scaled_fp8` marker) must carry one for every FP8 weight.
 #pragma once
 
 #include <map>
@@ -44,12 +43,10 @@ struct DetectedLayout {
 // The layout of `file` from its tensor names; Format error naming the file when no table fits.
 DetectedLayout detect_layout(const StoredTensors& file);
 
-// Weights are served as the file stores them by stored_weight() (backend.h's StoredWeight: FP8 with the
-// scale that travels with it, `scale` f32 [1] or [rows]; GGUF blocks with their ggml type), what a backend
-// that keeps quantized weights in memory uploads, and dequantized by get().
-
-// A plain weight as stored; a quantized one as dequantize_on_host's float32 values (FP8: value x scale,
-// exact: an FP8 value times a float32 scale rounds once; GGUF: ggml's block dequantization).
+// A weight as the file stores it (backend.h's StoredWeight: FP8 with the scale that travels with it, f32
+// [1] or [rows]; GGUF blocks with their ggml type) is what stored_weight() hands out and a backend that
+// keeps quantized weights in memory uploads. dequantize(): a plain weight as stored, a quantized one as
+// dequantize_on_host's float32 values (FP8 value x scale, exact: it rounds once; ggml's block dequantization).
 Tensor dequantize(const StoredWeight& w);
 
 // Serves canonical names from a file of any layout: get() is dequantize(stored_weight()).

@@ -1,7 +1,8 @@
 // The tensors of one checkpoint file (or folder) under the names they are stored by, before any layout
 // is applied: a safetensors checkpoint or a GGUF file. Shapes are in PyTorch order (GGUF's reversed).
 // A GGUF tensor in a block format is dequantized to float32 by read() and served as its blocks by
-// read_blocks(); every other tensor keeps its stored dtype (FP8 included: its scale is the layout's business, see checkpoint_layout.h).
+// read_blocks(); every other tensor keeps its stored dtype (FP8 included: its scale is the layout's
+// business, see checkpoint_layout.h).
 #pragma once
 
 #include <memory>
