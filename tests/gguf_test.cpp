@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -284,4 +285,136 @@ TEST(Gguf, BadFilesAreFormatErrorsNamingTheFile) {
   uint64_t n = uint64_t(1) << 60;
   std::memcpy(&huge[8], &n, 8);
   bad(huge, {"bad.gguf", "tensors"});
+}
+
+TEST(GgufQuantize, Q8_0HandComputedBlock) {
+  // amax 127 -> d = 1 exactly (stored fp16 0x3c00); q = round(x) with halves away from zero.
+  std::vector<float> x(32, 0.0f);
+  x[0] = 127, x[1] = -127, x[2] = 63.5f, x[3] = -0.5f, x[4] = 0.4f, x[5] = 2.5f;
+  std::vector<uint8_t> b(34);
+  ggml_quantize(uint32_t(GgmlType::Q8_0), x.data(), b.data(), 32);
+  uint16_t d;
+  std::memcpy(&d, b.data(), 2);
+  EXPECT_EQ(d, 0x3c00);
+  const int want[] = {127, -127, 64, -1, 0, 3};
+  for (int j = 0; j < 6; ++j) EXPECT_EQ(int(int8_t(b[2 + size_t(j)])), want[j]) << j;
+  // An all-zero block: d = 0 and zero quants, no division by zero.
+  std::vector<float> zero(32, 0.0f);
+  ggml_quantize(uint32_t(GgmlType::Q8_0), zero.data(), b.data(), 32);
+  for (uint8_t v : b) EXPECT_EQ(v, 0);
+}
+
+TEST(GgufQuantize, Q4_KHandComputedSuperBlock) {
+  // Every sub-block holds 0..15 twice: the first fit (min 0, scale 1) is exact, so the search keeps it.
+  // Sub-block scales quantize to 63 against d = fp16(1/63), mins to 0 (dmin = 0), and every value
+  // requantizes to itself: nibble = x, dequantized d * 63 * x.
+  std::vector<float> x(256);
+  for (int i = 0; i < 256; ++i) x[size_t(i)] = float(i % 16);
+  std::vector<uint8_t> b(144);
+  ggml_quantize(uint32_t(GgmlType::Q4_K), x.data(), b.data(), 256);
+  uint16_t d, dmin;
+  std::memcpy(&d, b.data(), 2);
+  std::memcpy(&dmin, b.data() + 2, 2);
+  EXPECT_EQ(d, f32_to_f16(1.0f / 63));
+  EXPECT_EQ(dmin, 0);
+  // Pairs 0..3: scale 63 in bytes 0..3 (their top bits: pairs 4..7's scale bits 4..5, 3), min 0 in 4..7;
+  // pairs 4..7: low scale bits 15 and min 0 in bytes 8..11.
+  for (int j = 0; j < 4; ++j) EXPECT_EQ(b[4 + size_t(j)], 0xff) << "byte " << j;
+  for (int j = 4; j < 8; ++j) EXPECT_EQ(b[4 + size_t(j)], 0x00) << "byte " << j;
+  for (int j = 8; j < 12; ++j) EXPECT_EQ(b[4 + size_t(j)], 0x0f) << "byte " << j;
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l) EXPECT_EQ(b[16 + size_t(32 * c + l)], (l % 16) | ((l % 16) << 4));
+  std::vector<float> y(256);
+  ggml_dequantize(uint32_t(GgmlType::Q4_K), b.data(), y.data(), 256);
+  const float step = f16_to_f32(d) * 63;
+  for (int i = 0; i < 256; ++i) ASSERT_EQ(y[size_t(i)], step * float(i % 16)) << i;
+}
+
+TEST(GgufQuantize, RoundTripsWithinTheFormatsStep) {
+  // Gaussian weights with a few outliers, as a DiT's. Q8_0: |x - y| <= d / 2 per block, d = amax / 127
+  // (plus the fp16 rounding of d, relative 2^-11, times |q| <= 127). Q4_K: see below; the whole within
+  // 10% rms.
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  const int64_t n = 256 * 64;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = normal(rng);
+  for (int k = 0; k < 16; ++k) x[size_t(rng() % n)] *= 20;
+  std::vector<uint8_t> q8(size_t(n / 32 * 34)), q4(size_t(n / 256 * 144));
+  std::vector<float> y(static_cast<size_t>(n));
+  ggml_quantize(uint32_t(GgmlType::Q8_0), x.data(), q8.data(), n);
+  ggml_dequantize(uint32_t(GgmlType::Q8_0), q8.data(), y.data(), n);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[size_t(b * 32 + j)]));
+    const float d = amax / 127;
+    for (int j = 0; j < 32; ++j) {
+      const size_t i = size_t(b * 32 + j);
+      ASSERT_LE(std::fabs(x[i] - y[i]), d / 2 + 127 * d * 0x1p-11f) << "q8_0 value " << i;
+    }
+  }
+  ggml_quantize(uint32_t(GgmlType::Q4_K), x.data(), q4.data(), n);
+  ggml_dequantize(uint32_t(GgmlType::Q4_K), q4.data(), y.data(), n);
+  // Q4_K: a value is within one step of its sub-block's range / 15, plus the 6-bit quantization of the
+  // sub-block's scale and min against the super-block's largest (each off by up to half of 1/63 of it,
+  // times up to 15 quants): range of the super-block / 63.
+  double err2 = 0, ref2 = 0;
+  for (int64_t sb = 0; sb < n / 256; ++sb) {
+    float sb_lo = 0, sb_hi = 0;
+    for (int j = 0; j < 256; ++j) {
+      sb_lo = std::min(sb_lo, x[size_t(sb * 256 + j)]);
+      sb_hi = std::max(sb_hi, x[size_t(sb * 256 + j)]);
+    }
+    for (int64_t s = sb * 8; s < sb * 8 + 8; ++s) {
+      float lo = 0, hi = 0;
+      for (int j = 0; j < 32; ++j) lo = std::min(lo, x[size_t(s * 32 + j)]), hi = std::max(hi, x[size_t(s * 32 + j)]);
+      const float bound = (hi - lo) / 15 + (sb_hi - sb_lo) / 63;
+      for (int j = 0; j < 32; ++j) {
+        const size_t i = size_t(s * 32 + j);
+        ASSERT_LE(std::fabs(x[i] - y[i]), bound) << "q4_k value " << i;
+        err2 += double(x[i] - y[i]) * (x[i] - y[i]);
+        ref2 += double(x[i]) * x[i];
+      }
+    }
+  }
+  EXPECT_LE(std::sqrt(err2 / ref2), 0.10);
+  std::printf("q4_k relative rms error %.4f\n", std::sqrt(err2 / ref2));
+}
+
+TEST(GgufQuantize, StreamedWriterReadsBack) {
+  // Quantized and plain tensors written one at a time; the reader gets the same bytes and shapes.
+  std::vector<float> x(256 * 2);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(float(i));
+  std::vector<uint8_t> q4(2 * 144), q8(16 * 34);
+  ggml_quantize(uint32_t(GgmlType::Q4_K), x.data(), q4.data(), 512);
+  ggml_quantize(uint32_t(GgmlType::Q8_0), x.data(), q8.data(), 512);
+  const std::string path = zimage::testing::temp_path("streamed.gguf");
+  std::vector<GgufEntry> entries = {{"a.weight", {2, 256}, uint32_t(GgmlType::Q4_K)},
+                                    {"b.weight", {4, 128}, uint32_t(GgmlType::Q8_0)},
+                                    {"c.bias", {3}, uint32_t(GgmlType::F32)}};
+  write_gguf(path, {{"general.architecture", "lumina2"}, {"general.quantization_version", 2u}}, entries,
+             [&](const GgufEntry& e) {
+               if (e.name == "c.bias") return Tensor::from_f32({3}, {1, 2, 3});
+               const auto& bytes = e.name == "a.weight" ? q4 : q8;
+               Tensor t = Tensor::empty({int64_t(bytes.size())}, DType::U8);
+               std::memcpy(t.data(), bytes.data(), bytes.size());
+               return t;
+             });
+  auto f = GgufFile::open(path);
+  EXPECT_EQ(f->metadata_string("general.architecture"), "lumina2");
+  EXPECT_EQ(f->metadata_string("general.quantization_version"), "2");
+  EXPECT_EQ(f->tensors().at("a.weight").shape(), (Shape{2, 256}));
+  EXPECT_EQ(f->tensors().at("b.weight").shape(), (Shape{4, 128}));
+  EXPECT_EQ(std::memcmp(f->bytes("a.weight"), q4.data(), q4.size()), 0);
+  EXPECT_EQ(std::memcmp(f->bytes("b.weight"), q8.data(), q8.size()), 0);
+  EXPECT_EQ(f->get("c.bias").to_vector(), (std::vector<float>{1, 2, 3}));
+  // A tensor whose bytes do not match its type's size is an error naming it.
+  expect_error(
+      [&] {
+        write_gguf(path, {}, {{"bad.weight", {1, 64}, uint32_t(GgmlType::Q8_0)}},
+                   [](const GgufEntry&) { return Tensor::zeros({10}, DType::U8); });
+      },
+      ErrorKind::Internal, {"bad.weight", "q8_0"});
+  expect_error([&] { GgufEntry{"odd.weight", {2, 100}, uint32_t(GgmlType::Q4_K)}.nbytes(); },
+               ErrorKind::InvalidArgument, {"odd.weight", "q4_k"});
 }

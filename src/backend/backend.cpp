@@ -5,6 +5,8 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/parallel.h"
+#include "io/gguf.h"
 
 namespace zimage {
 
@@ -26,6 +28,42 @@ Tensor Backend::upload_rows(const std::vector<Tensor>& parts, DType dtype) {
     dst += src.nbytes();
   }
   return upload(packed, dtype);
+}
+
+// Rows in parallel (each value is computed on its own, so the result does not depend on the split).
+Tensor dequantize_on_host(const StoredWeight& w) {
+  ZI_ASSERT(w.data.device() == Device::Host && w.data.is_contiguous());
+  Tensor out = Tensor::empty(w.shape, DType::F32);
+  // Rows as the scale counts them (FP8: dim 0) or as the blocks are stored (GGUF: [rows, row bytes]).
+  const int64_t rows = w.blocks() ? w.data.dim(0) : w.shape.empty() ? 1 : w.shape[0];
+  const int64_t cols = rows ? out.numel() / rows : 0;
+  constexpr int64_t kGrain = int64_t(1) << 16;  // values per task
+  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
+  if (w.blocks()) {
+    int64_t be = 0, bb = 0;
+    ZI_ASSERT(ggml_block_layout(w.ggml_type, &be, &bb) && int64_t(w.data.nbytes()) == out.numel() / be * bb);
+    const int64_t row_bytes = w.data.dim(1);
+    parallel_for(rows, row_grain, [&](int64_t lo, int64_t hi) {
+      ggml_dequantize(w.ggml_type, w.data.data_as<const uint8_t>() + lo * row_bytes, out.f32() + lo * cols,
+                      (hi - lo) * cols);
+    });
+    return out;
+  }
+  ZI_ASSERT(w.data.shape() == w.shape);
+  const Tensor scale = !w.scale.defined() || w.scale.dtype() == DType::F32 ? w.scale : w.scale.to_f32();
+  ZI_ASSERT(!scale.defined() || scale.numel() == 1 || scale.numel() == rows);
+  const size_t elem = dtype_size(w.data.dtype());
+  parallel_for(rows, row_grain, [&](int64_t lo, int64_t hi) {
+    float* v = out.f32() + lo * cols;
+    convert_to_f32(w.data.dtype(), static_cast<const char*>(w.data.data()) + size_t(lo * cols) * elem, v,
+                   size_t((hi - lo) * cols));
+    if (!scale.defined()) return;
+    for (int64_t r = lo; r < hi; ++r, v += cols) {
+      const float s = scale.f32()[scale.numel() == 1 ? 0 : r];
+      for (int64_t c = 0; c < cols; ++c) v[c] = v[c] * s;
+    }
+  });
+  return out;
 }
 
 Tensor Backend::gather_rows(const Tensor& src, const std::vector<int32_t>& idx) {

@@ -36,6 +36,24 @@ struct OpTime {
   double ms = 0;  // device time
 };
 
+// A weight in the form a checkpoint stores it (DESIGN.md §1), on the host or on a backend:
+//   FP8: data F8E4M3 / F8E5M2 [rows, cols]; scale f32 [1] (per tensor) or [rows] (per row), or undefined
+//     (plain FP8, the values themselves);
+//   GGUF blocks: data U8 [rows, cols / block_elems * block_bytes] in ggml type `ggml_type` (io/gguf.h);
+//   otherwise: data in its float dtype.
+struct StoredWeight {
+  Tensor data;
+  Tensor scale;
+  uint32_t ggml_type = 0;  // with U8 data
+  Shape shape;             // the values' shape, [rows, cols] for the quantized forms
+  bool blocks() const { return data.dtype() == DType::U8; }
+  bool quantized() const { return blocks() || data.dtype() == DType::F8E4M3 || data.dtype() == DType::F8E5M2; }
+};
+
+// The values of a host StoredWeight in float32: FP8 value x scale (one rounding), ggml's block
+// dequantization (ggml_dequantize, io/gguf.h), other dtypes widened. The reference of Backend::dequantize.
+Tensor dequantize_on_host(const StoredWeight& w);
+
 struct MemoryStats {
   size_t in_use = 0, peak = 0, cached = 0;  // bytes of device memory held by the engine
 };
@@ -82,6 +100,12 @@ class Backend {
   // ---- linear algebra ----
   // y[rows, N] = x[rows, K] · w[N, K]^T (+ bias[N]). x may have any leading dims; y keeps them.
   virtual Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias = nullptr) = 0;
+
+  // ---- quantized weights ----
+  // A backend StoredWeight as a [rows, cols] tensor of the activation dtype: dequantize_on_host's float32
+  // values rounded once to that dtype. Linear's apply() calls it right before the GEMM, so only one
+  // layer's weight exists dequantized at a time.
+  virtual Tensor dequantize(const StoredWeight& w) = 0;
 
   // ---- row gathers ----
   // out[i] = src[idx[i]] (rows of src, any leading dims flattened); idx[i] = -1 gives a zero row.

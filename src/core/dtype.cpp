@@ -1,5 +1,6 @@
 #include "core/dtype.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -179,14 +180,21 @@ void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
       for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
       return;
     }
-    case DType::F8E4M3: {
-      auto s = static_cast<const uint8_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = f8e4m3_to_f32(s[i]);
-      return;
-    }
+    case DType::F8E4M3:
     case DType::F8E5M2: {
+      // All 256 values of each FP8 format, from the scalar conversions: a lookup per value (an FP8 DiT
+      // dequantizes its weights on every call on the CPU backend).
+      static const auto tables = [] {
+        std::array<std::array<float, 256>, 2> t{};
+        for (int v = 0; v < 256; ++v) {
+          t[0][size_t(v)] = f8e4m3_to_f32(uint8_t(v));
+          t[1][size_t(v)] = f8e5m2_to_f32(uint8_t(v));
+        }
+        return t;
+      }();
+      const auto& table = tables[from == DType::F8E4M3 ? 0 : 1];
       auto s = static_cast<const uint8_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = f8e5m2_to_f32(s[i]);
+      for (size_t i = 0; i < n; ++i) dst[i] = table[s[i]];
       return;
     }
     case DType::I64: {

@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 
@@ -199,6 +201,134 @@ void dequantize_q6_k(const uint8_t* blk, float* y) {
       }
 }
 
+// ---- quantizers (ggml-quants.c's reference versions, written from their description) ----
+
+// ggml's nearest_int: round half to even (it adds 1.5 * 2^23 in float arithmetic).
+int nearest_int(float f) { return int(std::nearbyint(f)); }
+
+void put_f16(uint8_t* p, float v) {
+  const uint16_t h = f32_to_f16(v);
+  std::memcpy(p, &h, 2);
+}
+
+// Q8_0 {d; int8 qs[32]}: d = amax / 127, q = roundf(x * (1 / d)) with the float d (not its fp16 rounding).
+void quantize_q8_0(const float* x, uint8_t* blk) {
+  float amax = 0;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+  put_f16(blk, d);
+  for (int j = 0; j < 32; ++j) blk[2 + j] = uint8_t(int8_t(std::round(x[j] * id)));
+}
+
+// ggml's make_qkx2_quants for Q4_K (nmax 15, squared error): L = round((x - min) / scale) in 0..nmax for the
+// (scale, min <= 0) of least weighted squared error among the first guess (min(x, 0), max(x) spanning
+// 0..nmax) and the least-squares fits to the rounding at nstep + 1 candidate scales
+// (nmax + rmin + rdelta * is) / (max - min). Returns the scale; *neg_min = -min.
+float fit_scale_min(const float* x, const float* w, uint8_t* L, float* neg_min, int nmax, float rmin, float rdelta,
+                    int nstep) {
+  constexpr int n = 32;
+  float lo = x[0], hi = x[0], sum_w = w[0], sum_x = w[0] * x[0];
+  for (int i = 1; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  if (lo > 0) lo = 0;
+  if (hi == lo) {
+    std::fill(L, L + n, uint8_t(0));
+    *neg_min = -lo;
+    return 0;
+  }
+  float iscale = float(nmax) / (hi - lo), scale = 1 / iscale, best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    L[i] = uint8_t(std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax));
+    const float diff = scale * float(L[i]) + lo - x[i];
+    best_error += w[i] * (diff * diff);
+  }
+  uint8_t aux[n];
+  for (int is = 0; is <= nstep; ++is) {
+    iscale = (rmin + rdelta * float(is) + float(nmax)) / (hi - lo);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      aux[i] = uint8_t(std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax));
+      const float l = float(aux[i]);
+      sum_l += w[i] * l;
+      sum_l2 += w[i] * l * l;
+      sum_xl += w[i] * l * x[i];
+    }
+    const float det = sum_w * sum_l2 - sum_l * sum_l;
+    if (det <= 0) continue;
+    float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det, this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+    if (this_min > 0) {
+      this_min = 0;
+      this_scale = sum_xl / sum_l2;
+    }
+    float error = 0;
+    for (int i = 0; i < n; ++i) {
+      const float diff = this_scale * float(aux[i]) + this_min - x[i];
+      error += w[i] * (diff * diff);
+    }
+    if (error < best_error) {
+      std::copy(aux, aux + n, L);
+      best_error = error;
+      scale = this_scale;
+      lo = this_min;
+    }
+  }
+  *neg_min = -lo;
+  return scale;
+}
+
+// Q4_K {d; dmin; scales[12]; qs[128]} of 256 values: eight sub-blocks of 32, each fitted with weights
+// sqrt(mean(x^2)) + |x|; their scales and mins quantized to 6 bits against d = max scale / 63 and
+// dmin = max min / 63 (packed as scale_min_k4 reads them); then every value requantized against the
+// stored (fp16-rounded) sub-block scale and min.
+void quantize_q4_k(const float* x, uint8_t* blk) {
+  float scales[8], mins[8], w[32];
+  uint8_t L[256];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    const float* xs = x + 32 * j;
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
+    scales[j] = fit_scale_min(xs, w, L + 32 * j, &mins[j], 15, -1.0f, 0.1f, 20);
+    max_scale = std::max(max_scale, scales[j]);
+    max_min = std::max(max_min, mins[j]);
+  }
+  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f, inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+  uint8_t* sc = blk + 4;
+  std::memset(sc, 0, 12);
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t ls = uint8_t(std::min(63, nearest_int(inv_scale * scales[j])));
+    const uint8_t lm = uint8_t(std::min(63, nearest_int(inv_min * mins[j])));
+    if (j < 4) {
+      sc[j] = ls;
+      sc[j + 4] = lm;
+    } else {
+      sc[j + 4] = uint8_t((ls & 0xf) | ((lm & 0xf) << 4));
+      sc[j - 4] |= uint8_t((ls >> 4) << 6);
+      sc[j] |= uint8_t((lm >> 4) << 6);
+    }
+  }
+  put_f16(blk, max_scale / 63.0f);
+  put_f16(blk + 2, max_min / 63.0f);
+  const float d = h2f(blk), dmin = h2f(blk + 2);
+  for (int j = 0; j < 8; ++j) {
+    int s, m;
+    scale_min_k4(j, sc, &s, &m);
+    const float dl = d * float(s);
+    if (dl == 0) continue;  // keeps the fit's quants, as ggml does
+    const float ml = dmin * float(m);
+    for (int l = 0; l < 32; ++l) L[32 * j + l] = uint8_t(std::clamp(nearest_int((x[32 * j + l] + ml) / dl), 0, 15));
+  }
+  uint8_t* qs = blk + 16;
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l) qs[32 * c + l] = uint8_t(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+}
+
 }  // namespace
 
 bool ggml_block_layout(uint32_t type, int64_t* block_elems, int64_t* block_bytes) {
@@ -318,6 +448,23 @@ void ggml_dequantize(uint32_t type, const uint8_t* src, float* dst, int64_t n) {
     default: break;
   }
   throw Error(ErrorKind::Internal, std::string("ggml_dequantize: unsupported type ") + ggml_type_name(type));
+}
+
+void ggml_quantize(uint32_t type, const float* src, uint8_t* dst, int64_t n) {
+  switch (GgmlType(type)) {
+    case GgmlType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
+    case GgmlType::F16: convert_from_f32(DType::F16, src, dst, size_t(n)); return;
+    case GgmlType::BF16: convert_from_f32(DType::BF16, src, dst, size_t(n)); return;
+    case GgmlType::Q8_0:
+      for (int64_t b = 0; b < n / 32; ++b) quantize_q8_0(src + b * 32, dst + b * 34);
+      return;
+    case GgmlType::Q4_K:
+      for (int64_t b = 0; b < n / 256; ++b) quantize_q4_k(src + b * 256, dst + b * 144);
+      return;
+    default: break;
+  }
+  throw Error(ErrorKind::InvalidArgument,
+              std::string("no quantizer for ggml type ") + ggml_type_name(type) + " (f32, f16, bf16, q8_0, q4_k)");
 }
 
 std::shared_ptr<GgufFile> GgufFile::open(const std::string& path) {
@@ -477,13 +624,27 @@ Tensor GgufFile::get(const std::string& name) const {
   return t;
 }
 
-void write_gguf(const std::string& path, const std::vector<std::pair<std::string, std::string>>& metadata,
-                const std::vector<std::pair<std::string, Tensor>>& tensors) {
-  std::vector<uint8_t> out;
-  auto put = [&](const void* p, size_t n) {  // resize + memcpy: GCC 12 misreads vector::insert here
-    const size_t at = out.size();
-    out.resize(at + n);
-    if (n) std::memcpy(out.data() + at, p, n);
+const uint8_t* GgufFile::bytes(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(ErrorKind::NotFound, path_ + ": no tensor '" + name + "'");
+  return data_ + it->second.offset;
+}
+
+uint64_t GgufEntry::nbytes() const {
+  int64_t be = 0, bb = 0;
+  ZI_CHECK(ggml_block_layout(type, &be, &bb) && !shape.empty() && shape.back() % be == 0, ErrorKind::InvalidArgument,
+           "GGUF tensor '" + name + "' of shape " + shape_str(shape) + " cannot be stored as " + ggml_type_name(type));
+  return uint64_t(shape_numel(shape) / be * bb);
+}
+
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                const std::vector<GgufEntry>& entries, const std::function<Tensor(const GgufEntry&)>& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  if (!f) throw Error(ErrorKind::Io, path + ": cannot create the GGUF file");
+  uint64_t written = 0;
+  auto put = [&](const void* p, size_t n) {
+    f.write(static_cast<const char*>(p), std::streamsize(n));
+    written += n;
   };
   auto u32 = [&](uint32_t v) { put(&v, 4); };
   auto u64 = [&](uint64_t v) { put(&v, 8); };
@@ -492,38 +653,61 @@ void write_gguf(const std::string& path, const std::vector<std::pair<std::string
     put(s.data(), s.size());
   };
   auto pad = [&] {
-    while (out.size() % 32) out.push_back(0);
+    static const char zeros[32] = {};
+    put(zeros, size_t((32 - written % 32) % 32));
   };
   u32(kMagic);
   u32(3);
-  u64(tensors.size());
+  u64(entries.size());
   u64(metadata.size());
   for (const auto& [k, v] : metadata) {
     str(k);
-    u32(kString);
-    str(v);
+    u32(v.is_number ? kU32 : kString);
+    if (v.is_number) u32(v.number);
+    else str(v.text);
   }
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
-    ZI_ASSERT(t.device() == Device::Host && t.is_contiguous());
-    GgmlType type = t.dtype() == DType::F32 ? GgmlType::F32 : t.dtype() == DType::F16 ? GgmlType::F16 : GgmlType::BF16;
-    ZI_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16, ErrorKind::InvalidArgument,
-             "write_gguf: tensor '" + name + "' is " + dtype_name(t.dtype()) + " (f32, f16 or bf16 only)");
-    str(name);
-    u32(uint32_t(t.ndim()));
-    for (int d = t.ndim() - 1; d >= 0; --d) u64(uint64_t(t.dim(d)));
-    u32(uint32_t(type));
+  for (const auto& e : entries) {
+    ZI_CHECK(!e.shape.empty() && e.shape.size() <= size_t(kMaxDims), ErrorKind::InvalidArgument,
+             "GGUF tensor '" + e.name + "' has shape " + shape_str(e.shape) + " (1 to 4 dimensions)");
+    str(e.name);
+    u32(uint32_t(e.shape.size()));
+    for (auto d = e.shape.rbegin(); d != e.shape.rend(); ++d) u64(uint64_t(*d));
+    u32(e.type);
     u64(offset);
-    offset += (t.nbytes() + 31) / 32 * 32;
+    offset += (e.nbytes() + 31) / 32 * 32;
   }
   pad();
-  for (const auto& [name, t] : tensors) {
+  for (const auto& e : entries) {
+    Tensor t = bytes(e);
+    ZI_ASSERT(t.device() == Device::Host && t.is_contiguous());
+    ZI_CHECK(t.nbytes() == e.nbytes(), ErrorKind::Internal,
+             "write_gguf: tensor '" + e.name + "' came as " + std::to_string(t.nbytes()) + " bytes, its " +
+                 ggml_type_name(e.type) + " blocks take " + std::to_string(e.nbytes()));
     put(t.data(), t.nbytes());
     pad();
+    if (!f) break;
   }
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(reinterpret_cast<const char*>(out.data()), std::streamsize(out.size()));
-  if (!f) throw Error(ErrorKind::Io, path + ": cannot write the GGUF file");
+  f.close();
+  if (!f) throw Error(ErrorKind::Io, path + ": cannot write the GGUF file (disk full?)");
+}
+
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  std::vector<GgufEntry> entries;
+  for (const auto& [name, t] : tensors) {
+    ZI_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16, ErrorKind::InvalidArgument,
+             "write_gguf: tensor '" + name + "' is " + dtype_name(t.dtype()) + " (f32, f16 or bf16 only)");
+    const GgmlType type = t.dtype() == DType::F32   ? GgmlType::F32
+                          : t.dtype() == DType::F16 ? GgmlType::F16
+                                                    : GgmlType::BF16;
+    entries.push_back({name, t.shape(), uint32_t(type)});
+  }
+  size_t next = 0;
+  write_gguf(path, metadata, entries, [&](const GgufEntry&) {
+    const Tensor& t = tensors[next++].second;
+    return t.is_contiguous() ? t : t.clone();
+  });
 }
 
 bool is_gguf_file(const std::string& path) {

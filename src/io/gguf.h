@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -40,8 +41,18 @@ bool ggml_block_layout(uint32_t type, int64_t* block_elems, int64_t* block_bytes
 const char* ggml_type_name(uint32_t type);  // "q8_0", ... or "unknown"
 
 // n values of `type` (n a multiple of its block size) from `src` as float32, exactly as ggml's
-// dequantize_row_* computes them (fp16 scales widened to float, then one multiply (and add) per value).
+// dequantize_row_* computes them (fp16 scales widened to float, then one multiply (and add) per value,
+// each rounded on its own: no fused multiply-add, so a GPU kernel can reproduce every bit).
 void ggml_dequantize(uint32_t type, const uint8_t* src, float* dst, int64_t n);
+
+// n float32 values (n a multiple of the block size) into `type`'s blocks at `dst`, as ggml's reference
+// quantizers (quantize_row_*_ref, the ones llama-quantize uses without an importance matrix) do:
+//   F32, F16, BF16: converted, round to nearest even;
+//   Q8_0: d = max|x| / 127 per block of 32, q = round(x / d) (half away from zero), d stored as fp16;
+//   Q4_K: per sub-block of 32 a (scale, min) fitted by ggml's make_qkx2_quants search, both quantized
+//         to 6 bits against the super-block's fp16 d and dmin, then q = nearest((x + min) / scale) in 0..15.
+// Other types: InvalidArgument.
+void ggml_quantize(uint32_t type, const float* src, uint8_t* dst, int64_t n);
 
 struct GgufTensorInfo {
   std::string name;
@@ -76,6 +87,8 @@ class GgufFile {
   // Tensor `name` as a host tensor in PyTorch order: F32 as is, F16/BF16 as stored, block formats
   // dequantized to float32. NotFound naming the file if there is no such tensor.
   Tensor get(const std::string& name) const;
+  // The stored bytes of tensor `name` (in the file's memory; valid while the file is open).
+  const uint8_t* bytes(const std::string& name) const;
 
  private:
   GgufFile() = default;
@@ -90,9 +103,33 @@ class GgufFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// Writes a GGUF v3 file of unquantized tensors (host, contiguous; F32, F16 or BF16) with string metadata,
-// tensors in the given order, 32-byte alignment. Io error naming the file when it cannot be written.
-void write_gguf(const std::string& path, const std::vector<std::pair<std::string, std::string>>& metadata,
+// A metadata value of a written file: a string or a u32 (general.quantization_version, general.file_type).
+struct GgufValue {
+  std::string text;
+  uint32_t number = 0;
+  bool is_number = false;
+  GgufValue(std::string s) : text(std::move(s)) {}  // NOLINT: implicit, so {"key", "value"} reads as written
+  GgufValue(const char* s) : text(s) {}             // NOLINT
+  GgufValue(uint32_t n) : number(n), is_number(true) {}  // NOLINT
+};
+
+// One tensor of a GGUF file to write: its PyTorch-order shape and ggml type; its bytes are asked for
+// when its turn comes.
+struct GgufEntry {
+  std::string name;
+  Shape shape;
+  uint32_t type = 0;
+  uint64_t nbytes() const;  // of `type`'s blocks; shape[-1] must be a multiple of the block size
+};
+
+// Writes a GGUF v3 file, 32-byte alignment, tensors in the given order: the header from `entries`, then
+// each tensor's bytes from `bytes(entry)` (a host U8 tensor of exactly entry.nbytes() bytes, or a tensor
+// of the entry's F32/F16/BF16 dtype), one at a time, so memory holds one tensor. Io error naming the
+// file when it cannot be written.
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                const std::vector<GgufEntry>& entries, const std::function<Tensor(const GgufEntry&)>& bytes);
+// The same for unquantized host tensors (F32, F16 or BF16), kept as they are.
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufValue>>& metadata,
                 const std::vector<std::pair<std::string, Tensor>>& tensors);
 
 // True when the file at `path` starts with the GGUF magic.

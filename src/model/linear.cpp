@@ -1,6 +1,7 @@
 #include "model/linear.h"
 
 #include <cstring>
+#include <optional>
 
 #include "core/error.h"
 #include "model/weight_loading.h"
@@ -20,12 +21,51 @@ Tensor rows_of(Backend& be, const Tensor& x, int64_t r0, int64_t len) {
   return be.gather_rows(x, idx);
 }
 
+// A host StoredWeight on the backend in its stored form, its scale in float32.
+StoredWeight upload_stored(Backend& be, const StoredWeight& host) {
+  StoredWeight w = host;
+  w.data = be.upload(host.data, host.data.dtype());
+  if (host.scale.defined()) w.scale = be.upload(host.scale, DType::F32);
+  return w;
+}
+
+// Quantized parts stacked along rows in their stored form, or nullopt when they do not share one: GGUF
+// blocks of one type, or FP8 of one kind whose scales (per tensor, per row or none) become one per row.
+std::optional<StoredWeight> pack_quantized(Backend& be, const std::vector<StoredWeight>& parts) {
+  const StoredWeight& first = parts[0];
+  bool any_scale = false;
+  int64_t rows = 0;
+  for (const auto& p : parts) {
+    if (p.data.dtype() != first.data.dtype() || p.ggml_type != first.ggml_type || p.shape[1] != first.shape[1])
+      return std::nullopt;
+    any_scale = any_scale || p.scale.defined();
+    rows += p.shape[0];
+  }
+  std::vector<Tensor> data;
+  for (const auto& p : parts) data.push_back(p.data);
+  StoredWeight w;
+  w.data = be.upload_rows(data, first.data.dtype());
+  w.ggml_type = first.ggml_type;
+  w.shape = {rows, first.shape[1]};
+  if (any_scale) {
+    Tensor scale = Tensor::empty({rows}, DType::F32);
+    float* s = scale.f32();
+    for (const auto& p : parts) {
+      const Tensor ps = p.scale.defined() ? p.scale.to_f32() : Tensor();
+      for (int64_t r = 0; r < p.shape[0]; ++r) *s++ = !ps.defined() ? 1.0f : ps.f32()[ps.numel() == 1 ? 0 : r];
+    }
+    w.scale = be.upload(scale, DType::F32);
+  }
+  return w;
+}
+
 }  // namespace
 
 Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name, const Shape& shape,
                    const std::string& bias_name) {
   Linear l;
-  l.w = load_weight(be, ws, name, shape);
+  if (std::optional<StoredWeight> q = ws.quantized(name, shape)) l.stored = upload_stored(be, *q);
+  else l.w = load_weight(be, ws, name, shape);
   if (!bias_name.empty()) l.bias = load_weight(be, ws, bias_name, {shape[0]});
   l.parts = {name};
   l.part_rows = {shape[0]};
@@ -35,7 +75,13 @@ Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name,
 Linear load_packed_linear(Backend& be, const WeightSource& ws, const std::vector<std::string>& names,
                           const std::vector<Shape>& shapes) {
   Linear l;
-  l.w = load_packed_rows(be, ws, names, shapes);
+  std::vector<StoredWeight> quantized;
+  for (size_t i = 0; i < names.size(); ++i)
+    if (std::optional<StoredWeight> q = ws.quantized(names[i], shapes[i])) quantized.push_back(std::move(*q));
+  std::optional<StoredWeight> packed;
+  if (quantized.size() == names.size()) packed = pack_quantized(be, quantized);
+  if (packed) l.stored = std::move(*packed);
+  else l.w = load_packed_rows(be, ws, names, shapes);
   l.parts = names;
   for (const auto& s : shapes) l.part_rows.push_back(s[0]);
   return l;
@@ -65,7 +111,7 @@ LoraSet::LoraSet(Backend& be, const std::vector<ScaledLora>& adapters, const std
       }
     }
     if (hits.empty()) continue;
-    const int64_t out = l->w.dim(0), in = l->w.dim(1);
+    const int64_t out = l->out_features(), in = l->in_features();
     const int64_t padded = (rank + kRankMultiple - 1) / kRankMultiple * kRankMultiple;
     Tensor a = Tensor::zeros({padded, in}, DType::F32), b = Tensor::zeros({out, padded}, DType::F32);
     int64_t col = 0;
@@ -96,7 +142,8 @@ bool LoraBatch::any() const {
 
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora,
              const std::vector<int64_t>* item_rows) {
-  Tensor y = be.linear(x, l.w, l.bias_or_null());
+  Tensor y = l.w.defined() ? be.linear(x, l.w, l.bias_or_null())
+                           : be.linear(x, be.dequantize(l.stored), l.bias_or_null());  // its buffer freed here
   if (!lora || !lora->any()) return y;
   const int64_t in = x.dim(-1), out = y.dim(-1), rows = x.numel() / in;
   const int64_t n_sets = int64_t(lora->items.size());

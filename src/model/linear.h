@@ -20,15 +20,22 @@
 namespace zimage {
 
 struct Linear {
-  Tensor w;     // [out, in] on the device
-  Tensor bias;  // [out] on the device, or undefined
+  Tensor w;             // [out, in] on the device in the activation dtype, or undefined when `stored` holds it
+  StoredWeight stored;  // a quantized weight (FP8 and its scale, GGUF blocks) on the device, as the file stores
+                        // it: apply() dequantizes it into a buffer that lives for its GEMM only
+  Tensor bias;          // [out] on the device, or undefined
   // The canonical weights packed into w in row order, and their rows: where a LoRA factor lands.
   std::vector<std::string> parts;
   std::vector<int64_t> part_rows;
   const Tensor* bias_or_null() const { return bias.defined() ? &bias : nullptr; }
+  int64_t out_features() const { return w.defined() ? w.dim(0) : stored.shape[0]; }
+  int64_t in_features() const { return w.defined() ? w.dim(1) : stored.shape[1]; }
 };
 
 // One weight (optionally with its bias) or several stacked along rows, as load_weight / load_packed_rows.
+// Weights the source keeps quantized (WeightSource::quantized) stay so on the device; packed ones when
+// every part has the same form (one GGUF block type, or FP8 of one kind: their scales become one per row),
+// else the packed weight is dequantized at load.
 Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name, const Shape& shape,
                    const std::string& bias_name = "");
 Linear load_packed_linear(Backend& be, const WeightSource& ws, const std::vector<std::string>& names,
@@ -64,10 +71,11 @@ struct LoraBatch {
   bool any() const;
 };
 
-// y = x W^T + bias, and for each item i with an adapter set, y_i += B (A x_i). x [rows, in] or
-// [n, L, in] with the items' rows contiguous in item order: item_rows[i] rows each when given, else L
-// rows each for [n, L, in] and one row each for [rows, in]. Consecutive items with the same set run as one GEMM pair. A
-// batch whose size is half the call's items applies to both halves (a CFG call: [positives | negatives]).
+// y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized), and for each item i
+// with an adapter set, y_i += B (A x_i). x [rows, in] or [n, L, in] with the items' rows contiguous in item
+// order: item_rows[i] rows each when given, else L rows each for [n, L, in] and one row each for
+// [rows, in]. Consecutive items with the same set run as one GEMM pair. A batch whose size is half the
+// call's items applies to both halves (a CFG call: [positives | negatives]).
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora = nullptr,
              const std::vector<int64_t>* item_rows = nullptr);
 

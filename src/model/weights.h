@@ -4,8 +4,10 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "backend/backend.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 
@@ -17,6 +19,10 @@ class WeightSource {
   // The host tensor `name`; an Error naming the tensor if it is missing or its shape is not `shape`.
   virtual Tensor get(const std::string& name, const Shape& shape) const = 0;
   virtual bool has(const std::string& name) const = 0;
+  // The weight `name` as stored when the file keeps it quantized (FP8 with its scale, GGUF blocks), checked
+  // against `shape`: what a backend keeps in memory and dequantizes per layer (model/linear.h). nullopt
+  // for any other weight, which get() serves.
+  virtual std::optional<StoredWeight> quantized(const std::string&, const Shape&) const { return std::nullopt; }
   virtual std::string describe() const = 0;
   // Starts bringing every weight into memory in the background and returns at once, so that the gets
   // of a model load that follows find them ready (see Checkpoint::prefetch). Nothing to do by default.

@@ -50,6 +50,9 @@ class CpuBackend final : public Backend {
     return t.clone();
   }
   Tensor cast(const Tensor& x, DType dtype) override { return x.to_dtype(dtype); }
+  // Per call, like the device backends, so the CPU runs (and tests) the path the GPU runs; the float32
+  // result is the reference itself, so a quantized model's outputs equal dequantizing at load.
+  Tensor dequantize(const StoredWeight& w) override { return dequantize_on_host(w); }
 
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias) override {
     check_f32(x, "linear");

@@ -295,6 +295,24 @@ class CudaBackend final : public Backend {
     return y;
   }
 
+  Tensor dequantize(const StoredWeight& w) override {
+    auto scope = profile("dequantize");
+    check(w.data, "dequantize");
+    ZI_ASSERT(w.quantized() && w.shape.size() == 2);
+    Tensor y = empty(w.shape, DType::BF16);
+    if (w.blocks()) {
+      cuda::dequantize_ggml_to_bf16(w.ggml_type, w.data.data_as<uint8_t>(), mbf(y), y.numel(), stream_);
+    } else {
+      if (w.scale.defined()) check(w.scale, "dequantize scale");
+      ZI_ASSERT(!w.scale.defined() || (w.scale.dtype() == DType::F32 &&
+                                      (w.scale.numel() == 1 || w.scale.numel() == w.shape[0])));
+      cuda::dequantize_fp8_to_bf16(w.data.dtype() == DType::F8E5M2, w.data.data_as<uint8_t>(),
+                                   w.scale.defined() ? w.scale.data_as<float>() : nullptr,
+                                   w.scale.defined() ? w.scale.numel() : 0, mbf(y), w.shape[0], w.shape[1], stream_);
+    }
+    return y;
+  }
+
   Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias) override {
     auto scope = profiling_ ? OpScope(*this, "linear " + std::to_string(w.dim(0)) + "x" + std::to_string(w.dim(-1)))
                             : OpScope(*this, "");

@@ -43,6 +43,14 @@ void count_non_finite_bf16(const bf16* x, int64_t n, int* count, cudaStream_t st
 void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64_t per_item, float guidance,
                     float cfg_norm, float dt, cudaStream_t stream);
 
+// ---- quantized weights (dequantize.cu); reference: dequantize_on_host (backend.cpp) ----
+// y[n] = the n values of ggml blocks q of type ggml_type (io/gguf.h's GgmlType: Q4_0 .. Q6_K), n a multiple
+// of the block size.
+void dequantize_ggml_to_bf16(uint32_t ggml_type, const uint8_t* q, bf16* y, int64_t n, cudaStream_t stream);
+// y[rows, cols] = fp8 q (e4m3, or e5m2) x scale: scale_count 1 (per tensor), rows (per row) or 0 (none).
+void dequantize_fp8_to_bf16(bool e5m2, const uint8_t* q, const float* scale, int64_t scale_count, bf16* y,
+                            int64_t rows, int64_t cols, cudaStream_t stream);
+
 // ---- latents from images (latent_sampling.cu) ----
 // out[n] f32 = (mean + exp(0.5 * logvar) * eps - shift) * scale (the VAE posterior's draw in DiT latent space).
 void gaussian_sample_bf16(const bf16* mean, const bf16* logvar, const float* eps, float* out, int64_t n, float shift,

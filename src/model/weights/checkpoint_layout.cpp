@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 #include <set>
 
@@ -151,7 +152,7 @@ LayoutWeights::LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout
   const std::vector<std::string> all = file_->names();
   std::vector<std::string> local;  // names after the prefix
   for (const auto& n : all) {
-    if (is_scale_tensor(n) || n == "scaled_fp8") {  // ComfyUI's marker of a scaled FP8 file
+    if (is_scale_tensor(n) || n == "scaled_fp8" || ends_with(n, ".scaled_fp8")) {  // ComfyUI's scaled FP8 marker
       scaled_ = true;
       continue;
     }
@@ -258,13 +259,21 @@ Shape LayoutWeights::shape(const std::string& canonical) const {
 // The stored tensor with its validated scale: a scaled file's FP8 weight must name its format where the
 // file says one (comfy_quant, _quantization_metadata) and carry a finite scale, one per tensor or per row.
 StoredWeight LayoutWeights::read_stored(const std::string& stored) const {
+  if (std::optional<StoredWeight> blocks = file_->read_blocks(stored)) return *blocks;
+  auto as_stored = [](Tensor t, Tensor scale) {
+    StoredWeight w;
+    w.shape = t.shape();
+    w.data = std::move(t);
+    w.scale = std::move(scale);
+    return w;
+  };
   Tensor t = file_->read(stored);
   if (t.dtype() == DType::U8 || t.dtype() == DType::I32 || t.dtype() == DType::I64)
     throw format_error(file_->describe(),
                        "weight '" + stored + "' is stored as " + dtype_name(t.dtype()) +
                            ": a quantization other than FP8 and GGUF (e.g. ComfyUI's int8 or nvfp4), "
                            "which this engine does not read");
-  if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return {t, Tensor()};
+  if (t.dtype() != DType::F8E4M3 && t.dtype() != DType::F8E5M2) return as_stored(t, Tensor());
   const std::string module = ends_with(stored, ".weight") ? stored.substr(0, stored.size() - 7) : stored;
   const std::string want = t.dtype() == DType::F8E4M3 ? "float8_e4m3fn" : "float8_e5m2";
   const std::string unprefixed = module.substr(std::min(module.size(), layout_.prefix.size()));
@@ -292,7 +301,7 @@ StoredWeight LayoutWeights::read_stored(const std::string& stored) const {
     if (needs_scale)
       throw format_error(file_->describe(), "FP8 weight '" + stored + "' has no scale ('" + module +
                                                 ".weight_scale' or '.scale_weight') in a file of scaled FP8 weights");
-    return {t, Tensor()};  // plain FP8: the values themselves
+    return as_stored(t, Tensor());  // plain FP8: the values themselves
   }
   const int64_t rows = t.ndim() >= 1 ? t.dim(0) : 1;
   if (scale.numel() != 1 && scale.numel() != rows)
@@ -301,7 +310,7 @@ StoredWeight LayoutWeights::read_stored(const std::string& stored) const {
                                               ") expected");
   for (float v : scale.to_vector())
     if (!std::isfinite(v)) throw format_error(file_->describe(), "scale of FP8 weight '" + stored + "' is not finite");
-  return {t, scale.numel() == 1 ? scale.reshape({1}) : scale.reshape({rows})};
+  return as_stored(t, scale.numel() == 1 ? scale.reshape({1}) : scale.reshape({rows}));
 }
 
 StoredWeight LayoutWeights::stored_weight(const std::string& canonical) const {
@@ -312,24 +321,33 @@ StoredWeight LayoutWeights::stored_weight(const std::string& canonical) const {
   const Source& s = it->second;
   StoredWeight w = read_stored(s.stored);
   if (s.rows >= 0) {
+    ZI_CHECK(w.data.ndim() == 2 && w.shape.size() == 2, ErrorKind::Format,
+             describe() + ": fused tensor '" + s.stored + "' is not a matrix");
     w.data = w.data.narrow0(s.row_begin, s.rows);
+    w.shape[0] = s.rows;
     if (w.scale.defined() && w.scale.numel() > 1) w.scale = w.scale.narrow0(s.row_begin, s.rows);
   }
-  if (s.squeeze) w.data = w.data.reshape({w.data.dim(0), w.data.dim(1)});
+  if (s.squeeze) {
+    ZI_CHECK(!w.blocks(), ErrorKind::Format, describe() + ": 1x1 convolution '" + s.stored + "' is block-quantized");
+    w.data = w.data.reshape({w.data.dim(0), w.data.dim(1)});
+    w.shape = w.data.shape();
+  }
   return w;
 }
 
-Tensor dequantize(const StoredWeight& w) {
-  const bool fp8 = w.data.dtype() == DType::F8E4M3 || w.data.dtype() == DType::F8E5M2;
-  if (!fp8 && !w.scale.defined()) return w.data;
-  Tensor out = w.data.to_f32();
-  if (!w.scale.defined()) return out;
-  float* v = out.f32();
-  const float* sc = w.scale.f32();
-  const int64_t rows = out.ndim() >= 1 ? out.dim(0) : 1;
-  const int64_t per_row = rows ? out.numel() / rows : 0;
-  for (int64_t i = 0; i < out.numel(); ++i) v[i] = v[i] * (w.scale.numel() == 1 ? sc[0] : sc[i / per_row]);
-  return out;
+Tensor dequantize(const StoredWeight& w) { return w.quantized() ? dequantize_on_host(w) : w.data; }
+
+std::optional<StoredWeight> LayoutWeights::quantized(const std::string& name, const Shape& shape) const {
+  auto it = map_.find(name);
+  if (it == map_.end()) return std::nullopt;  // get() reports the missing tensor
+  const std::string& stored = it->second.stored;
+  const DType dt = file_->dtype(stored);
+  if (dt != DType::F8E4M3 && dt != DType::F8E5M2 && !file_->read_blocks(stored)) return std::nullopt;
+  StoredWeight w = stored_weight(name);
+  if (w.shape != shape)
+    throw Error(ErrorKind::Format, describe() + ": tensor '" + stored + "' (served as '" + name + "') has shape " +
+                                       shape_str(w.shape) + ", the config implies " + shape_str(shape));
+  return w;
 }
 
 Tensor LayoutWeights::get(const std::string& name, const Shape& shape) const {
@@ -339,6 +357,23 @@ Tensor LayoutWeights::get(const std::string& name, const Shape& shape) const {
                                        "') has shape " + shape_str(t.shape()) + ", the config implies " +
                                        shape_str(shape));
   return t;
+}
+
+std::string comfy_dit_name(const std::string& canonical, int* qkv_part) {
+  *qkv_part = -1;
+  const char* parts[] = {".attention.to_q.", ".attention.to_k.", ".attention.to_v."};
+  std::string name = canonical;
+  for (int p = 0; p < 3; ++p)
+    if (size_t at = name.find(parts[p]); at != std::string::npos) {
+      *qkv_part = p;
+      return name.replace(at, std::string(parts[p]).size(), ".attention.qkv.");
+    }
+  for (const Rename& r : kComfyDit) {
+    if (*r.to == '\0') continue;
+    const size_t at = r.at_start ? (starts_with(name, r.to) ? 0 : std::string::npos) : name.find(r.to);
+    if (at != std::string::npos) name.replace(at, std::string(r.to).size(), r.from);
+  }
+  return name;
 }
 
 Config infer_component_config(const LayoutWeights& w, const std::string& where) {

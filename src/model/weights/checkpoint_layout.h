@@ -10,10 +10,10 @@
 //   bfl_vae: the original BFL / LDM autoencoder (ae.safetensors): encoder.down.N.block.M, nin_shortcut,
 //     mid.block_1/2, mid.attn_1.{norm,q,k,v,proj_out} (1x1 convolutions served as matrices),
 //     decoder.up.N numbered from the lowest resolution up (diffusers' up_blocks run the other way), norm_out.
-// Stored FP8 weights (float8_e4m3fn / e5m2) are served dequantized, value x scale in float32, with the
-// scale found as <module>.weight_scale or <module>.scale_weight; a file that carries scales (a
-// <module>.comfy_quant entry, a `_quantization_metadata` header entry, ComfyUI's `scaled_fp8` marker)
-// must carry one for every FP8 weight.
+// Stored FP8 weights (float8_e4m3fn / e5m2) and GGUF blocks are served dequantized by get() (FP8: value x
+// scale in float32, the scale found as <module>.weight_scale or <module>.scale_weight) and as stored by
+// quantized(); a file that carries scales (a <module>.comfy_quant entry, a `_quantization_metadata` header
+// entry, ComfyUI's `scaled_fp8` marker) must carry one for every FP8 weight.
 #pragma once
 
 #include <map>
@@ -43,17 +43,10 @@ struct DetectedLayout {
 // The layout of `file` from its tensor names; Format error naming the file when no table fits.
 DetectedLayout detect_layout(const StoredTensors& file);
 
-// A weight as the file stores it, with the scale that travels with it (DESIGN.md §1): `data` in its
-// stored dtype (FP8, bf16, f16, f32; GGUF blocks come dequantized to float32 from the reader today),
-// `scale` float32 [1] or [rows] for a scaled FP8 weight, undefined otherwise. What a backend that keeps
-// FP8 weights in device memory would upload.
-struct StoredWeight {
-  Tensor data;
-  Tensor scale;
-};
-
-// value x scale in float32 (exact: an FP8 value times a float32 scale rounds once); plain FP8 as float32
-// values; any other weight as stored.
+// A weight as the file stores it (backend.h's StoredWeight: FP8 with the scale that travels with it, f32
+// [1] or [rows]; GGUF blocks with their ggml type) is what stored_weight() hands out and a backend that
+// keeps quantized weights in memory uploads. dequantize(): a plain weight as stored, a quantized one as
+// dequantize_on_host's float32 values (FP8 value x scale, exact: it rounds once; ggml's block dequantization).
 Tensor dequantize(const StoredWeight& w);
 
 // Serves canonical names from a file of any layout: get() is dequantize(stored_weight()).
@@ -61,6 +54,7 @@ class LayoutWeights final : public WeightSource {
  public:
   LayoutWeights(std::shared_ptr<StoredTensors> file, DetectedLayout layout);
   Tensor get(const std::string& name, const Shape& shape) const override;
+  std::optional<StoredWeight> quantized(const std::string& name, const Shape& shape) const override;
   bool has(const std::string& name) const override { return map_.count(name) != 0; }
   std::string describe() const override;
   void prefetch() override { file_->prefetch(); }
@@ -68,7 +62,8 @@ class LayoutWeights final : public WeightSource {
   const DetectedLayout& layout() const { return layout_; }
   std::vector<std::string> canonical_names() const;
   Shape shape(const std::string& canonical) const;  // as served
-  // The weight behind `canonical` as stored, row slice and reshape applied, its scale validated.
+  // The weight behind `canonical` as stored, row slice and reshape applied, its scale validated (GGUF
+  // blocks as blocks, any other tensor in its stored dtype).
   StoredWeight stored_weight(const std::string& canonical) const;
   // The stored tensor behind `canonical` (for tests and messages).
   std::string stored_name(const std::string& canonical) const;
@@ -86,6 +81,10 @@ class LayoutWeights final : public WeightSource {
   bool scaled_ = false;          // the file carries FP8 scales: every FP8 weight needs one
   nlohmann::json quantization_;  // the `_quantization_metadata` header entry's "layers" (module -> format)
 };
+
+// comfy_dit's table read backwards, for writing ComfyUI files: the ComfyUI name (no prefix) of canonical
+// DiT tensor `canonical`, and in *qkv_part which third of the fused attention.qkv it is (-1: not fused).
+std::string comfy_dit_name(const std::string& canonical, int* qkv_part);
 
 // The component config a single file implies, from its tensors' shapes (what is not in the shapes is
 // Z-Image's: patch 2, RoPE axes head_dim x [1/4, 3/8, 3/8], Flux VAE scaling / shift, Qwen3 eps and theta).

@@ -54,6 +54,19 @@ class GgufTensors final : public StoredTensors {
     return GgmlType(t) == GgmlType::F16 ? DType::F16 : GgmlType(t) == GgmlType::BF16 ? DType::BF16 : DType::F32;
   }
   Tensor read(const std::string& name) const override { return f_->get(name); }
+  std::optional<StoredWeight> read_blocks(const std::string& name) const override {
+    const GgufTensorInfo& ti = info(name);
+    const GgmlType t = GgmlType(ti.type);
+    if (t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16) return std::nullopt;
+    StoredWeight w;
+    w.shape = ti.shape();
+    const int64_t rows = shape_numel(w.shape) / w.shape.back();
+    // Read-only mapped bytes: nothing writes through this tensor (uploads copy it).
+    w.data = Tensor::wrap(const_cast<uint8_t*>(f_->bytes(name)), {rows, int64_t(ti.nbytes) / rows}, DType::U8,
+                          Device::Host, f_);
+    w.ggml_type = ti.type;
+    return w;
+  }
   std::string describe() const override { return f_->path(); }
   std::string metadata(const std::string& key) const override { return f_->metadata_string(key); }
 

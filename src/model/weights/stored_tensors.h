@@ -1,13 +1,16 @@
 // The tensors of one checkpoint file (or folder) under the names they are stored by, before any layout
 // is applied: a safetensors checkpoint or a GGUF file. Shapes are in PyTorch order (GGUF's reversed).
-// A GGUF tensor in a block format is dequantized to float32 when read; every other tensor keeps its
-// stored dtype (FP8 included: its scale is the layout's business, see checkpoint_layout.h).
+// A GGUF tensor in a block format is dequantized to float32 by read() and served as its blocks by
+// read_blocks(); every other tensor keeps its stored dtype (FP8 included: its scale is the layout's
+// business, see checkpoint_layout.h).
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 
@@ -21,6 +24,9 @@ class StoredTensors {
   virtual Shape shape(const std::string& name) const = 0;
   virtual DType dtype(const std::string& name) const = 0;  // what read() returns
   virtual Tensor read(const std::string& name) const = 0;  // a host tensor
+  // A tensor stored in a GGUF block format as its blocks (U8 [rows, row bytes], its ggml type and shape),
+  // in the file's memory; nullopt for every other tensor.
+  virtual std::optional<StoredWeight> read_blocks(const std::string&) const { return std::nullopt; }
   virtual std::string describe() const = 0;
   // A header entry (safetensors __metadata__, GGUF scalar metadata); "" when absent.
   virtual std::string metadata(const std::string& key) const = 0;
