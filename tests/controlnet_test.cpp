@@ -18,6 +18,7 @@
 #include "server/edit_request.h"
 #include "server/image_request.h"
 #include "golden_requests.h"
+#include "simulated_ranks.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -109,18 +110,8 @@ TEST(ControlNet, SequenceParallelMatchesOneRank) {
   TextToImagePipeline one(*be, model);
   const GenerateRequest r = request_for(c);
   const GenerateResult ref = one.generate(r);
-  ParallelConfig par;
-  par.num_gpus = 2;
-  par.ulysses_degree = 2;
-  std::vector<std::unique_ptr<Backend>> backends;
-  std::vector<Backend*> raw;
-  for (int i = 0; i < 2; ++i) {
-    backends.push_back(make_cpu_backend());
-    raw.push_back(backends.back().get());
-  }
-  LocalWorld world(2);
-  MultiGpuPipeline sharded(raw, world, model, par);
-  const GenerateResult res = sharded.generate(r);
+  zimage::testing::SimulatedRanks sharded(zimage::testing::parallel(2, false), model);
+  const GenerateResult res = sharded.pipeline->generate(r);
   const double err = max_abs_diff(res.latents, ref.latents);
   std::printf("ulysses 2 vs one rank: max err %.3g\n", err);
   EXPECT_LE(err, 1e-5);

@@ -18,6 +18,7 @@
 #include "pipeline/multi_gpu_pipeline.h"
 #include "pipeline/text_to_image.h"
 #include "golden_requests.h"
+#include "simulated_ranks.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -367,22 +368,11 @@ TEST(ImageToImage, StrengthCutAsDiffusers) {
 // Every rank of a multi-GPU run builds the same start latents: 2 Ulysses ranks x a CFG pair (simulated
 // on CPU backends) give the one-rank result.
 TEST(ImageToImage, MultiGpuRanksMatchOneRank) {
-  ParallelConfig cfg;
-  cfg.ulysses_degree = 2;
-  cfg.cfg_parallel = true;
-  cfg.num_gpus = 4;
-  std::vector<std::unique_ptr<Backend>> backends;
-  std::vector<Backend*> raw;
-  for (int i = 0; i < 4; ++i) {
-    backends.push_back(make_cpu_backend());
-    raw.push_back(backends.back().get());
-  }
-  LocalWorld world(4);
-  MultiGpuPipeline ranks(raw, world, open_model(golden_path("tiny-zimage")), cfg);
+  zimage::testing::SimulatedRanks ranks(zimage::testing::parallel(2, true), open_model(golden_path("tiny-zimage")));
   for (const char* name : {"img2img_cfg", "inpaint_partial"}) {
     const GenerateRequest r = request_for(load_case(name));
     const GenerateResult want = tiny_pipeline().generate(r);
-    const GenerateResult got = ranks.generate(r);
+    const GenerateResult got = ranks.pipeline->generate(r);
     EXPECT_LE(max_abs_diff(got.latents, want.latents), 1e-5) << name;
   }
 }

@@ -11,9 +11,11 @@
 #include "parallel/local_communicator.h"
 #include "pipeline/flow_match_scheduler.h"
 #include "pipeline/multi_gpu_pipeline.h"
+#include "simulated_ranks.h"
 #include "test_util.h"
 
 using namespace zimage;
+using zimage::testing::parallel;
 using zimage::testing::expect_images_match;
 using zimage::testing::golden_path;
 using zimage::testing::max_abs_diff;
@@ -243,30 +245,23 @@ TEST(TextToImage, NoiseGroupsMakeBatchedRequestsEqualAlone) {
 
 namespace {
 
-// N ranks of the tiny model simulated on CPU backends: the multi-GPU pipeline as it runs over NCCL.
-struct SimulatedRanks {
-  std::vector<std::unique_ptr<Backend>> backends;
-  LocalWorld world;
-  std::unique_ptr<MultiGpuPipeline> pipeline;
-
-  explicit SimulatedRanks(const ParallelConfig& c, const ModelSource& model = open_model(golden_path("tiny-zimage")))
-      : world(c.num_gpus) {
-    std::vector<Backend*> raw;
-    for (int r = 0; r < c.num_gpus; ++r) {
-      backends.push_back(make_cpu_backend());
-      raw.push_back(backends.back().get());
-    }
-    pipeline = std::make_unique<MultiGpuPipeline>(raw, world, model, c);
-  }
+// N ranks of the tiny model simulated on CPU backends.
+struct TinyRanks : zimage::testing::SimulatedRanks {
+  explicit TinyRanks(const ParallelConfig& c, const ModelSource& model = open_model(golden_path("tiny-zimage")))
+      : SimulatedRanks(c, model) {}
 };
 
-ParallelConfig parallel(int u, bool cfg, int ring = 1) {
-  ParallelConfig c;
-  c.ulysses_degree = u;
-  c.ring_degree = ring;
-  c.cfg_parallel = cfg;
-  c.num_gpus = u * ring * c.cfg_groups();
-  return c;
+// A prompt at a size whose patch grid splits unevenly, with CFG.
+GenerateRequest uneven_request(int w, int h) {
+  GenerateRequest r;
+  r.prompts = {"a red bicycle leaning on a wall"};
+  r.width = w;
+  r.height = h;
+  r.steps = 2;
+  r.guidance = 3.0f;
+  r.seed = 11;
+  r.generator = GeneratorDevice::Cpu;
+  return r;
 }
 
 }  // namespace
@@ -276,7 +271,7 @@ ParallelConfig parallel(int u, bool cfg, int ring = 1) {
 TEST(MultiGpuPipeline, GoldenCasesMatchOneRank) {
   auto& single = tiny_pipeline();
   for (const ParallelConfig& c : {parallel(2, false), parallel(1, true), parallel(2, true)}) {
-    SimulatedRanks ranks(c);
+    TinyRanks ranks(c);
     for (const auto& gc : golden_cases()) {
       GenerateRequest r = request_for(gc);
       GenerateResult want = single.generate(r);
@@ -294,16 +289,9 @@ TEST(MultiGpuPipeline, GoldenCasesMatchOneRank) {
 // transpose, and a square with an odd grid (7x7), with CFG.
 TEST(MultiGpuPipeline, UnevenShardsMatchOneRank) {
   auto& single = tiny_pipeline();
-  SimulatedRanks ranks(parallel(2, true));
+  TinyRanks ranks(parallel(2, true));
   for (auto [w, h] : {std::pair{112, 208}, std::pair{208, 112}, std::pair{112, 112}}) {
-    GenerateRequest r;
-    r.prompts = {"a red bicycle leaning on a wall"};
-    r.width = w;
-    r.height = h;
-    r.steps = 2;
-    r.guidance = 3.0f;
-    r.seed = 11;
-    r.generator = GeneratorDevice::Cpu;
+    const GenerateRequest r = uneven_request(w, h);
     GenerateResult want = single.generate(r), got = ranks.pipeline->generate(r);
     double err = max_abs_diff(got.latents, want.latents);
     EXPECT_LE(err, 1e-5) << w << "x" << h;
@@ -320,22 +308,13 @@ TEST(MultiGpuPipeline, UlyssesTimesRingMatchesOneRank) {
   auto& single = tiny_pipeline();
   for (const ParallelConfig& c : {parallel(2, false, 2), parallel(1, false, 4), parallel(2, false, 4),
                                   parallel(2, true, 2)}) {
-    SimulatedRanks ranks(c);
+    TinyRanks ranks(c);
     std::vector<std::pair<std::string, GenerateRequest>> requests;
     // The golden images (at most 6 patches a side) split over 4 shards; 8 shards need the larger grids.
     if (c.sequence_degree() <= 4)
       for (const auto& gc : golden_cases()) requests.emplace_back(gc.name, request_for(gc));
-    for (auto [w, h] : {std::pair{112, 208}, std::pair{208, 112}}) {
-      GenerateRequest r;
-      r.prompts = {"a red bicycle leaning on a wall"};
-      r.width = w;
-      r.height = h;
-      r.steps = 2;
-      r.guidance = 3.0f;
-      r.seed = 11;
-      r.generator = GeneratorDevice::Cpu;
-      requests.emplace_back(std::to_string(w) + "x" + std::to_string(h), r);
-    }
+    for (auto [w, h] : {std::pair{112, 208}, std::pair{208, 112}})
+      requests.emplace_back(std::to_string(w) + "x" + std::to_string(h), uneven_request(w, h));
     for (const auto& [name, r] : requests) {
       GenerateResult want = single.generate(r), got = ranks.pipeline->generate(r);
       const double err = max_abs_diff(got.latents, want.latents);
@@ -353,7 +332,7 @@ TEST(MultiGpuPipeline, UlyssesTimesRingMatchesOneRank) {
 
 // A bad request is refused before any rank starts, and the ranks still work afterwards.
 TEST(MultiGpuPipeline, BadRequestLeavesTheRanksUsable) {
-  SimulatedRanks ranks(parallel(2, false));
+  TinyRanks ranks(parallel(2, false));
   GenerateRequest r;
   r.prompts = {"x"};
   r.width = r.height = 40;  // not a multiple of 16
@@ -462,7 +441,7 @@ TEST(NumericalGuards, SimulatedRanksReportTheStageAndGoOn) {
   ModelSource model = open_model(golden_path("tiny-zimage"));
   model.transformer_weights =
       zimage::testing::with_nan_tensor(model.transformer_weights, "all_final_layer.2-1.linear.bias");
-  SimulatedRanks ranks(parallel(2, true), model);
+  TinyRanks ranks(parallel(2, true), model);
   for (int i = 0; i < 2; ++i) EXPECT_EQ(non_finite_stage(*ranks.pipeline, small_request()).first, "denoise") << i;
 }
 
