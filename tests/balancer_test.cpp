@@ -20,6 +20,7 @@
 #include "server/agent_check.h"
 #include "server/batcher.h"
 #include "server/http_server.h"
+#include "golden_requests.h"
 
 using namespace zimage;
 using namespace zimage::server;
@@ -27,12 +28,7 @@ using nlohmann::json;
 
 namespace {
 
-TextToImagePipeline& tiny() {
-  static std::unique_ptr<Backend> be = make_cpu_backend();
-  static ModelSource model = open_model("synthetic:tiny");
-  static TextToImagePipeline pipe(*be, model);
-  return pipe;
-}
+TextToImagePipeline& tiny() { return zimage::testing::synthetic_tiny_pipeline(); }
 
 // The model behind a gate: every batch waits at it until open() (the future is shared by all batches).
 struct GatedModel {
@@ -183,9 +179,9 @@ TEST(RequestId, KeptWhenFitGeneratedOtherwiseAndLogged) {
   model.open();
   Replica r(model.fn());
   r.http.set_ready();
-  testing::internal::CaptureStderr();
+  ::testing::internal::CaptureStderr();
   auto ok = r.generate("a cat", {{"X-Request-Id", "0f8c2a3e-5b9d-4c1e-9a7f-2d6b8e4c1a93"}});
-  const std::string log = testing::internal::GetCapturedStderr();
+  const std::string log = ::testing::internal::GetCapturedStderr();
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200);
   EXPECT_EQ(ok->get_header_value("X-Request-Id"), "0f8c2a3e-5b9d-4c1e-9a7f-2d6b8e4c1a93");

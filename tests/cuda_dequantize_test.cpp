@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "core/dtype.h"
 #include "io/gguf.h"
+#include "test_util.h"
 
 using namespace zimage;
 
@@ -27,17 +28,7 @@ StoredWeight random_blocks(GgmlType type, int64_t rows, int64_t cols, std::mt199
   w.data = Tensor::empty({rows, cols / be * bb}, DType::U8);
   uint8_t* p = w.data.data_as<uint8_t>();
   for (size_t i = 0; i < w.data.nbytes(); ++i) p[i] = uint8_t(rng());
-  int d_at = 0, m_at = -1;  // where each block keeps its fp16 scale and min
-  switch (type) {
-    case GgmlType::Q4_1:
-    case GgmlType::Q5_1:
-    case GgmlType::Q4_K:
-    case GgmlType::Q5_K: m_at = 2; break;
-    case GgmlType::Q2_K: d_at = 80, m_at = 82; break;
-    case GgmlType::Q3_K: d_at = 108; break;
-    case GgmlType::Q6_K: d_at = 208; break;
-    default: break;
-  }
+  const auto [d_at, m_at] = zimage::testing::ggml_scale_fields(int(type));
   for (int64_t b = 0; b < rows * cols / be; ++b) {
     const uint16_t d = f32_to_f16(std::ldexp(float(rng() % 2000) - 1000, -14));
     const uint16_t m = f32_to_f16(std::ldexp(float(rng() % 2000) - 1000, -16));

@@ -23,6 +23,7 @@
 #include "server/http_server.h"
 #include "server/multipart.h"
 #include "server/request_reader.h"
+#include "golden_requests.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -217,12 +218,7 @@ TEST(EditRequest, UploadsPassTheDecodePixelCap) {
 
 // ---- the endpoint ----
 
-TextToImagePipeline& tiny() {
-  static std::unique_ptr<Backend> be = make_cpu_backend();
-  static ModelSource model = open_model("synthetic:tiny");
-  static TextToImagePipeline pipe(*be, model);
-  return pipe;
-}
+TextToImagePipeline& tiny() { return zimage::testing::synthetic_tiny_pipeline(); }
 
 struct RecordingModel {
   std::mutex mutex;

@@ -152,18 +152,7 @@ std::vector<uint8_t> random_blocks(uint32_t type, int64_t n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::vector<uint8_t> bytes(size_t(n / be * bb));
   for (auto& b : bytes) b = uint8_t(rng());
-  // Where each block keeps its fp16 scale and min (-1: none).
-  int d_at = 0, m_at = -1;
-  switch (GgmlType(type)) {
-    case GgmlType::Q4_1:
-    case GgmlType::Q5_1:
-    case GgmlType::Q4_K:
-    case GgmlType::Q5_K: m_at = 2; break;
-    case GgmlType::Q2_K: d_at = 80, m_at = 82; break;
-    case GgmlType::Q3_K: d_at = 108; break;
-    case GgmlType::Q6_K: d_at = 208; break;
-    default: break;
-  }
+  const auto [d_at, m_at] = zimage::testing::ggml_scale_fields(type);
   for (int64_t b = 0; b < n / be; ++b) {
     uint16_t d = f32_to_f16(std::ldexp(float(rng() % 1000 + 1), -12)), m = f32_to_f16(-float(rng() % 100) / 64);
     std::memcpy(&bytes[size_t(b * bb + d_at)], &d, 2);

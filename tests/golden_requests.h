@@ -1,3 +1,5 @@
+// Pipeline-level test helpers (header-only: for the tests that link the pipeline).
+//
 // The request of a wave2 / wave3 golden case folder (case.json, and input.png, mask.png, control.png where
 // the case has them): the arguments diffusers was called with, on torch's CPU generator. Header-only:
 // for the tests that link the pipeline.
@@ -5,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -12,6 +15,14 @@
 #include "pipeline/text_to_image.h"
 
 namespace zimage::testing {
+
+// The built-in synthetic:tiny model on a CPU backend, loaded once per test binary (the servers' tests).
+inline TextToImagePipeline& synthetic_tiny_pipeline() {
+  static std::unique_ptr<Backend> be = make_cpu_backend();
+  static ModelSource model = open_model("synthetic:tiny");
+  static TextToImagePipeline pipe(*be, model);
+  return pipe;
+}
 
 inline GenerateRequest golden_case_request(const std::string& dir) {
   std::ifstream in(dir + "/case.json");

@@ -33,6 +33,7 @@
 #include "server/http_server.h"
 #include "server/image_request.h"
 #include "server/image_store.h"
+#include "golden_requests.h"
 #include "test_util.h"
 
 using namespace zimage;
@@ -44,12 +45,7 @@ extern char** environ;
 namespace {
 
 // The tiny synthetic model, loaded once for every in-process server (one worker uses it at a time).
-TextToImagePipeline& tiny() {
-  static std::unique_ptr<Backend> be = make_cpu_backend();
-  static ModelSource model = open_model("synthetic:tiny");
-  static TextToImagePipeline pipe(*be, model);
-  return pipe;
-}
+TextToImagePipeline& tiny() { return zimage::testing::synthetic_tiny_pipeline(); }
 
 // Holds the worker in front of the model until opened; counts who reached it.
 class Gate {

@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "io/gguf.h"
 
 namespace zimage::testing {
 
@@ -212,6 +213,19 @@ std::string form_body(const std::vector<FormField>& fields, const std::string& b
     body += "\r\n" + f.value + "\r\n";
   }
   return body + "--" + boundary + "--\r\n";
+}
+
+GgmlScaleFields ggml_scale_fields(int type) {
+  switch (GgmlType(type)) {
+    case GgmlType::Q4_1:
+    case GgmlType::Q5_1:
+    case GgmlType::Q4_K:
+    case GgmlType::Q5_K: return {0, 2};
+    case GgmlType::Q2_K: return {80, 82};
+    case GgmlType::Q3_K: return {108, -1};
+    case GgmlType::Q6_K: return {208, -1};
+    default: return {0, -1};
+  }
 }
 
 }  // namespace zimage::testing

@@ -50,6 +50,13 @@ std::vector<uint8_t> make_png(uint32_t width, uint32_t height, uint8_t bit_depth
 // Rows of `bpp`-byte pixels, each prefixed by filter byte 0.
 std::vector<uint8_t> scanlines(const std::vector<uint8_t>& pixels, int width, int height, int bpp);
 
+// Where a ggml block of `type` keeps its fp16 scale d and min m (byte offsets; m -1: none): what tests that
+// make random blocks must set to finite values.
+struct GgmlScaleFields {
+  int d = 0, m = -1;
+};
+GgmlScaleFields ggml_scale_fields(int type);
+
 // A multipart/form-data body as a client writes it (POST /v1/images/edits).
 inline const std::string kFormBoundary = "----zimageBoundary7MA4YWxkTrZu0gW";
 inline const std::string kFormType = "multipart/form-data; boundary=" + kFormBoundary;
