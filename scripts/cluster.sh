@@ -48,6 +48,15 @@ running() {
   [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
 }
 
+# Whether PID still holds the process that ran NAME, exiting included: while the kernel tears a process
+# down its cmdline is already empty, before it becomes a zombie, and `alive` would call it gone.
+lingers() {
+  running "$1" || return 1
+  local cmd
+  cmd=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+  [ -z "$cmd" ] || grep -q "$2" <<<"$cmd"
+}
+
 # Sends SIGNAL to the process of pid file FILE if it still runs NAME.
 signal_pidfile() {
   local file=$1 name=$2 sig=$3 pid
@@ -81,7 +90,7 @@ stop() {
     for f in "$DIR"/replica-*.pid; do
       [ -e "$f" ] || continue
       pid=$(cat "$f")
-      if alive "$pid" zimage; then left=$((left + 1)); else rm -f "$f"; fi
+      if lingers "$pid" zimage; then left=$((left + 1)); else rm -f "$f"; fi
     done
     ((left == 0)) && break
     if ((SECONDS >= end)); then
@@ -94,7 +103,7 @@ stop() {
     signal_pidfile "$DIR/haproxy.pid" haproxy TERM
     pid=$(cat "$DIR/haproxy.pid")
     end=$((SECONDS + 10))
-    while alive "$pid" haproxy; do
+    while lingers "$pid" haproxy; do
       ((SECONDS < end)) || signal_pidfile "$DIR/haproxy.pid" haproxy KILL
       sleep 0.1
     done
