@@ -421,6 +421,83 @@ TEST_F(CudaOps, BatchedItemsEqualItemsAlone) {
   }
 }
 
+// FP8 activations: the CUDA quantization equals the CPU reference bit for bit (codes and scales), on the
+// DiT's row widths and an unaligned one, with outlier rows, a row of zeros and tiny values.
+TEST_F(CudaOps, QuantizeFp8RowsIsExact) {
+  for (const int64_t k : {int64_t(3840), int64_t(10240), int64_t(170)}) {
+    Tensor x = rnd({64, k});
+    for (int64_t c = 0; c < k; ++c) {
+      x.f32()[3 * k + c] *= 6.5e4f;  // FFN inputs of the real model reach |x| ~ 6.6e4
+      x.f32()[4 * k + c] = 0.0f;
+      x.f32()[5 * k + c] *= 1e-7f;
+    }
+    x = x.to_dtype(DType::BF16).to_f32();
+    const Backend::Fp8Rows ref = cpu_->quantize_fp8_rows(x), got = gpu_->quantize_fp8_rows(g(x));
+    const Tensor codes = gpu_->to_host_u8(got.q), scales = gpu_->to_host_f32(got.scale);
+    int64_t code_diffs = 0, scale_diffs = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) code_diffs += codes.data_as<uint8_t>()[i] != ref.q.data_as<uint8_t>()[i];
+    for (int64_t r = 0; r < 64; ++r) scale_diffs += scales.f32()[r] != ref.scale.f32()[r];
+    std::printf("  quantize_fp8_rows 64 x %5lld: %lld codes and %lld scales differ from the CPU reference\n",
+                (long long)k, (long long)code_diffs, (long long)scale_diffs);
+    EXPECT_EQ(code_diffs, 0) << k;
+    EXPECT_EQ(scale_diffs, 0) << k;
+  }
+}
+
+// The W8A8 GEMM at every GEMM shape of the full-size DiT at 1024^2 (M = 4224 tokens): against float64 of exactly
+// the quantized values (the bf16 output's rounding is ~2e-3), and the same rows alone as in the batch.
+TEST_F(CudaOps, LinearFp8MatchesFloat64) {
+  struct Case {
+    int64_t m, k, n;
+    bool bias;
+  } cases[] = {{4224, 3840, 11520, false}, {4224, 3840, 3840, false}, {4224, 3840, 20480, false},
+               {4224, 10240, 3840, false}, {4224, 3840, 3840, true},  {32, 3840, 3840, true}};
+  for (const auto& c : cases) {
+    Tensor x = rnd({c.m, c.k});
+    for (int64_t i = 0; i < c.m; i += 97)
+      for (int64_t j = 0; j < c.k; ++j) x.f32()[i * c.k + j] *= 40.0f;  // outlier tokens
+    const Tensor w = rnd({c.n, c.k}, 1.0f / std::sqrt(float(c.k))), b = rnd({c.n}, 0.1f);
+    StoredWeight sw;
+    sw.shape = {c.n, c.k};
+    sw.data = Tensor::empty(sw.shape, DType::F8E4M3);
+    sw.scale = Tensor::empty({c.n}, DType::F32);
+    for (int64_t r = 0; r < c.n; ++r)
+      sw.scale.f32()[r] = quantize_fp8_row(w.f32() + r * c.k, c.k, sw.data.data_as<uint8_t>() + r * c.k);
+    StoredWeight gw = sw;
+    gw.data = gpu_->upload(sw.data, DType::F8E4M3);
+    gw.scale = g32(sw.scale);
+    const Tensor gb = g(b);
+    const Backend::Fp8Rows xq = gpu_->quantize_fp8_rows(g(x));
+    const Tensor y = gpu_->to_host_f32(gpu_->linear_fp8(xq, gw, c.bias ? &gb : nullptr));
+    ASSERT_TRUE(all_finite(y));
+    // float64 of the quantized values on a subsample of rows (every 61st, the outliers among them).
+    const Tensor codes = gpu_->to_host_u8(xq.q), xs = gpu_->to_host_f32(xq.scale);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < c.m; i += 61)
+      for (int64_t j = 0; j < c.n; ++j) {
+        double acc = 0;
+        for (int64_t t = 0; t < c.k; ++t)
+          acc += double(f8e4m3_to_f32(codes.data_as<uint8_t>()[i * c.k + t])) *
+                 double(f8e4m3_to_f32(sw.data.data_as<uint8_t>()[j * c.k + t]));
+        acc = acc * xs.f32()[i] * sw.scale.f32()[j] + (c.bias ? double(b.f32()[j]) : 0.0);
+        const double got = y.f32()[i * c.n + j];
+        num += (got - acc) * (got - acc);
+        den += acc * acc;
+      }
+    const double err = std::sqrt(num / den);
+    // The same rows alone: per-token scales and no split-K keep each row independent of the batch.
+    const int64_t part = c.m / 2;
+    const Tensor alone = gpu_->to_host_f32(gpu_->linear_fp8(
+        gpu_->quantize_fp8_rows(g(x.narrow0(part, c.m - part).clone())), gw, c.bias ? &gb : nullptr));
+    const double batch_diff = max_abs_diff(y.narrow0(part, c.m - part), alone);
+    std::printf("  linear_fp8 %4lld x %5lld x %5lld%s: vs float64 of the quantized values %.2e, rows alone vs batched "
+                "max diff %.3g\n",
+                (long long)c.m, (long long)c.k, (long long)c.n, c.bias ? " +bias" : "", err, batch_diff);
+    EXPECT_LE(err, 4e-3);
+    EXPECT_EQ(batch_diff, 0.0);
+  }
+}
+
 // make_graph: the first call runs the function, the second records it, later calls replay it with
 // their own inputs (device t, device row indices, a GEMM, elementwise work and a fresh allocation in
 // between); every call returns what the ops give when called directly, bit for bit, and a new tensor.

@@ -11,6 +11,7 @@
 
 #include "io/image.h"
 #include "io/safetensors.h"
+#include "model/fp8_linears.h"
 #include "model/vae.h"
 #include "model/zimage_controlnet.h"
 #include "model/zimage_dit.h"
@@ -196,5 +197,29 @@ TEST_F(CudaGolden, ControlNetCasesFromSeed) {
     EXPECT_LE(le, 2e-2) << name;
     EXPECT_GE(ps, 35.0) << name;
     std::printf("  %-16s final latents rel err %.2e, image PSNR %.1f dB\n", name, le, ps);
+  }
+}
+
+// --quantization fp8 on the GPU: the tiny model's FP8 linears (its attention projections and a ControlNet's
+// blocks; its FFN's 170 columns stay bf16) through cuBLASLt's e4m3 GEMM, against the CPU's FP8 reference and
+// the float32 model. The bound is the CPU FP8 path's own (fp8_test): e4m3 rounding, not the GPU, sets it.
+TEST_F(CudaGolden, Fp8CasesNearTheCpuReference) {
+  auto cpu = make_cpu_backend();
+  for (const char* name : {"wave2/cases/lora_none", "wave2/cases/img2img_cfg", "wave3/cases/cn_v2_cfg"}) {
+    ModelSource m = open_model(golden_path("tiny-zimage"));
+    if (std::string(name).find("cn_") != std::string::npos)
+      attach_controlnet(m, golden_path("wave3/controlnet_union_v2.safetensors"),
+                        golden_path("wave3/controlnet_union_v2.json"));
+    ModelSource fp8 = m;
+    use_fp8_linears(fp8, Fp8Policy{});
+    const GenerateRequest r = zimage::testing::golden_case_request(golden_path(name));
+    TextToImagePipeline gpu_fp8(*be_, fp8), cpu_fp8(*cpu, fp8), cpu_f32(*cpu, m);
+    const GenerateResult g = gpu_fp8.generate(r), c8 = cpu_fp8.generate(r), c32 = cpu_f32.generate(r);
+    const double vs_fp8 = rel_l2_error(g.latents, c8.latents), vs_f32 = rel_l2_error(g.latents, c32.latents);
+    std::printf("  %-24s CUDA FP8: final latents vs CPU FP8 %.2e, vs float32 %.2e (CPU FP8 vs float32 %.2e), image "
+                "PSNR vs float32 %.1f dB\n",
+                name, vs_fp8, vs_f32, rel_l2_error(c8.latents, c32.latents), psnr_u8(g.images, c32.images));
+    EXPECT_LE(vs_f32, 0.08) << name;
+    EXPECT_LE(vs_fp8, 0.08) << name;
   }
 }

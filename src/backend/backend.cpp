@@ -1,6 +1,7 @@
 #include "backend/backend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 
@@ -64,6 +65,14 @@ Tensor dequantize_on_host(const StoredWeight& w) {
     }
   });
   return out;
+}
+
+float quantize_fp8_row(const float* x, int64_t k, uint8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+  for (int64_t i = 0; i < k; ++i) q[i] = f32_to_f8e4m3(x[i] / s);
+  return s;
 }
 
 Tensor Backend::gather_rows(const Tensor& src, const std::vector<int32_t>& idx) {

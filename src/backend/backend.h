@@ -54,6 +54,10 @@ struct StoredWeight {
 // dequantization (ggml_dequantize, io/gguf.h), other dtypes widened. The reference of Backend::dequantize.
 Tensor dequantize_on_host(const StoredWeight& w);
 
+// One row of quantize_fp8_rows (the reference of every backend's, and the weights' per-output-channel
+// quantization): writes the k e4m3 codes of x / s to q and returns s = max|x| / 448 (1 for zeros).
+float quantize_fp8_row(const float* x, int64_t k, uint8_t* q);
+
 struct MemoryStats {
   size_t in_use = 0, peak = 0, cached = 0;  // bytes of device memory held by the engine
 };
@@ -76,7 +80,7 @@ class Backend {
   virtual Tensor upload_rows(const std::vector<Tensor>& parts, DType dtype);
   // Copy a backend tensor to a host float32 tensor (waits for pending work).
   virtual Tensor to_host_f32(const Tensor& t) = 0;
-  // Copy a backend uint8 tensor to the host.
+  // Copy a backend tensor of bytes (uint8, or FP8 codes) to the host as uint8.
   virtual Tensor to_host_u8(const Tensor& t) = 0;
   virtual Tensor cast(const Tensor& x, DType dtype) = 0;
   virtual void synchronize() {}
@@ -106,6 +110,20 @@ class Backend {
   // values rounded once to that dtype. Linear's apply() calls it right before the GEMM, so only one
   // layer's weight exists dequantized at a time.
   virtual Tensor dequantize(const StoredWeight& w) = 0;
+
+  // ---- FP8 linears (W8A8 e4m3, --quantization fp8) ----
+  // Rows of x [rows, K] (any leading dims) quantized to e4m3 with one float32 scale each:
+  //   s = max_k |x[k]| / 448 (1 for a row of zeros),  q[k] = e4m3(x[k] / s)  (float32 division, round to
+  //   nearest even, saturating at +-448). q keeps x's shape.
+  struct Fp8Rows {
+    Tensor q;      // F8E4M3, x's shape
+    Tensor scale;  // f32 [rows]
+  };
+  virtual Fp8Rows quantize_fp8_rows(const Tensor& x) = 0;
+  // y [rows, N] = (sum_k q_x[k] q_w[n, k]) * s_x[row] * s_w[n] (+ bias[n]), in the activation dtype: x from
+  // quantize_fp8_rows, w an F8E4M3 StoredWeight [N, K] with a float32 scale per row. Every product of two
+  // e4m3 values is exact in float32; the sums are float32 (their order is the backend's).
+  virtual Tensor linear_fp8(const Fp8Rows& x, const StoredWeight& w, const Tensor* bias = nullptr) = 0;
 
   // ---- row gathers ----
   // out[i] = src[idx[i]] (rows of src, any leading dims flattened); idx[i] = -1 gives a zero row.

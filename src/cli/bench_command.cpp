@@ -4,6 +4,8 @@
 // timed separately. Writes bench/results/<device>-<date>-<label>.json.
 #include <algorithm>
 #include <charconv>
+#include <cmath>
+#include <limits>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -115,6 +117,7 @@ struct BenchOptions {
   std::string image, mask;  // image to image / inpainting: resized to each resolution
   std::optional<double> strength;
   ControlNetFlags controlnet;
+  QuantizationFlags quantization;
   std::string control_image;  // default with --controlnet: a synthetic edge-like pattern
   float controlnet_scale = 0.75f;
 };
@@ -131,6 +134,28 @@ ImageU8 pattern_control_image(int width, int height) {
       if (x % 64 == 0 || y % 64 == 0 || (x + y) % 97 == 0)
         for (int c = 0; c < 3; ++c) im.rgb[(size_t(y) * size_t(width) + size_t(x)) * 3 + size_t(c)] = 255;
   return im;
+}
+
+// ||a - b|| / ||b|| over all values (float32 host tensors of one shape), in double.
+double relative_l2(const Tensor& a, const Tensor& b) {
+  ZI_ASSERT(a.shape() == b.shape());
+  const Tensor fa = a.to_f32(), fb = b.to_f32();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < fa.numel(); ++i) {
+    const double d = double(fa.f32()[i]) - double(fb.f32()[i]);
+    num += d * d;
+    den += double(fb.f32()[i]) * double(fb.f32()[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Peak signal-to-noise ratio of two uint8 images of one shape, 10 log10(255^2 / MSE) (inf when equal).
+double psnr_db(const Tensor& a, const Tensor& b) {
+  ZI_ASSERT(a.shape() == b.shape() && a.dtype() == DType::U8 && b.dtype() == DType::U8);
+  const uint8_t *pa = a.data_as<uint8_t>(), *pb = b.data_as<uint8_t>();
+  double se = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) se += double(int(pa[i]) - int(pb[i])) * double(int(pa[i]) - int(pb[i]));
+  return se == 0 ? std::numeric_limits<double>::infinity() : 10.0 * std::log10(255.0 * 255.0 * double(a.numel()) / se);
 }
 
 }  // namespace
@@ -156,6 +181,7 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--strength", o->strength,
                   "With --image: share of the schedule run, in (0, 1] (default 0.6; 1 with --mask)");
   add_controlnet_flags(cmd, o->controlnet);
+  add_quantization_flags(cmd, o->quantization);
   cmd->add_option("--control-image", o->control_image,
                   "With --controlnet: the control image (default: a generated line pattern at each resolution)");
   cmd->add_option("--controlnet-scale", o->controlnet_scale, "With --controlnet: the conditioning scale");
@@ -189,6 +215,8 @@ Command add_bench(CLI::App& app) {
             auto t_load = Clock::now();
             ModelSource model = open_model(o->model, o->files);
             attach_controlnet(model, o->controlnet);
+            const ModelSource unquantized = model;  // --quantization fp8: the bf16 run its accuracy is measured against
+            apply_quantization(model, o->quantization);
             const ParallelConfig par = check_device_options(o->device, model);
             PipelineLimits limits;
             limits.max_pixels = int64_t(4096) * 4096;
@@ -223,12 +251,14 @@ Command add_bench(CLI::App& app) {
             log_info("loaded " + model.name + " on " + device + " in " + std::to_string(load_s) + " s");
 
             nlohmann::json results = nlohmann::json::array();
+            std::vector<GenerateResult> seed_results;  // the warm-up run of each resolution (seed 42)
             bool first = true;
             for (GenerateRequest req : requests) {
               const int w = req.width, h = req.height;
               req = pipe.resolve(req);
 
               GenerateResult warm = pipe.generate(req);  // warm-up: plans, algorithms, allocator cache
+              seed_results.push_back(warm);
               double first_image_s = std::chrono::duration<double>(Clock::now() - kProcessStart).count();
               be->reset_peak_memory();
               std::vector<double> e2e, te, enc, den, dit, vae, u8, png;
@@ -282,6 +312,7 @@ Command add_bench(CLI::App& app) {
                   {"strength", req.strength ? nlohmann::json(*req.strength) : nlohmann::json(nullptr)},
                   {"controlnet", control ? nlohmann::json(model.controlnet->name) : nlohmann::json(nullptr)},
                   {"controlnet_scale", control ? nlohmann::json(req.controlnet_scale) : nlohmann::json(nullptr)},
+                  {"quantization", o->quantization.mode},
                   {"steps", warm.steps},
                   {"steps_run", warm.steps_run},
                   {"guidance_scale", warm.guidance},
@@ -315,6 +346,21 @@ Command add_bench(CLI::App& app) {
                   device.c_str(), r["resolution"].get<std::string>().c_str(), median(e2e), median(te), median(enc),
                   median(dit), median(vae), double(mem.peak) / (1 << 20));
               results.push_back(r);
+            }
+            if (o->quantization.fp8()) {
+              // Accuracy beside the speed: the same requests and seed through the bf16 model, loaded after the
+              // FP8 one is gone (so the peaks above are the FP8 model's alone).
+              { Engine gone = std::move(engine); }  // destroyed in its members' order
+              Engine reference = make_engine(o->device, par, unquantized, limits);
+              for (size_t i = 0; i < requests.size(); ++i) {
+                const GenerateResult bf16 = reference.generator->generate(reference.generator->resolve(requests[i]));
+                const double rel = relative_l2(seed_results[i].latents, bf16.latents);
+                const double psnr = psnr_db(seed_results[i].images, bf16.images);
+                results[i]["vs_bf16_latent_rel"] = rel;
+                results[i]["vs_bf16_psnr_db"] = psnr;
+                std::printf("%s FP8 vs bf16 (seed 42): final latents relative L2 %.4f, image PSNR %.2f dB\n",
+                            results[i]["resolution"].get<std::string>().c_str(), rel, psnr);
+              }
             }
             std::time_t now = std::time(nullptr);
             char date[16];

@@ -1,6 +1,8 @@
 #include "cli/component_flags.h"
 
 #include "core/error.h"
+#include "core/log.h"
+#include "model/fp8_linears.h"
 #include "model/zimage_controlnet.h"
 
 namespace zimage::cli {
@@ -29,6 +31,34 @@ void attach_controlnet(ModelSource& model, const ControlNetFlags& flags) {
     return;
   }
   zimage::attach_controlnet(model, flags.file, flags.config);
+}
+
+void add_quantization_flags(CLI::App* cmd, QuantizationFlags& flags) {
+  cmd->add_option("--quantization", flags.mode,
+                  "none (the weights' own precision; bf16 GEMMs) or fp8: the DiT's linears as FP8 e4m3 GEMMs (W8A8: "
+                  "weights per output channel, activations per token; Hopper and newer GPUs, or the CPU reference)")
+      ->check(CLI::IsMember({"none", "fp8"}));
+  cmd->add_option("--fp8-keep-bf16", flags.keep_bf16,
+                  "With --quantization fp8: the linears that stay bf16, as comma-separated patterns over diffusers "
+                  "weight names ('*' any text); 'default' names the defaults (" +
+                      [] {
+                        std::string d;
+                        for (const auto& p : Fp8Policy::default_keep_bf16()) d += (d.empty() ? "" : ",") + p;
+                        return d;
+                      }() +
+                      "), 'none' quantizes every linear whose sizes allow it");
+}
+
+void apply_quantization(ModelSource& model, const QuantizationFlags& flags) {
+  if (!flags.fp8()) {
+    ZI_CHECK(flags.keep_bf16.empty(), ErrorKind::InvalidArgument, "--fp8-keep-bf16 needs --quantization fp8");
+    return;
+  }
+  const Fp8Policy policy = flags.keep_bf16.empty() ? Fp8Policy{} : Fp8Policy::parse(flags.keep_bf16);
+  std::string kept;
+  for (const auto& p : policy.keep_bf16) kept += (kept.empty() ? "" : ", ") + p;
+  log_info("FP8 linears (W8A8 e4m3); kept bf16: " + (kept.empty() ? std::string("none") : kept));
+  use_fp8_linears(model, policy);
 }
 
 }  // namespace zimage::cli

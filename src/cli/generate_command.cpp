@@ -46,6 +46,7 @@ struct GenerateOptions {
   std::optional<double> strength;
   ComponentFiles files;
   ControlNetFlags controlnet;
+  QuantizationFlags quantization;
   std::string control_image;
   float controlnet_scale = 0.75f;
 };
@@ -148,6 +149,7 @@ Command add_generate(CLI::App& app) {
   cmd->add_option("--strength", o->strength,
                   "Share of the schedule run from --image, in (0, 1] (default 0.6; 1 with --mask)");
   add_controlnet_flags(cmd, o->controlnet);
+  add_quantization_flags(cmd, o->quantization);
   cmd->add_option("--control-image", o->control_image,
                   "Control image for --controlnet (canny, depth, pose, ...; resized to the output size); with "
                   "--image and --mask: ControlNet inpainting");
@@ -190,6 +192,7 @@ Command add_generate(CLI::App& app) {
             ModelSource model = open_model(o->model, o->files);
             merge_loras(model, o->loras);
             attach_controlnet(model, o->controlnet);
+            apply_quantization(model, o->quantization);
             const ParallelConfig par = check_device_options(o->device, model);
             const PipelineLimits limits;
             // The size defaults to the control image's, else the first init image's, rounded down to the

@@ -38,6 +38,7 @@ struct ServeOptions {
   int url_ttl_s = 3600;
   ComponentFiles files;
   ControlNetFlags controlnet;
+  QuantizationFlags quantization;
   bool warmup = false;
   DeviceOptions device;
 };
@@ -94,6 +95,7 @@ Command add_serve(CLI::App& app) {
   cmd->add_option("--model-path,--model", o->model, "Model folder (diffusers layout) or synthetic:tiny|turbo");
   add_component_flags(cmd, o->files);
   add_controlnet_flags(cmd, o->controlnet);
+  add_quantization_flags(cmd, o->quantization);
   cmd->add_option("--host", o->host, "Address to listen on (default 127.0.0.1: this machine only)");
   cmd->add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
       ->check(CLI::Range(0, 65535));
@@ -143,6 +145,7 @@ Command add_serve(CLI::App& app) {
             const std::string public_url = o->public_url.empty() ? "" : check_public_url(o->public_url);
             ModelSource model = open_model(o->model, o->files);  // configs only: a bad path fails before anything listens
             attach_controlnet(model, o->controlnet);
+            apply_quantization(model, o->quantization);
             const ParallelConfig par = check_device_options(o->device, model);
             server::Metrics metrics;
             Engine engine;

@@ -59,6 +59,11 @@ std::optional<StoredWeight> pack_quantized(Backend& be, const std::vector<Stored
   return w;
 }
 
+// A stored weight the W8A8 GEMM takes as it is: e4m3 codes with a float32 scale per row.
+bool fp8_rows(const StoredWeight& w) {
+  return w.data.defined() && w.data.dtype() == DType::F8E4M3 && w.scale.defined() && w.scale.numel() == w.shape[0];
+}
+
 }  // namespace
 
 Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name, const Shape& shape,
@@ -67,6 +72,7 @@ Linear load_linear(Backend& be, const WeightSource& ws, const std::string& name,
   if (std::optional<StoredWeight> q = ws.quantized(name, shape)) l.stored = upload_stored(be, *q);
   else l.w = load_weight(be, ws, name, shape);
   if (!bias_name.empty()) l.bias = load_weight(be, ws, bias_name, {shape[0]});
+  l.fp8 = ws.fp8_linear(name, shape) && fp8_rows(l.stored);
   l.parts = {name};
   l.part_rows = {shape[0]};
   return l;
@@ -82,6 +88,8 @@ Linear load_packed_linear(Backend& be, const WeightSource& ws, const std::vector
   if (quantized.size() == names.size()) packed = pack_quantized(be, quantized);
   if (packed) l.stored = std::move(*packed);
   else l.w = load_packed_rows(be, ws, names, shapes);
+  l.fp8 = fp8_rows(l.stored);
+  for (size_t i = 0; i < names.size(); ++i) l.fp8 = l.fp8 && ws.fp8_linear(names[i], shapes[i]);
   l.parts = names;
   for (const auto& s : shapes) l.part_rows.push_back(s[0]);
   return l;
@@ -142,8 +150,9 @@ bool LoraBatch::any() const {
 
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora,
              const std::vector<int64_t>* item_rows) {
-  Tensor y = l.w.defined() ? be.linear(x, l.w, l.bias_or_null())
-                           : be.linear(x, be.dequantize(l.stored), l.bias_or_null());  // its buffer freed here
+  Tensor y = l.fp8         ? be.linear_fp8(be.quantize_fp8_rows(x), l.stored, l.bias_or_null())
+             : l.w.defined() ? be.linear(x, l.w, l.bias_or_null())
+                             : be.linear(x, be.dequantize(l.stored), l.bias_or_null());  // its buffer freed here
   if (!lora || !lora->any()) return y;
   const int64_t in = x.dim(-1), out = y.dim(-1), rows = x.numel() / in;
   const int64_t n_sets = int64_t(lora->items.size());

@@ -24,6 +24,9 @@ struct Linear {
   StoredWeight stored;  // a quantized weight (FP8 and its scale, GGUF blocks) on the device, as the file stores
                         // it: apply() dequantizes it into a buffer that lives for its GEMM only
   Tensor bias;          // [out] on the device, or undefined
+  // A W8A8 FP8 linear (WeightSource::fp8_linear): `stored` holds e4m3 codes with a float32 scale per row, and
+  // apply() quantizes x per row and runs Backend::linear_fp8.
+  bool fp8 = false;
   // The canonical weights packed into w in row order, and their rows: where a LoRA factor lands.
   std::vector<std::string> parts;
   std::vector<int64_t> part_rows;
@@ -71,7 +74,8 @@ struct LoraBatch {
   bool any() const;
 };
 
-// y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized), and for each item i
+// y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized; an FP8 linear quantizes
+// x per row instead and multiplies in e4m3), and for each item i
 // with an adapter set, y_i += B (A x_i). x [rows, in] or [n, L, in] with the items' rows contiguous in item
 // order: item_rows[i] rows each when given, else L rows each for [n, L, in] and one row each for
 // [rows, in]. Consecutive items with the same set run as one GEMM pair. A batch whose size is half the

@@ -23,6 +23,9 @@ class WeightSource {
   // against `shape`: what a backend keeps in memory and dequantizes per layer (model/linear.h). nullopt
   // for any other weight, which get() serves.
   virtual std::optional<StoredWeight> quantized(const std::string&, const Shape&) const { return std::nullopt; }
+  // The linear whose weight is `name` runs as a W8A8 FP8 GEMM (--quantization fp8, model/fp8_linears.h):
+  // quantized() then serves that weight as e4m3 with one float32 scale per row.
+  virtual bool fp8_linear(const std::string&, const Shape&) const { return false; }
   virtual std::string describe() const = 0;
   // Starts bringing every weight into memory in the background and returns at once, so that the gets
   // of a model load that follows find them ready (see Checkpoint::prefetch). Nothing to do by default.

@@ -46,8 +46,10 @@ class CpuBackend final : public Backend {
   }
   Tensor to_host_f32(const Tensor& t) override { return t.to_f32(); }
   Tensor to_host_u8(const Tensor& t) override {
-    ZI_ASSERT(t.dtype() == DType::U8);
-    return t.clone();
+    ZI_ASSERT(dtype_size(t.dtype()) == 1 && t.is_contiguous());
+    Tensor out = Tensor::empty(t.shape(), DType::U8);
+    std::memcpy(out.data(), t.data(), t.nbytes());
+    return out;
   }
   Tensor cast(const Tensor& x, DType dtype) override { return x.to_dtype(dtype); }
   // Per call, like the device backends, so the CPU runs (and tests) the path the GPU runs; the float32
@@ -69,6 +71,45 @@ class CpuBackend final : public Backend {
     }
     // Not BLAS: a row's bits must not depend on the other rows of the call (batch invariance).
     linear_fixed_order(x.f32(), m, k, w.f32(), n, bias ? bias->f32() : nullptr, y.f32());
+    return y;
+  }
+
+  // The reference of the W8A8 path: the quantization written once (quantize_fp8_row), the GEMM on the exact
+  // float32 values of the e4m3 codes through the fixed-order kernel, then the two scales.
+  Fp8Rows quantize_fp8_rows(const Tensor& x) override {
+    check_f32(x, "quantize_fp8_rows");
+    const int64_t k = x.dim(-1), r = rows_of(x);
+    Fp8Rows out{Tensor::empty(x.shape(), DType::F8E4M3), Tensor::empty({r}, DType::F32)};
+    parallel_for(r, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        out.scale.f32()[i] = quantize_fp8_row(x.f32() + i * k, k, out.q.data_as<uint8_t>() + i * k);
+    });
+    return out;
+  }
+
+  Tensor linear_fp8(const Fp8Rows& x, const StoredWeight& w, const Tensor* bias) override {
+    ZI_ASSERT(x.q.dtype() == DType::F8E4M3 && w.data.dtype() == DType::F8E4M3 && w.scale.dtype() == DType::F32);
+    const int64_t k = x.q.dim(-1), n = w.shape[0], m = rows_of(x.q);
+    ZI_CHECK(w.shape[1] == k && w.scale.numel() == n && x.scale.numel() == m, ErrorKind::Internal,
+             "linear_fp8: x " + shape_str(x.q.shape()) + " does not match weight " + shape_str(w.shape));
+    if (bias) {
+      check_f32(*bias, "linear_fp8 bias");
+      ZI_ASSERT(bias->numel() == n);
+    }
+    const Tensor xv = x.q.to_f32(), wv = w.data.to_f32();  // e4m3 -> float32 is exact
+    Shape out_shape = x.q.shape();
+    out_shape.back() = n;
+    Tensor y = Tensor::empty(out_shape, DType::F32);
+    linear_fixed_order(xv.f32(), m, k, wv.f32(), n, nullptr, y.f32());
+    const float *sx = x.scale.f32(), *sw = w.scale.f32(), *b = bias ? bias->f32() : nullptr;
+    parallel_for(m, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          float& v = y.f32()[i * n + j];
+          v = v * sx[i] * sw[j];
+          if (b) v += b[j];
+        }
+    });
     return y;
   }
 

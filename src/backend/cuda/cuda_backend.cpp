@@ -273,7 +273,7 @@ class CudaBackend final : public Backend {
     return t.dtype() == DType::F32 ? host : host.to_f32();
   }
   Tensor to_host_u8(const Tensor& t) override {
-    ZI_ASSERT(t.dtype() == DType::U8);
+    ZI_ASSERT(dtype_size(t.dtype()) == 1);
     Tensor host = Tensor::empty(t.shape(), DType::U8);
     copy_to_host(t, host);
     return host;
@@ -326,6 +326,33 @@ class CudaBackend final : public Backend {
     s.back() = n;
     Tensor y = empty(s, DType::BF16);
     gemm_->linear(cbf(x), cbf(w), cbf_or_null(bias), mbf(y), m, n, k, stream_);
+    return y;
+  }
+
+  Fp8Rows quantize_fp8_rows(const Tensor& x) override {
+    auto scope = profile("quantize_fp8_rows");
+    check_bf16(x, "quantize_fp8_rows");
+    const int64_t k = x.dim(-1), r = rows_of(x);
+    Fp8Rows out{empty(x.shape(), DType::F8E4M3), empty({r}, DType::F32)};
+    cuda::quantize_rows_e4m3(cbf(x), out.q.data_as<uint8_t>(), out.scale.data_as<float>(), r, k, stream_);
+    return out;
+  }
+
+  Tensor linear_fp8(const Fp8Rows& x, const StoredWeight& w, const Tensor* bias) override {
+    auto scope = profiling_ ? OpScope(*this, "linear_fp8 " + std::to_string(w.shape[0]) + "x" + std::to_string(w.shape[1]))
+                            : OpScope(*this, "");
+    check(x.q, "linear_fp8");
+    check(w.data, "linear_fp8 weight");
+    ZI_ASSERT(x.q.dtype() == DType::F8E4M3 && w.data.dtype() == DType::F8E4M3 && w.scale.dtype() == DType::F32);
+    const int64_t k = x.q.dim(-1), n = w.shape[0], m = rows_of(x.q);
+    ZI_CHECK(w.shape[1] == k && w.scale.numel() == n && x.scale.numel() == m, ErrorKind::Internal,
+             "linear_fp8: x " + shape_str(x.q.shape()) + " does not match weight " + shape_str(w.shape));
+    if (bias) check_bf16(*bias, "linear_fp8 bias");
+    Shape s = x.q.shape();
+    s.back() = n;
+    Tensor y = empty(s, DType::BF16);
+    gemm_->linear_fp8(x.q.data_as<uint8_t>(), x.scale.data_as<float>(), w.data.data_as<uint8_t>(),
+                      w.scale.data_as<float>(), cbf_or_null(bias), mbf(y), m, n, k, stream_);
     return y;
   }
 

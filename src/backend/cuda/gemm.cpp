@@ -64,70 +64,101 @@ struct Gemm::Plan {
   }
 };
 
-// The fastest candidate by fastest_candidate's rule, timed on the call's own buffers (the output is
-// rewritten by the real call after); the heuristic's first choice is not always the best at our shapes.
-cublasLtMatmulAlgo_t Gemm::fastest(Plan& p, const cublasLtMatmulHeuristicResult_t* results, int found, const bf16* x,
-                                   const bf16* w, bf16* y, cudaStream_t stream) {
-  if (found == 1) return results[0].algo;
-  const float alpha = 1.0f, beta = 0.0f;
-  void* ws = workspace_.get(kWorkspaceBytes);
-  const int best = fastest_candidate(found, stream, [&](int i) {
-    return cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &results[i].algo, ws,
-                          kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS;
-  });
-  return results[best < 0 ? 0 : best].algo;
-}
-
 Gemm::Gemm(cublasLtHandle_t lt, Workspace& workspace) : lt_(lt), workspace_(workspace) {}
 Gemm::~Gemm() = default;
 
-void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k,
-                  cudaStream_t stream) {
-  if (m == 0 || n == 0) return;
-  auto key = std::make_tuple(m, n, k, bias != nullptr);
-  auto it = plans_.find(key);
-  if (it == plans_.end()) {
-    // Column-major view: y^T [N, M] = w [N, K] (stored as K x N, transposed) * x^T [K, M].
-    auto p = std::make_unique<Plan>();
-    ZI_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    if (bias) {
-      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-      cudaDataType_t bias_type = CUDA_R_16BF;
-      ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
-      ZI_CUBLAS_CHECK(
-          cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
-    }
-    ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, uint64_t(k), uint64_t(n), k));
-    ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, uint64_t(k), uint64_t(m), k));
-    ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, uint64_t(n), uint64_t(m), n));
-    cublasLtMatmulPreference_t pref;
-    ZI_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    size_t ws = kWorkspaceBytes;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
-    int found = 0;
-    cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(lt_, p->desc, p->a, p->b, p->c, p->c, pref, kCandidates, results, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st == CUBLAS_STATUS_SUCCESS) found = without_split_k(lt_, p->desc, p->a, p->b, p->c, results, found, ws);
-    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-      throw Error(ErrorKind::Backend, "cuBLASLt has no algorithm for a bf16 GEMM of M=" + std::to_string(m) +
-                                          " N=" + std::to_string(n) + " K=" + std::to_string(k));
-    if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-    p->algo = fastest(*p, results, found, x, w, y, stream);
-    log_debug("GEMM M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + ": " +
-              algo_text(p->algo));
-    it = plans_.emplace(key, std::move(p)).first;
+namespace {
+// The pointers that change from call to call (bias, FP8 scales) are attributes of the descriptor: set
+// before every call, as the plan is shared by every call of its shape.
+void set_pointers(cublasLtMatmulDesc_t desc, const void* bias, const float* x_scale, const float* w_scale) {
+  if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+  if (w_scale) {  // cuBLASLt's A is the weight (N rows), B the activations (M rows)
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof w_scale));
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof x_scale));
   }
-  Plan& p = *it->second;
-  if (bias) ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+}
+}  // namespace
+
+Gemm::Plan& Gemm::plan(bool fp8, const Operands& o, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  auto key = std::make_tuple(m, n, k, o.bias != nullptr, fp8, fp8 && o.fast_accum);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return *it->second;
+  // Column-major view: y^T [N, M] = w [N, K] (stored as K x N, transposed) * x^T [K, M].
+  auto p = std::make_unique<Plan>();
+  ZI_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  if (o.bias) {
+    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    cudaDataType_t bias_type = CUDA_R_16BF;
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    ZI_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
+  }
+  if (fp8) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof mode));
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof mode));
+    const int8_t fast = o.fast_accum ? 1 : 0;
+    ZI_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast));
+  }
+  const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, in, uint64_t(k), uint64_t(n), k));
+  ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, in, uint64_t(k), uint64_t(m), k));
+  ZI_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_16BF, uint64_t(n), uint64_t(m), n));
+  cublasLtMatmulPreference_t pref;
+  ZI_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  size_t ws = kWorkspaceBytes;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  int found = 0;
+  cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(lt_, p->desc, p->a, p->b, p->c, p->c, pref, kCandidates, results, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st == CUBLAS_STATUS_SUCCESS) found = without_split_k(lt_, p->desc, p->a, p->b, p->c, results, found, ws);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+    throw Error(ErrorKind::Backend, std::string("cuBLASLt has no algorithm for a ") + (fp8 ? "FP8" : "bf16") +
+                                        " GEMM of M=" + std::to_string(m) + " N=" + std::to_string(n) +
+                                        " K=" + std::to_string(k));
+  // The fastest candidate by fastest_candidate's rule, timed on the call's own buffers (the output is
+  // rewritten by the real call after); the heuristic's first choice is not always the best at our shapes.
+  set_pointers(p->desc, o.bias, o.x_scale, o.w_scale);
+  p->algo = results[0].algo;
+  if (found > 1) {
+    const float alpha = 1.0f, beta = 0.0f;
+    void* wsp = workspace_.get(kWorkspaceBytes);
+    const int best = fastest_candidate(found, stream, [&](int i) {
+      return cublasLtMatmul(lt_, p->desc, &alpha, o.w, p->a, o.x, p->b, &beta, o.y, p->c, o.y, p->c, &results[i].algo,
+                            wsp, kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS;
+    });
+    if (best > 0) p->algo = results[best].algo;
+  }
+  log_debug(std::string(fp8 ? "FP8" : "bf16") + " GEMM M=" + std::to_string(m) + " N=" + std::to_string(n) +
+            " K=" + std::to_string(k) + ": " + algo_text(p->algo));
+  return *plans_.emplace(key, std::move(p)).first->second;
+}
+
+void Gemm::run(bool fp8, const Operands& o, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  if (m == 0 || n == 0) return;
+  Plan& p = plan(fp8, o, m, n, k, stream);
+  set_pointers(p.desc, o.bias, o.x_scale, o.w_scale);
   const float alpha = 1.0f, beta = 0.0f;
   void* ws = workspace_.get(kWorkspaceBytes);
-  ZI_CUBLAS_CHECK(cublasLtMatmul(lt_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws,
+  ZI_CUBLAS_CHECK(cublasLtMatmul(lt_, p.desc, &alpha, o.w, p.a, o.x, p.b, &beta, o.y, p.c, o.y, p.c, &p.algo, ws,
                                  kWorkspaceBytes, stream));
+}
+
+void Gemm::linear(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t m, int64_t n, int64_t k,
+                  cudaStream_t stream) {
+  run(false, {x, w, nullptr, nullptr, bias, y, false}, m, n, k, stream);
+}
+
+void Gemm::linear_fp8(const uint8_t* x, const float* x_scale, const uint8_t* w, const float* w_scale, const bf16* bias,
+                      bf16* y, int64_t m, int64_t n, int64_t k, cudaStream_t stream, bool fast_accum) {
+  ZI_CHECK(k % 16 == 0 && n % 16 == 0, ErrorKind::Internal,
+           "FP8 GEMM needs K and N multiples of 16, got N=" + std::to_string(n) + " K=" + std::to_string(k));
+  run(true, {x, w, x_scale, w_scale, bias, y, fast_accum}, m, n, k, stream);
 }
 
 }  // namespace zimage::cuda

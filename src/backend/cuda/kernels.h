@@ -43,6 +43,10 @@ void count_non_finite_bf16(const bf16* x, int64_t n, int* count, cudaStream_t st
 void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64_t per_item, float guidance,
                     float cfg_norm, float dt, cudaStream_t stream);
 
+// ---- FP8 activations (quantize_fp8.cu); reference: quantize_fp8_row (backend.cpp) ----
+// x [rows, k] -> q [rows, k] e4m3 codes and scale [rows]: Backend::quantize_fp8_rows.
+void quantize_rows_e4m3(const bf16* x, uint8_t* q, float* scale, int64_t rows, int64_t k, cudaStream_t stream);
+
 // ---- quantized weights (dequantize.cu); reference: dequantize_on_host (backend.cpp) ----
 // y[n] = the n values of ggml blocks q of type ggml_type (io/gguf.h's GgmlType: Q4_0 .. Q6_K), n a multiple
 // of the block size.
