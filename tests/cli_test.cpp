@@ -572,3 +572,49 @@ TEST(Cli, ImageToImageBadInputExitsWithCode2) {
     EXPECT_FALSE(std::filesystem::exists(out)) << c.args;
   }
 }
+
+// --quantization fp8 through the binary: the tiny golden model generates with FP8 linears (an image near the
+// plain one, not equal to it), the bench writes its accuracy against the bf16 run, and the flags' mistakes
+// exit 2 before anything loads.
+TEST(Cli, Fp8QuantizationGeneratesAndBenchReportsItsAccuracy) {
+  const std::string base = "generate --model " + golden_path("tiny-zimage") +
+                           " --prompt 'a red fox' --height 64 --width 64 --num-inference-steps 3 --seed 5 --backend cpu";
+  const std::string plain = temp_path("plain.png"), fp8 = temp_path("fp8.png");
+  ProcessResult a = run(base + " --output-path " + plain);
+  ASSERT_EQ(a.code, 0) << a.out;
+  ProcessResult b = run(base + " --quantization fp8 --output-path " + fp8);
+  ASSERT_EQ(b.code, 0) << b.out;
+  EXPECT_NE(b.out.find("FP8 linears"), std::string::npos) << b.out;
+  const ImageU8 pa = read_image(plain), pb = read_image(fp8);
+  ASSERT_EQ(pa.rgb.size(), pb.rgb.size());
+  int diff = 0;
+  for (size_t i = 0; i < pa.rgb.size(); ++i) diff = std::max(diff, std::abs(int(pa.rgb[i]) - int(pb.rgb[i])));
+  EXPECT_GT(diff, 0) << "FP8 changed nothing";
+  EXPECT_LE(diff, 64);
+
+  const std::string dir = temp_path("fp8_bench");
+  ProcessResult c = run("bench --model " + golden_path("tiny-zimage") +
+                        " --backend cpu --resolutions 64x64 --runs 1 --quantization fp8 --label fp8 --output-dir " + dir);
+  ASSERT_EQ(c.code, 0) << c.out;
+  ASSERT_TRUE(std::filesystem::exists(dir));
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const auto r = nlohmann::json::parse(slurp(e.path().string()))["results"][0];
+    EXPECT_EQ(r["quantization"], "fp8");
+    EXPECT_GT(r["vs_bf16_latent_rel"].get<double>(), 1e-4);
+    EXPECT_LT(r["vs_bf16_latent_rel"].get<double>(), 0.1);
+    EXPECT_GT(r["vs_bf16_psnr_db"].get<double>(), 25.0);
+  }
+
+  struct Case {
+    std::string args, message;
+  } cases[] = {{"--fp8-keep-bf16 'layers.*'", "--fp8-keep-bf16 needs --quantization fp8"},
+               {"--quantization fp8 --fp8-keep-bf16 'a,,b'", "empty pattern"},
+               {"--quantization fp4", "fp4"}};
+  for (const auto& k : cases) {
+    const std::string out = temp_path("bad_fp8.png");
+    ProcessResult r = run(base + " " + k.args + " --output-path " + out);
+    EXPECT_EQ(r.code, 2) << k.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(k.message), std::string::npos) << k.args << "\n" << r.out;
+    EXPECT_FALSE(std::filesystem::exists(out)) << k.args;
+  }
+}

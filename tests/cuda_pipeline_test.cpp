@@ -134,19 +134,24 @@ TEST_F(CudaGolden, EndToEndFromSeed) {
 // two to one mid-loop included), generated three times in a row with graphs (DiT steps replay from the
 // first generation on, the text encoder from the third), gives the latents of the eager pipeline bit
 // for bit.
+// The FP8 model too (its activation quantization and scaled GEMMs recorded with the rest).
 TEST_F(CudaGolden, GraphedStepsEqualEagerSteps) {
-  ModelSource m = open_model(golden_path("tiny-zimage"));
+  ModelSource plain = open_model(golden_path("tiny-zimage")), fp8 = plain;
+  use_fp8_linears(fp8, Fp8Policy{});
   PipelineLimits with_graphs;
   with_graphs.cuda_graphs = true;
-  TextToImagePipeline graphed(*be_, m, with_graphs), eager(*be_, m);
-  for (const auto& [name, seed] : kSeeds) {
-    GenerateRequest r = golden_request(name, seed);
-    r.steps = 5;  // more steps than recorded: steps 3-5 replay
-    const Tensor want = eager.generate(r).latents;
-    for (int round = 0; round < 3; ++round) {
-      const double d = max_abs_diff(graphed.generate(r).latents, want);
-      std::printf("  %-16s round %d: graphed vs eager latents max diff %.3g\n", name.c_str(), round, d);
-      EXPECT_EQ(d, 0.0) << name << " round " << round;
+  for (const ModelSource* m : {&plain, &fp8}) {
+    const char* kind = m == &fp8 ? "FP8" : "bf16";
+    TextToImagePipeline graphed(*be_, *m, with_graphs), eager(*be_, *m);
+    for (const auto& [name, seed] : kSeeds) {
+      GenerateRequest r = golden_request(name, seed);
+      r.steps = 5;  // more steps than recorded: steps 3-5 replay
+      const Tensor want = eager.generate(r).latents;
+      for (int round = 0; round < 3; ++round) {
+        const double d = max_abs_diff(graphed.generate(r).latents, want);
+        std::printf("  %-4s %-16s round %d: graphed vs eager latents max diff %.3g\n", kind, name.c_str(), round, d);
+        EXPECT_EQ(d, 0.0) << kind << " " << name << " round " << round;
+      }
     }
   }
 }
