@@ -444,6 +444,43 @@ TEST_F(CudaOps, QuantizeFp8RowsIsExact) {
   }
 }
 
+// The norms and SwiGLU that write an FP8 linear's input themselves equal their bf16 op followed by
+// quantize_fp8_rows, code for code (the DiT's widths, a modulated batch of 2, a ControlNet's extra input).
+TEST_F(CudaOps, FusedFp8ProducersEqualTheComposition) {
+  auto same = [&](const Backend::Fp8Rows& fused, const Backend::Fp8Rows& composed, const std::string& what) {
+    const Tensor a = gpu_->to_host_u8(fused.q), b = gpu_->to_host_u8(composed.q);
+    const Tensor sa = gpu_->to_host_f32(fused.scale), sb = gpu_->to_host_f32(composed.scale);
+    ASSERT_EQ(a.shape(), b.shape()) << what;
+    int64_t codes = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) codes += a.data_as<uint8_t>()[i] != b.data_as<uint8_t>()[i];
+    const double scales = max_abs_diff(sa, sb);
+    std::printf("  %-44s %lld codes differ, scales max diff %.3g\n", what.c_str(), (long long)codes, scales);
+    EXPECT_EQ(codes, 0) << what;
+    EXPECT_EQ(scales, 0.0) << what;
+  };
+  for (const int64_t d : {int64_t(3840), int64_t(64)}) {
+    const Tensor x = g(rnd({2, 300, d})), y = g(rnd({2, 300, d})), w = g(rnd({d}, 0.2f, 1.0f)),
+                 w2 = g(rnd({d}, 0.2f, 1.0f)), scale = g(rnd({2, d}, 0.3f)), gate = g(rnd({2, d}, 0.5f)),
+                 extra = g(rnd({2, 300, d}, 0.1f));
+    const std::string at = " d=" + std::to_string(d);
+    same(gpu_->modulated_rms_norm_fp8(x, w, &scale, 1e-6f),
+         gpu_->quantize_fp8_rows(gpu_->modulated_rms_norm(x, w, &scale, 1e-6f)), "modulated_rms_norm_fp8" + at);
+    for (const bool with_extra : {false, true}) {
+      Tensor r1 = gpu_->cast(x, DType::BF16), r2 = gpu_->cast(x, DType::BF16);
+      const Tensor* e = with_extra ? &extra : nullptr;
+      const Backend::Fp8Rows fused = gpu_->gated_residual_then_rms_norm_fp8_(r1, y, w, &gate, w2, &scale, 1e-6f, e);
+      const Backend::Fp8Rows composed =
+          gpu_->quantize_fp8_rows(gpu_->gated_residual_then_rms_norm_(r2, y, w, &gate, w2, &scale, 1e-6f, e));
+      same(fused, composed, "gated_residual_then_rms_norm_fp8_" + at + (with_extra ? " +extra" : ""));
+      EXPECT_EQ(max_abs_diff(gpu_->to_host_f32(r1), gpu_->to_host_f32(r2)), 0.0) << "the residual stream";
+    }
+  }
+  for (const int64_t f : {int64_t(10240), int64_t(170)}) {
+    const Tensor x = g(rnd({300, 2 * f}, 3.0f));
+    same(gpu_->swiglu_fp8(x), gpu_->quantize_fp8_rows(gpu_->swiglu(x)), "swiglu_fp8 f=" + std::to_string(f));
+  }
+}
+
 // The W8A8 GEMM at every GEMM shape of the full-size DiT at 1024^2 (M = 4224 tokens): against float64 of exactly
 // the quantized values (the bf16 output's rounding is ~2e-3), and the same rows alone as in the batch.
 TEST_F(CudaOps, LinearFp8MatchesFloat64) {

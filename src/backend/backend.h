@@ -124,6 +124,17 @@ class Backend {
   // quantize_fp8_rows, w an F8E4M3 StoredWeight [N, K] with a float32 scale per row. Every product of two
   // e4m3 values is exact in float32; the sums are float32 (their order is the backend's).
   virtual Tensor linear_fp8(const Fp8Rows& x, const StoredWeight& w, const Tensor* bias = nullptr) = 0;
+  // The producers of FP8 linears' inputs: the op, then quantize_fp8_rows of its output, in one pass on a device
+  // (no activation-dtype output is written). The composition is the reference and the default.
+  virtual Fp8Rows modulated_rms_norm_fp8(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) {
+    return quantize_fp8_rows(modulated_rms_norm(x, w, scale, eps));
+  }
+  virtual Fp8Rows gated_residual_then_rms_norm_fp8_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
+                                                    const Tensor& w_next, const Tensor* scale_next, float eps,
+                                                    const Tensor* extra = nullptr) {
+    return quantize_fp8_rows(gated_residual_then_rms_norm_(x, y, w, gate, w_next, scale_next, eps, extra));
+  }
+  virtual Fp8Rows swiglu_fp8(const Tensor& x) { return quantize_fp8_rows(swiglu(x)); }
 
   // ---- row gathers ----
   // out[i] = src[idx[i]] (rows of src, any leading dims flattened); idx[i] = -1 gives a zero row.

@@ -148,6 +148,15 @@ bool LoraBatch::any() const {
   return false;
 }
 
+bool takes_fp8_rows(const Linear& l, const LoraBatch* lora) { return l.fp8 && !(lora && lora->any()); }
+
+Tensor apply(Backend& be, const Linear& l, const LinearInput& in, const LoraBatch* lora,
+             const std::vector<int64_t>* item_rows) {
+  if (!in.q.q.defined()) return apply(be, l, in.x, lora, item_rows);
+  ZI_ASSERT(takes_fp8_rows(l, lora));
+  return be.linear_fp8(in.q, l.stored, l.bias_or_null());
+}
+
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora,
              const std::vector<int64_t>* item_rows) {
   Tensor y = l.fp8         ? be.linear_fp8(be.quantize_fp8_rows(x), l.stored, l.bias_or_null())

@@ -74,6 +74,23 @@ struct LoraBatch {
   bool any() const;
 };
 
+// The input of a linear as its producer wrote it: activations x, or, for an FP8 linear, e4m3 rows with their
+// scales written by the producer itself (Backend's *_fp8 ops: a norm or SwiGLU that quantizes its output in
+// the same pass, so the activations are never written in the activation dtype).
+struct LinearInput {
+  Tensor x;
+  Backend::Fp8Rows q;
+};
+// Whether l takes e4m3 rows from its producer: an FP8 linear with no adapter in the batch (adapters multiply
+// the activations themselves).
+bool takes_fp8_rows(const Linear& l, const LoraBatch* lora);
+// The producer's output for l: fp8() when l takes e4m3 rows, else plain().
+template <class Plain, class Fp8>
+LinearInput input_for(const Linear& l, const LoraBatch* lora, Plain plain, Fp8 fp8) {
+  if (takes_fp8_rows(l, lora)) return {Tensor(), fp8()};
+  return {plain(), {}};
+}
+
 // y = x W^T + bias (W dequantized right before the GEMM when it is stored quantized; an FP8 linear quantizes
 // x per row instead and multiplies in e4m3), and for each item i
 // with an adapter set, y_i += B (A x_i). x [rows, in] or [n, L, in] with the items' rows contiguous in item
@@ -81,6 +98,9 @@ struct LoraBatch {
 // [rows, in]. Consecutive items with the same set run as one GEMM pair. A batch whose size is half the
 // call's items applies to both halves (a CFG call: [positives | negatives]).
 Tensor apply(Backend& be, const Linear& l, const Tensor& x, const LoraBatch* lora = nullptr,
+             const std::vector<int64_t>* item_rows = nullptr);
+// The same from a producer's output (input_for).
+Tensor apply(Backend& be, const Linear& l, const LinearInput& in, const LoraBatch* lora = nullptr,
              const std::vector<int64_t>* item_rows = nullptr);
 
 }  // namespace zimage

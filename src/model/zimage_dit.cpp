@@ -251,8 +251,11 @@ void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tenso
   const float scale = float(1.0 / std::sqrt(double(d)));
   auto opt = [](const Modulation& m, const Tensor& t) { return m.on ? &t : nullptr; };
   const std::vector<int64_t> rows(size_t(x.dim(0)), x.dim(1));  // per item, for the adapters
+  // The norms and SwiGLU write an FP8 linear's input as e4m3 rows themselves (input_for).
   Modulation m = modulation(blocks[0], mod);
-  Tensor hn = be_.modulated_rms_norm(x, blocks[0].norm1, opt(m, m.scale_msa), eps);
+  LinearInput hn = input_for(
+      blocks[0].qkv, lora, [&] { return be_.modulated_rms_norm(x, blocks[0].norm1, opt(m, m.scale_msa), eps); },
+      [&] { return be_.modulated_rms_norm_fp8(x, blocks[0].norm1, opt(m, m.scale_msa), eps); });
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& b = blocks[i];
     Tensor qkv = apply(be_, b.qkv, hn, lora, &rows);
@@ -260,9 +263,17 @@ void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tenso
     Tensor attn = st.usp       ? usp_attention(be_, sp->ulysses, *sp->ring, *st.usp, qkv, h, d, scale)
                   : st.ulysses ? ulysses_attention(be_, *sp->ulysses, *st.ulysses, qkv, h, d, scale)
                                : be_.attention(qkv, h, h, d, scale, /*causal=*/false, st.key_len);
-    Tensor fn = be_.gated_residual_then_rms_norm_(x, apply(be_, b.out, attn, lora, &rows), b.norm2,
-                                                  opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps);
-    Tensor ff = apply(be_, b.w2, be_.swiglu(apply(be_, b.w13, fn, lora, &rows)), lora, &rows);
+    const Tensor o = apply(be_, b.out, attn, lora, &rows);
+    const LinearInput fn = input_for(
+        b.w13, lora,
+        [&] { return be_.gated_residual_then_rms_norm_(x, o, b.norm2, opt(m, m.gate_msa), b.ffn_norm1, opt(m, m.scale_mlp), eps); },
+        [&] {
+          return be_.gated_residual_then_rms_norm_fp8_(x, o, b.norm2, opt(m, m.gate_msa), b.ffn_norm1,
+                                                       opt(m, m.scale_mlp), eps);
+        });
+    const Tensor up = apply(be_, b.w13, fn, lora, &rows);
+    const Tensor ff = apply(be_, b.w2, input_for(b.w2, lora, [&] { return be_.swiglu(up); }, [&] { return be_.swiglu_fp8(up); }),
+                            lora, &rows);
     const Tensor extra = extra_after ? extra_after(i) : Tensor();
     const Tensor* e = extra.defined() ? &extra : nullptr;
     if (i + 1 == blocks.size()) {
@@ -270,8 +281,16 @@ void ZImageDit::run_blocks(std::span<const Block> blocks, Tensor& x, const Tenso
       break;
     }
     Modulation next = modulation(blocks[i + 1], mod);
-    hn = be_.gated_residual_then_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), blocks[i + 1].norm1,
-                                           opt(next, next.scale_msa), eps, e);
+    hn = input_for(
+        blocks[i + 1].qkv, lora,
+        [&] {
+          return be_.gated_residual_then_rms_norm_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), blocks[i + 1].norm1,
+                                                   opt(next, next.scale_msa), eps, e);
+        },
+        [&] {
+          return be_.gated_residual_then_rms_norm_fp8_(x, ff, b.ffn_norm2, opt(m, m.gate_mlp), blocks[i + 1].norm1,
+                                                       opt(next, next.scale_msa), eps, e);
+        });
     m = std::move(next);
   }
 }

@@ -2,6 +2,8 @@
 // 16-byte vectors of 8 bf16 for the fast paths, single values for the fallbacks.
 #pragma once
 
+#include <cuda_fp8.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -82,6 +84,45 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
 __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   return make_uint4(float_to_bf16x2(f[0], f[1]), float_to_bf16x2(f[2], f[3]), float_to_bf16x2(f[4], f[5]),
                     float_to_bf16x2(f[6], f[7]));
+}
+
+// ---- FP8 e4m3 rows (the inputs of FP8 linears; reference: quantize_fp8_row, backend.cpp) ----
+
+// The e4m3 code of v / s: IEEE float32 division (__fdiv_rn: never the fast approximate one), round to
+// nearest even, saturating at +-448, as the host's f32_to_f8e4m3.
+__device__ __forceinline__ uint8_t e4m3_code(float v, float s) {
+  return uint8_t(__nv_cvt_float_to_fp8(__fdiv_rn(v, s), __NV_SATFINITE, __NV_E4M3));
+}
+
+// The row's scale from its largest |value|: amax / 448, 1 for a row of zeros.
+__device__ __forceinline__ float e4m3_row_scale(float amax) { return amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f; }
+
+// kW codes of f / s at p (one 8-byte store for kW = 8: p 8-byte aligned).
+template <int kW>
+__device__ __forceinline__ void store_e4m3(uint8_t* p, const float (&f)[kW], float s) {
+  if constexpr (kW == 8) {
+    uint64_t packed = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) packed |= uint64_t(e4m3_code(f[k], s)) << (8 * k);
+    *reinterpret_cast<uint64_t*>(p) = packed;
+  } else {
+    p[0] = e4m3_code(f[0], s);
+  }
+}
+
+// Max over the block (blockDim.x a multiple of 32), returned to every thread. `red` holds 32 floats; the
+// leading barrier lets consecutive reductions reuse it.
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x >> 5) ? red[lane] : 0.0f;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
 }
 
 }  // namespace zimage::cuda

@@ -446,6 +446,44 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  Fp8Rows modulated_rms_norm_fp8(const Tensor& x, const Tensor& w, const Tensor* scale, float eps) override {
+    auto scope = profile("modulated_rms_norm_fp8");
+    check_bf16(x, "modulated_rms_norm_fp8");
+    ZI_ASSERT(x.ndim() == 3);
+    Fp8Rows out{empty(x.shape(), DType::F8E4M3), empty({rows_of(x)}, DType::F32)};
+    cuda::modulated_rms_norm_e4m3(cbf(x), cbf(w), cbf_or_null(scale), out.q.data_as<uint8_t>(),
+                                  out.scale.data_as<float>(), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    return out;
+  }
+
+  Fp8Rows gated_residual_then_rms_norm_fp8_(Tensor& x, const Tensor& y, const Tensor& w, const Tensor* gate,
+                                            const Tensor& w_next, const Tensor* scale_next, float eps,
+                                            const Tensor* extra) override {
+    auto scope = profile("gated_residual_then_rms_norm_fp8_");
+    check_bf16(x, "gated_residual_then_rms_norm_fp8_");
+    check_bf16(y, "gated_residual_then_rms_norm_fp8_");
+    ZI_ASSERT(x.ndim() == 3 && x.shape() == y.shape());
+    if (extra) {
+      check_bf16(*extra, "gated_residual_then_rms_norm_fp8_");
+      ZI_ASSERT(extra->shape() == x.shape());
+    }
+    Fp8Rows out{empty(x.shape(), DType::F8E4M3), empty({rows_of(x)}, DType::F32)};
+    cuda::gated_residual_then_rms_norm_e4m3(mbf(x), cbf(y), cbf(w), cbf_or_null(gate), cbf_or_null(extra), cbf(w_next),
+                                            cbf_or_null(scale_next), out.q.data_as<uint8_t>(),
+                                            out.scale.data_as<float>(), x.dim(0), x.dim(1), x.dim(2), eps, stream_);
+    return out;
+  }
+
+  Fp8Rows swiglu_fp8(const Tensor& x) override {
+    auto scope = profile("swiglu_fp8");
+    check_bf16(x, "swiglu_fp8");
+    Shape s = x.shape();
+    s.back() /= 2;
+    Fp8Rows out{empty(s, DType::F8E4M3), empty({rows_of(x)}, DType::F32)};
+    cuda::swiglu_e4m3(cbf(x), out.q.data_as<uint8_t>(), out.scale.data_as<float>(), rows_of(x), s.back(), stream_);
+    return out;
+  }
+
   Tensor modulated_layer_norm(const Tensor& x, const Tensor& scale, float eps) override {
     auto scope = profile("modulated_layer_norm");
     check_bf16(x, "modulated_layer_norm");

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "backend/cuda/bf16_vec.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace zimage::cuda {
@@ -32,24 +33,6 @@ Split8 split8(int64_t n, bool vector_ok) {
 }
 
 __device__ __forceinline__ int64_t thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
-
-// 8 bf16 in a uint4 (element 0 in the low half of .x) <-> 8 floats. bf16 -> f32 is exact (a shift);
-// f32 -> bf16 rounds to nearest even, as the CPU backend's f32_to_bf16.
-__device__ __forceinline__ void unpack8(const uint4 u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    f[2 * k] = __uint_as_float(w[k] << 16);
-    f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-}
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-}
 
 // ---- casts ----
 
@@ -165,6 +148,43 @@ __global__ void swiglu_kernel(const bf16* __restrict__ x, bf16* __restrict__ y, 
   }
 }
 
+// x [rows, 2f] -> e4m3 codes q [rows, f] and scale [rows] of swiglu(x) rounded to bf16: what swiglu_kernel
+// writes, quantized as quantize_rows_e4m3 does (the input of an FP8 w2). One block per row, two passes over
+// the row's 4f bytes (the second from L2): reads 8f bytes, writes f + 4, instead of swiglu's 4f + 2f and the
+// quantization's 4f + f.
+template <int kW>
+__global__ void swiglu_e4m3_kernel(const bf16* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale,
+                                   int64_t f) {
+  __shared__ float red[32];
+  const SiluOp silu_op;
+  const int64_t row = blockIdx.x;
+  const bf16* gate = x + row * 2 * f;
+  const bf16* up = gate + f;
+  // silu(g) * u rounded to bf16 and back, as the stored swiglu output holds it.
+  auto values = [&](int64_t i, float (&out)[kW]) {
+    float g[kW], u[kW];
+    unpack<kW>(load_vec<kW>(gate + i), g);
+    unpack<kW>(load_vec<kW>(up + i), u);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) out[k] = silu_op(g[k]) * u[k];
+    unpack<kW>(pack<kW>(out), out);
+  };
+  float amax = 0.0f;
+  for (int64_t i = int64_t(threadIdx.x) * kW; i < f; i += int64_t(blockDim.x) * kW) {
+    float v[kW];
+    values(i, v);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) amax = fmaxf(amax, fabsf(v[k]));
+  }
+  const float s = e4m3_row_scale(block_max(amax, red));
+  if (threadIdx.x == 0) scale[row] = s;
+  for (int64_t i = int64_t(threadIdx.x) * kW; i < f; i += int64_t(blockDim.x) * kW) {
+    float v[kW];
+    values(i, v);
+    store_e4m3<kW>(q + row * f + i, v, s);
+  }
+}
+
 // ---- image_to_u8 ----
 
 // round-half-even(clamp(v/2 + 0.5, 0, 1) * 255); v*0.5 is exact, so a fused multiply-add here rounds
@@ -269,6 +289,14 @@ void swiglu(const bf16* x, bf16* y, int64_t rows, int64_t f, cudaStream_t stream
   const int64_t units = vec ? f / 8 : f;
   const dim3 grid(grid_for(units, kBlock), unsigned(rows < 65535 ? rows : 65535));
   swiglu_kernel<<<grid, kBlock, 0, stream>>>(x, y, rows, f, vec);
+  ZI_CUDA_LAUNCH_CHECK();
+}
+
+void swiglu_e4m3(const bf16* x, uint8_t* q, float* scale, int64_t rows, int64_t f, cudaStream_t stream) {
+  if (rows <= 0 || f <= 0) return;
+  const bool vec = f % 8 == 0 && aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
+  if (vec) swiglu_e4m3_kernel<8><<<unsigned(rows), kBlock, 0, stream>>>(x, q, scale, f);
+  else swiglu_e4m3_kernel<1><<<unsigned(rows), kBlock, 0, stream>>>(x, q, scale, f);
   ZI_CUDA_LAUNCH_CHECK();
 }
 

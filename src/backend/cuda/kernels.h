@@ -46,6 +46,14 @@ void cfg_euler_step(float* latents, const float* model_out, int64_t batch, int64
 // ---- FP8 activations (quantize_fp8.cu); reference: quantize_fp8_row (backend.cpp) ----
 // x [rows, k] -> q [rows, k] e4m3 codes and scale [rows]: Backend::quantize_fp8_rows.
 void quantize_rows_e4m3(const bf16* x, uint8_t* q, float* scale, int64_t rows, int64_t k, cudaStream_t stream);
+// The producers of FP8 linears' inputs writing codes and scales instead of bf16 (Backend::*_fp8; the bf16
+// values they would write, quantized as above): swiglu (elementwise.cu) and the norms (norms.cu).
+void swiglu_e4m3(const bf16* x, uint8_t* q, float* scale, int64_t rows, int64_t f, cudaStream_t stream);
+void modulated_rms_norm_e4m3(const bf16* x, const bf16* w, const bf16* scale, uint8_t* q, float* q_scale, int64_t batch,
+                             int64_t seq, int64_t d, float eps, cudaStream_t stream);
+void gated_residual_then_rms_norm_e4m3(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra,
+                                       const bf16* w_next, const bf16* scale_next, uint8_t* q, float* q_scale,
+                                       int64_t batch, int64_t seq, int64_t d, float eps, cudaStream_t stream);
 
 // ---- quantized weights (dequantize.cu); reference: dequantize_on_host (backend.cpp) ----
 // y[n] = the n values of ggml blocks q of type ggml_type (io/gguf.h's GgmlType: Q4_0 .. Q6_K), n a multiple

@@ -66,7 +66,38 @@ struct RowNormArgs {
   const bf16* mod2 = nullptr;  // and its scale [batch, d] or null
   bf16* dst2 = nullptr;        // and its output [rows, d]
   const bf16* extra = nullptr;  // GatedResidual*: [rows, d] added to the updated residual, or null
+  // Rms and GatedResidualThenRms: the normalized output as FP8 e4m3 codes [rows, d] with a float32 scale per
+  // row (the input of an FP8 linear) instead of bf16 in dst / dst2: the bf16 values dst would hold,
+  // quantized as quantize_rows_e4m3 quantizes them.
+  uint8_t* q = nullptr;
+  float* q_scale = nullptr;
 };
+
+// A row held in registers (kVpt vectors of kW bf16 per thread, vector j of the row at thread j % blockDim.x,
+// slot j / blockDim.x) written as e4m3 codes with its scale: quantize_rows_e4m3's arithmetic.
+template <int kW, int kVpt>
+__device__ __forceinline__ void write_e4m3_row(const BfVec<kW> (&vals)[kVpt], int64_t nvec, uint8_t* q, float* scale,
+                                               float* red) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    if (threadIdx.x + int64_t(i) * blockDim.x >= nvec) continue;
+    float f[kW];
+    unpack<kW>(vals[i], f);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) amax = fmaxf(amax, fabsf(f[k]));
+  }
+  const float s = e4m3_row_scale(block_max(amax, red));
+  if (threadIdx.x == 0) *scale = s;
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    if (j >= nvec) continue;
+    float f[kW];
+    unpack<kW>(vals[i], f);
+    store_e4m3<kW>(q + j * kW, f, s);
+  }
+}
 
 constexpr int kTargetThreads = 128;  // threads per row while kVpt < kMaxVpt
 constexpr int kMaxVpt = 8;
@@ -77,7 +108,8 @@ constexpr int kMaxThreadsAtMaxVpt = 256;  // so d <= 8 * 8 * 256 = 16384 on the 
 // residual (and a launch). w and mod ([batch, d]) stay in L1/L2. Memory bound at ~4.2 TB/s (H200):
 // the DiT's 2 x 4128 rows of 3840 move 127 MB in ~30 us (Rms) and 190 MB in ~45 us (GatedResidual).
 // Math per row: two block reductions at most (LayerNorm's mean, then its centred sum of squares from
-// registers, as the reference's two passes), one for RMSNorm.
+// registers, as the reference's two passes), one for RMSNorm. With FP8 output (q): one more (the row's
+// max |value|), and d bytes of codes written instead of 2*d of bf16.
 template <RowNorm kKind, int kW, int kVpt>
 __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsAtMaxVpt)
     row_norm_kernel(RowNormArgs a) {
@@ -88,7 +120,7 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
   const float inv_d = 1.0f / float(a.d);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const bf16* src = a.src + row * a.d;
-    bf16* dst = a.dst + row * a.d;
+    bf16* dst = a.dst ? a.dst + row * a.d : nullptr;  // null: Rms with FP8 output
     // All loads of the row first (several 16-byte loads in flight per thread), residual included.
     BfVec<kW> v[kVpt], res[kResidual ? kVpt : 1];
 #pragma unroll
@@ -145,6 +177,10 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
         if constexpr (kKind == RowNorm::Rms) {
 #pragma unroll
           for (int k = 0; k < kW; ++k) o[k] = x[k] * inv * w[k] * (1.0f + m[k]);
+          if (a.q) {  // kept (rounded to bf16) for the quantization below
+            v[i] = pack<kW>(o);
+            continue;
+          }
         } else {
           float r[kW];
           unpack<kW>(res[i], r);
@@ -161,6 +197,8 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
       store_vec<kW>(dst + off, o);
       if constexpr (kThenRms) res[i] = pack<kW>(o);  // the stored (bf16) residual is what the next norm reads
     }
+    if constexpr (kKind == RowNorm::Rms)
+      if (a.q) write_e4m3_row<kW, kVpt>(v, nvec, a.q + row * a.d, a.q_scale + row, red);
     if constexpr (kThenRms) {
       float sq = 0.0f;
 #pragma unroll
@@ -174,7 +212,7 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
       }
       const float inv2 = rsqrtf(block_sum(sq, red) * inv_d + a.eps);
       const bf16* mod2 = a.mod2 ? a.mod2 + (row / a.seq) * a.d : nullptr;
-      bf16* dst2 = a.dst2 + row * a.d;
+      bf16* dst2 = a.q ? nullptr : a.dst2 + row * a.d;
 #pragma unroll
       for (int i = 0; i < kVpt; ++i) {
         const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
@@ -186,8 +224,10 @@ __global__ void __launch_bounds__(kVpt < kMaxVpt ? kTargetThreads : kMaxThreadsA
         load_or<kW>(mod2, off, 0.0f, m);
 #pragma unroll
         for (int k = 0; k < kW; ++k) o[k] = x[k] * inv2 * w[k] * (1.0f + m[k]);
-        store_vec<kW>(dst2 + off, o);
+        if (a.q) res[i] = pack<kW>(o);  // kept (rounded to bf16) for the quantization below
+        else store_vec<kW>(dst2 + off, o);
       }
+      if (a.q) write_e4m3_row<kW, kVpt>(res, nvec, a.q + row * a.d, a.q_scale + row, red);
     }
   }
 }
@@ -212,7 +252,8 @@ template <RowNorm kKind>
 void launch_row_norm(const RowNormArgs& a, const char* op, cudaStream_t stream) {
   if (a.rows <= 0 || a.d <= 0) return;
   const bool wide = a.d % 8 == 0 && aligned16(a.src) && aligned16(a.w) && aligned16(a.mod) && aligned16(a.dst) &&
-                    aligned16(a.w2) && aligned16(a.mod2) && aligned16(a.dst2) && aligned16(a.extra);
+                    aligned16(a.w2) && aligned16(a.mod2) && aligned16(a.dst2) && aligned16(a.extra) &&
+                    aligned16(a.q);
   const int64_t nvec = wide ? a.d / 8 : a.d;
   int vpt = 1;
   while (vpt < kMaxVpt && (nvec + vpt - 1) / vpt > kTargetThreads) vpt *= 2;
@@ -244,6 +285,26 @@ void gated_residual_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* 
   RowNormArgs a{y, w, gate, x, batch * seq, seq, d, eps};
   a.extra = extra;
   launch_row_norm<RowNorm::GatedResidual>(a, "gated_residual_rms_norm", stream);
+}
+
+void modulated_rms_norm_e4m3(const bf16* x, const bf16* w, const bf16* scale, uint8_t* q, float* q_scale, int64_t batch,
+                             int64_t seq, int64_t d, float eps, cudaStream_t stream) {
+  RowNormArgs a{x, w, scale, nullptr, batch * seq, seq, d, eps};
+  a.q = q;
+  a.q_scale = q_scale;
+  launch_row_norm<RowNorm::Rms>(a, "modulated_rms_norm_fp8", stream);
+}
+
+void gated_residual_then_rms_norm_e4m3(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra,
+                                       const bf16* w_next, const bf16* scale_next, uint8_t* q, float* q_scale,
+                                       int64_t batch, int64_t seq, int64_t d, float eps, cudaStream_t stream) {
+  RowNormArgs a{y, w, gate, x, batch * seq, seq, d, eps};
+  a.extra = extra;
+  a.w2 = w_next;
+  a.mod2 = scale_next;
+  a.q = q;
+  a.q_scale = q_scale;
+  launch_row_norm<RowNorm::GatedResidualThenRms>(a, "gated_residual_then_rms_norm_fp8_", stream);
 }
 
 void gated_residual_then_rms_norm(bf16* x, const bf16* y, const bf16* w, const bf16* gate, const bf16* extra,

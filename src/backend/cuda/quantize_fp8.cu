@@ -1,13 +1,11 @@
 // Rows of bf16 activations quantized to FP8 e4m3 with one float32 scale each: the A operand of the W8A8
 // GEMMs (Backend::quantize_fp8_rows). Reference: quantize_fp8_row (backend.cpp), which this equals bit for
-// bit: s = max|x| / 448 (1 for a row of zeros) and q = e4m3(x / s) with IEEE float32 division (__fdiv_rn)
-// and the intrinsic's round-to-nearest-even, saturating at +-448, as the host's f32_to_f8e4m3.
+// bit: s = max|x| / 448 (1 for a row of zeros) and q = e4m3(x / s) (e4m3_code, bf16_vec.cuh). The norms that
+// feed FP8 linears write the same codes themselves (norms.cu); this kernel serves the other inputs.
 //
 // One block per row. Memory bound: per value 2 bytes read twice (the second pass over a row of <= 20 KB is
 // served from L1/L2), 1 byte written, ~3 FLOPs. The DiT's inputs at 1024^2 (4224 rows x 3840 or 10240)
 // move 49-130 MB per call: ~10-30 us at H200's 4.8 TB/s.
-#include <cuda_fp8.h>
-
 #include <cstdint>
 
 #include "backend/cuda/bf16_vec.cuh"
@@ -18,22 +16,6 @@ namespace zimage::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float block_max(float v, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x >> 5) ? red[lane] : 0.0f;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-__device__ __forceinline__ uint8_t to_e4m3(float v, float s) {
-  return uint8_t(__nv_cvt_float_to_fp8(__fdiv_rn(v, s), __NV_SATFINITE, __NV_E4M3));
-}
 
 // kW values per access: 8 (16-byte loads, 8-byte stores) when k is a multiple of 8, else 1.
 template <int kW>
@@ -50,20 +32,12 @@ __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restri
 #pragma unroll
     for (int j = 0; j < kW; ++j) amax = fmaxf(amax, fabsf(f[j]));
   }
-  amax = block_max(amax, red);
-  const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+  const float s = e4m3_row_scale(block_max(amax, red));
   if (threadIdx.x == 0) scale[row] = s;
   for (int64_t i = int64_t(threadIdx.x) * kW; i < k; i += int64_t(blockDim.x) * kW) {
     float f[kW];
     unpack<kW>(load_vec<kW>(xr + i), f);
-    if constexpr (kW == 8) {
-      uint64_t packed = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) packed |= uint64_t(to_e4m3(f[j], s)) << (8 * j);
-      *reinterpret_cast<uint64_t*>(qr + i) = packed;
-    } else {
-      qr[i] = to_e4m3(f[0], s);
-    }
+    store_e4m3<kW>(qr + i, f, s);
   }
 }
 
