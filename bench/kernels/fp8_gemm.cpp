@@ -1,6 +1,6 @@
 // Times the W8A8 FP8 GEMM against the bf16 one at every GEMM shape of the full-size DiT (M = 4224 tokens at
 // 1024^2, 16416 at 2048^2), with cuBLASLt's FP8 fast accumulation off and on, and measures each one's error
-// against float64 of the same quantized values (a subsample of rows): the data behind
+// against float64 of the same quantized values (a subsample of rows, at M = 4224; -1 where not measured): the data behind
 // kFp8FastAccumulation (src/backend/cuda/gemm.h). Then one DiT block's four GEMMs (plus the activation
 // quantizations) repeated for the 30 layers, as the denoising loop runs them, sustained at the power cap.
 // Usage: bench_fp8_gemm [--json FILE]     (CUDA builds; needs an FP8 GPU: Hopper or newer)
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
         fp8[fast] = time_ms(stream, reps, [&] {
           gemm.linear_fp8(o.xq, o.xs, o.wq, o.ws, nullptr, o.y, m, s.n, s.k, stream, fast == 1);
         });
-        err[fast] = fp8_error(o, stream);
+        err[fast] = m < 8000 ? fp8_error(o, stream) : -1.0;  // the host's float64 check at the 1024^2 shapes only
       }
       std::printf(
           "M=%5lld %-15s K=%5lld N=%5lld: bf16 %6.0f TFLOP/s | FP8 %6.0f (fast accum %6.0f) TFLOP/s, %.2fx | quantize x "
