@@ -219,6 +219,24 @@ TEST(Fp8Weights, KeepTheCodesAndScalesOfAnFp8Checkpoint) {
   for (int64_t r = 0; r < 64; ++r) EXPECT_EQ(s->scale.f32()[r], base->scale.to_f32().f32()[0]);
 }
 
+// GGUF blocks (and any other stored form) are dequantized, then quantized per row like bf16 weights.
+TEST(Fp8Weights, RequantizeGgufBlocksPerRow) {
+  auto stored = open_stored_tensors(golden_path("wave3/formats/z_image_dit_q8_0.gguf"));
+  auto file = std::make_shared<LayoutWeights>(stored, detect_layout(*stored));
+  const Fp8LinearWeights w(file, Fp8Policy{});
+  const std::string name = "layers.0.attention.to_out.0.weight";
+  const std::optional<StoredWeight> base = file->quantized(name, {64, 64});
+  ASSERT_TRUE(base.has_value() && base->blocks());
+  const Tensor values = dequantize_on_host(*base);
+  const std::optional<StoredWeight> s = w.quantized(name, {64, 64});
+  ASSERT_TRUE(s.has_value() && s->data.dtype() == DType::F8E4M3 && s->scale.numel() == 64);
+  std::vector<uint8_t> codes(64);
+  for (int64_t r = 0; r < 64; ++r) {
+    EXPECT_EQ(s->scale.f32()[r], quantize_fp8_row(values.f32() + r * 64, 64, codes.data()));
+    for (int64_t c = 0; c < 64; ++c) ASSERT_EQ(s->data.data_as<uint8_t>()[r * 64 + c], codes[size_t(c)]);
+  }
+}
+
 // ---- The FP8 pipeline on the golden tiny model (its attention projections run in FP8; the FFN's 170
 // columns are not 16-aligned and stay bf16, as they would on the GPU) ----
 
