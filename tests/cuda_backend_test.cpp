@@ -494,12 +494,7 @@ TEST_F(CudaOps, LinearFp8MatchesFloat64) {
     for (int64_t i = 0; i < c.m; i += 97)
       for (int64_t j = 0; j < c.k; ++j) x.f32()[i * c.k + j] *= 40.0f;  // outlier tokens
     const Tensor w = rnd({c.n, c.k}, 1.0f / std::sqrt(float(c.k))), b = rnd({c.n}, 0.1f);
-    StoredWeight sw;
-    sw.shape = {c.n, c.k};
-    sw.data = Tensor::empty(sw.shape, DType::F8E4M3);
-    sw.scale = Tensor::empty({c.n}, DType::F32);
-    for (int64_t r = 0; r < c.n; ++r)
-      sw.scale.f32()[r] = quantize_fp8_row(w.f32() + r * c.k, c.k, sw.data.data_as<uint8_t>() + r * c.k);
+    const StoredWeight sw = quantize_fp8_weight(w);
     StoredWeight gw = sw;
     gw.data = gpu_->upload(sw.data, DType::F8E4M3);
     gw.scale = g32(sw.scale);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "backend/backend.h"
@@ -36,6 +37,15 @@ Tensor random_rows(int64_t rows, int64_t cols, float scale, uint32_t seed) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) t.f32()[r * cols + c] = nd(gen) * scale * (r % 7 == 3 ? 1e3f : 1.0f);
   return t;
+}
+
+// Two FP8 weights hold the same codes and scales.
+void expect_same_fp8(const StoredWeight& a, const StoredWeight& b) {
+  ASSERT_EQ(a.data.dtype(), DType::F8E4M3);
+  ASSERT_EQ(a.shape, b.shape);
+  ASSERT_EQ(a.scale.numel(), b.scale.numel());
+  EXPECT_EQ(std::memcmp(a.data.data(), b.data.data(), a.data.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(a.scale.data(), b.scale.data(), a.scale.nbytes()), 0);
 }
 
 // The float32 values of e4m3 codes times a scale per row.
@@ -121,12 +131,7 @@ TEST(Fp8Linear, MatchesFloat64AtEveryDitShape) {
     const int64_t m = 8;
     const Tensor x = random_rows(m, s.k, 1.0f, 2), w = random_rows(s.n, s.k, 1.0f / std::sqrt(float(s.k)), 3);
     Tensor bias = random_rows(1, s.n, 0.1f, 4).reshape({s.n});
-    StoredWeight sw;
-    sw.shape = {s.n, s.k};
-    sw.data = Tensor::empty(sw.shape, DType::F8E4M3);
-    sw.scale = Tensor::empty({s.n}, DType::F32);
-    for (int64_t r = 0; r < s.n; ++r)
-      sw.scale.f32()[r] = quantize_fp8_row(w.f32() + r * s.k, s.k, sw.data.data_as<uint8_t>() + r * s.k);
+    const StoredWeight sw = quantize_fp8_weight(w);
     const Backend::Fp8Rows xq = be->quantize_fp8_rows(x);
     const Tensor y = be->linear_fp8(xq, sw, s.bias ? &bias : nullptr);
     ASSERT_EQ(y.shape(), (Shape{m, s.n}));
@@ -188,14 +193,7 @@ TEST(Fp8Weights, QuantizePerOutputChannelAtLoad) {
   ASSERT_TRUE(w.fp8_linear(q, {64, 64}));
   const std::optional<StoredWeight> s = w.quantized(q, {64, 64});
   ASSERT_TRUE(s.has_value());
-  ASSERT_EQ(s->data.dtype(), DType::F8E4M3);
-  ASSERT_EQ(s->scale.numel(), 64);
-  const Tensor values = m.transformer_weights->get(q, {64, 64}).to_f32();
-  std::vector<uint8_t> codes(64);
-  for (int64_t r = 0; r < 64; ++r) {
-    EXPECT_EQ(s->scale.f32()[r], quantize_fp8_row(values.f32() + r * 64, 64, codes.data()));
-    for (int64_t c = 0; c < 64; ++c) ASSERT_EQ(s->data.data_as<uint8_t>()[r * 64 + c], codes[size_t(c)]);
-  }
+  expect_same_fp8(*s, quantize_fp8_weight(m.transformer_weights->get(q, {64, 64}).to_f32()));
   // Kept linears, unaligned ones and non-linear weights are the base's.
   EXPECT_FALSE(w.quantized("layers.0.adaLN_modulation.0.weight", {256, 64}).has_value());
   EXPECT_FALSE(w.fp8_linear("layers.0.feed_forward.w2.weight", {64, 170}));
@@ -227,14 +225,9 @@ TEST(Fp8Weights, RequantizeGgufBlocksPerRow) {
   const std::string name = "layers.0.attention.to_out.0.weight";
   const std::optional<StoredWeight> base = file->quantized(name, {64, 64});
   ASSERT_TRUE(base.has_value() && base->blocks());
-  const Tensor values = dequantize_on_host(*base);
   const std::optional<StoredWeight> s = w.quantized(name, {64, 64});
-  ASSERT_TRUE(s.has_value() && s->data.dtype() == DType::F8E4M3 && s->scale.numel() == 64);
-  std::vector<uint8_t> codes(64);
-  for (int64_t r = 0; r < 64; ++r) {
-    EXPECT_EQ(s->scale.f32()[r], quantize_fp8_row(values.f32() + r * 64, 64, codes.data()));
-    for (int64_t c = 0; c < 64; ++c) ASSERT_EQ(s->data.data_as<uint8_t>()[r * 64 + c], codes[size_t(c)]);
-  }
+  ASSERT_TRUE(s.has_value());
+  expect_same_fp8(*s, quantize_fp8_weight(dequantize_on_host(*base)));
 }
 
 // ---- The FP8 pipeline on the golden tiny model (its attention projections run in FP8; the FFN's 170

@@ -48,19 +48,19 @@ struct Operands {
 Operands make(int64_t m, int64_t n, int64_t k, std::mt19937& rng, cudaStream_t stream) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<bf16> x(size_t(m * k)), w(size_t(n * k));
-  std::vector<float> wf(size_t(n * k));
+  Tensor wf = Tensor::empty({n, k}, DType::F32);
   for (int64_t i = 0; i < m * k; ++i) x[size_t(i)] = __float2bfloat16(nd(rng) * ((i / k) % 97 == 0 ? 40.0f : 1.0f));
   for (int64_t i = 0; i < n * k; ++i) {
     w[size_t(i)] = __float2bfloat16(nd(rng) / std::sqrt(float(k)));
-    wf[size_t(i)] = __bfloat162float(w[size_t(i)]);
+    wf.f32()[i] = __bfloat162float(w[size_t(i)]);
   }
   Operands o;
   o.m = m;
   o.n = n;
   o.k = k;
-  o.host_wq.resize(size_t(n * k));
-  o.host_ws.resize(size_t(n));
-  for (int64_t r = 0; r < n; ++r) o.host_ws[size_t(r)] = quantize_fp8_row(&wf[size_t(r * k)], k, &o.host_wq[size_t(r * k)]);
+  const StoredWeight q = quantize_fp8_weight(wf);
+  o.host_wq.assign(q.data.data_as<uint8_t>(), q.data.data_as<uint8_t>() + n * k);
+  o.host_ws.assign(q.scale.f32(), q.scale.f32() + n);
   o.x = device_copy(x);
   o.w = device_copy(w);
   o.wq = device_copy(o.host_wq);

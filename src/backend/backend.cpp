@@ -75,6 +75,20 @@ float quantize_fp8_row(const float* x, int64_t k, uint8_t* q) {
   return s;
 }
 
+StoredWeight quantize_fp8_weight(const Tensor& values) {
+  ZI_ASSERT(values.ndim() == 2 && values.dtype() == DType::F32 && values.is_contiguous());
+  const int64_t rows = values.dim(0), cols = values.dim(1);
+  StoredWeight w;
+  w.shape = values.shape();
+  w.data = Tensor::empty(w.shape, DType::F8E4M3);
+  w.scale = Tensor::empty({rows}, DType::F32);
+  parallel_for(rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r)
+      w.scale.f32()[r] = quantize_fp8_row(values.f32() + r * cols, cols, w.data.data_as<uint8_t>() + r * cols);
+  });
+  return w;
+}
+
 Tensor Backend::gather_rows(const Tensor& src, const std::vector<int32_t>& idx) {
   const int64_t rows = src.numel() / src.dim(-1);
   for (int32_t i : idx) ZI_ASSERT(i >= -1 && i < rows);

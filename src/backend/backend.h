@@ -57,6 +57,9 @@ Tensor dequantize_on_host(const StoredWeight& w);
 // One row of quantize_fp8_rows (the reference of every backend's, and the weights' per-output-channel
 // quantization): writes the k e4m3 codes of x / s to q and returns s = max|x| / 448 (1 for zeros).
 float quantize_fp8_row(const float* x, int64_t k, uint8_t* q);
+// A host float32 matrix [rows, cols] as an FP8 StoredWeight: quantize_fp8_row per row (one scale per output
+// channel), rows in parallel.
+StoredWeight quantize_fp8_weight(const Tensor& values);
 
 struct MemoryStats {
   size_t in_use = 0, peak = 0, cached = 0;  // bytes of device memory held by the engine

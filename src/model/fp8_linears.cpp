@@ -1,7 +1,6 @@
 #include "model/fp8_linears.h"
 
 #include "core/error.h"
-#include "core/parallel.h"
 #include "model/zimage_controlnet.h"
 
 namespace zimage {
@@ -70,10 +69,10 @@ std::string Fp8LinearWeights::describe() const { return base_->describe() + " (F
 std::optional<StoredWeight> Fp8LinearWeights::quantized(const std::string& name, const Shape& shape) const {
   std::optional<StoredWeight> stored = base_->quantized(name, shape);
   if (!policy_.fp8(name, shape)) return stored;
-  const int64_t rows = shape[0], cols = shape[1];
-  StoredWeight w;
-  w.shape = shape;
   if (stored && stored->data.dtype() == DType::F8E4M3) {  // the checkpoint's codes, its scale given to every row
+    const int64_t rows = shape[0];
+    StoredWeight w;
+    w.shape = shape;
     w.data = stored->data;
     w.scale = Tensor::empty({rows}, DType::F32);
     const Tensor s = stored->scale.defined() ? stored->scale.to_f32() : Tensor();
@@ -82,14 +81,7 @@ std::optional<StoredWeight> Fp8LinearWeights::quantized(const std::string& name,
     for (int64_t r = 0; r < rows; ++r) w.scale.f32()[r] = !s.defined() ? 1.0f : s.f32()[s.numel() == 1 ? 0 : r];
     return w;
   }
-  const Tensor values = stored ? dequantize_on_host(*stored) : base_->get(name, shape).to_f32();
-  w.data = Tensor::empty(shape, DType::F8E4M3);
-  w.scale = Tensor::empty({rows}, DType::F32);
-  parallel_for(rows, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      w.scale.f32()[r] = quantize_fp8_row(values.f32() + r * cols, cols, w.data.data_as<uint8_t>() + r * cols);
-  });
-  return w;
+  return quantize_fp8_weight(stored ? dequantize_on_host(*stored) : base_->get(name, shape).to_f32());
 }
 
 void use_fp8_linears(ModelSource& model, const Fp8Policy& policy) {

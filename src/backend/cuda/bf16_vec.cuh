@@ -125,4 +125,25 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return v;
 }
 
+// One block's row of k values, given kW at a time by values(i, f) (the values at columns i .. i + kW - 1),
+// written as e4m3 codes q[0, k) with its scale: two passes (the row's max |value|, then the codes), each
+// value computed twice. The producers whose output is not in registers (quantize_rows_e4m3, swiglu_e4m3).
+template <int kW, class Values>
+__device__ __forceinline__ void quantize_row_e4m3(int64_t k, Values values, uint8_t* q, float* scale, float* red) {
+  float amax = 0.0f;
+  for (int64_t i = int64_t(threadIdx.x) * kW; i < k; i += int64_t(blockDim.x) * kW) {
+    float f[kW];
+    values(i, f);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) amax = fmaxf(amax, fabsf(f[j]));
+  }
+  const float s = e4m3_row_scale(block_max(amax, red));
+  if (threadIdx.x == 0) *scale = s;
+  for (int64_t i = int64_t(threadIdx.x) * kW; i < k; i += int64_t(blockDim.x) * kW) {
+    float f[kW];
+    values(i, f);
+    store_e4m3<kW>(q + i, f, s);
+  }
+}
+
 }  // namespace zimage::cuda

@@ -169,20 +169,7 @@ __global__ void swiglu_e4m3_kernel(const bf16* __restrict__ x, uint8_t* __restri
     for (int k = 0; k < kW; ++k) out[k] = silu_op(g[k]) * u[k];
     unpack<kW>(pack<kW>(out), out);
   };
-  float amax = 0.0f;
-  for (int64_t i = int64_t(threadIdx.x) * kW; i < f; i += int64_t(blockDim.x) * kW) {
-    float v[kW];
-    values(i, v);
-#pragma unroll
-    for (int k = 0; k < kW; ++k) amax = fmaxf(amax, fabsf(v[k]));
-  }
-  const float s = e4m3_row_scale(block_max(amax, red));
-  if (threadIdx.x == 0) scale[row] = s;
-  for (int64_t i = int64_t(threadIdx.x) * kW; i < f; i += int64_t(blockDim.x) * kW) {
-    float v[kW];
-    values(i, v);
-    store_e4m3<kW>(q + row * f + i, v, s);
-  }
+  quantize_row_e4m3<kW>(f, values, q + row * f, scale + row, red);
 }
 
 // ---- image_to_u8 ----

@@ -24,21 +24,8 @@ __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restri
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const bf16* xr = x + row * k;
-  uint8_t* qr = q + row * k;
-  float amax = 0.0f;
-  for (int64_t i = int64_t(threadIdx.x) * kW; i < k; i += int64_t(blockDim.x) * kW) {
-    float f[kW];
-    unpack<kW>(load_vec<kW>(xr + i), f);
-#pragma unroll
-    for (int j = 0; j < kW; ++j) amax = fmaxf(amax, fabsf(f[j]));
-  }
-  const float s = e4m3_row_scale(block_max(amax, red));
-  if (threadIdx.x == 0) scale[row] = s;
-  for (int64_t i = int64_t(threadIdx.x) * kW; i < k; i += int64_t(blockDim.x) * kW) {
-    float f[kW];
-    unpack<kW>(load_vec<kW>(xr + i), f);
-    store_e4m3<kW>(qr + i, f, s);
-  }
+  quantize_row_e4m3<kW>(k, [&](int64_t i, float (&f)[kW]) { unpack<kW>(load_vec<kW>(xr + i), f); }, q + row * k,
+                        scale + row, red);
 }
 
 }  // namespace
